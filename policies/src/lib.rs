@@ -1,2 +1,36 @@
 //! keygate policies: the per-service policy model, the Stripe operation table and `decide()`.
-//! Pure: no I/O on the request path.
+//!
+//! Pure: no I/O on the request path. The proxy authenticates a request to a service, builds
+//! [`RequestFacts`] and asks a shared [`PolicyEngine`] for a [`Decision`]; the decision names
+//! the rule that made it, and for denials carries the Stripe-shaped error the client gets.
+//!
+//! - [`operations`]: the embedded Stripe operation table and [`match_operation`].
+//! - [`PolicySet::load_dir`]: one YAML file per service, validated as a whole folder.
+//! - [`PolicyEngine`]: rules, rate limits, budgets and idempotency, per keygate instance.
+//! - [`check`], [`explain`], [`run_tests`]: the `keygate policy …` tools, as library functions.
+//!
+//! The policy grammar is documented in `docs/policies.md`.
+
+mod conditions;
+mod engine;
+mod limits;
+mod loader;
+mod model;
+pub mod operations;
+pub mod params;
+mod pattern;
+mod schema;
+mod set;
+
+pub use engine::{
+    CODE_BUDGET_EXCEEDED, CODE_IDEMPOTENCY_KEY_REQUIRED, CODE_POLICY_DENIED, CODE_RATE_LIMITED, Decision, Denial,
+    MONEY_MOVING_OPERATIONS, PolicyEngine, RequestFacts, Verdict,
+};
+pub use limits::ManualClock;
+pub use loader::{PolicyLoadError, Problem, is_valid_token_hash};
+pub use model::{
+    Budget, Effect, HeaderCondition, IdempotencyMode, KeyMode, Mode, ParamCondition, RateLimit, Rule, ServicePolicy,
+};
+pub use operations::{Operation, match_operation, operation_by_name};
+pub use pattern::{OperationPattern, PatternSegment};
+pub use set::{PolicySet, QUICKSTART_RULE_ID};

@@ -1,0 +1,546 @@
+//! The decider: `PolicyEngine::decide()` turns one request of one service into a `Decision`.
+//!
+//! Order of checks: rate limit, rules (first match wins, default deny), idempotency, budget.
+//! In `enforce` mode the first failing check decides. In `report` mode every request goes
+//! through: the verdict is `would_deny` with the first failing check, and money that moves is
+//! still charged to the budget.
+//!
+//! Invariants: no I/O; the body is parsed at most once, and only when a rule that could apply
+//! has parameter conditions or the request is a `POST` (amount and currency for budgets and the
+//! audit row); reasons never contain a request value other than amount, currency and the
+//! operation; `&self` everywhere, so one engine serves all tasks.
+
+use std::sync::{Arc, PoisonError, RwLock};
+
+use crate::conditions::{self, Failure};
+use crate::limits::{EngineClock, ManualClock, ServiceState};
+use crate::model::{Effect, IdempotencyMode, Mode, ServicePolicy};
+use crate::operations::{Operation, is_normal_path, match_operation};
+use crate::params::RequestParams;
+use crate::set::PolicySet;
+
+/// Operations whose `amount` counts against a service's budgets: creating a payment intent, a
+/// charge, a refund, a transfer or a payout.
+pub const MONEY_MOVING_OPERATIONS: &[&str] =
+    &["POST /v1/payment_intents", "POST /v1/charges", "POST /v1/refunds", "POST /v1/transfers", "POST /v1/payouts"];
+
+/// What the decider needs to know about a request.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestFacts<'a> {
+    /// HTTP method, upper case.
+    pub method: &'a str,
+    /// Path without the query string.
+    pub path: &'a str,
+    /// Query string, without `?`.
+    pub query: Option<&'a str>,
+    /// `Content-Type` header.
+    pub content_type: Option<&'a str>,
+    /// Request body (may be empty).
+    pub body: &'a [u8],
+    /// `Stripe-Account` header.
+    pub stripe_account: Option<&'a str>,
+    /// `Stripe-Context` header.
+    pub stripe_context: Option<&'a str>,
+    /// `Idempotency-Key` header.
+    pub idempotency_key: Option<&'a str>,
+    /// The key keygate would inject for this service is a live key.
+    pub livemode: bool,
+}
+
+/// The outcome of a decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Forward the request.
+    Allow,
+    /// Refuse it with [`Decision::denial`].
+    Deny,
+    /// Report mode: it would have been denied; forward it anyway and record this.
+    WouldDeny,
+}
+
+impl Verdict {
+    /// `allow`, `deny` or `would_deny`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Verdict::Allow => "allow",
+            Verdict::Deny => "deny",
+            Verdict::WouldDeny => "would_deny",
+        }
+    }
+
+    /// The request goes to Stripe (`allow` and `would_deny`).
+    pub fn forwards(&self) -> bool {
+        !matches!(self, Verdict::Deny)
+    }
+}
+
+/// The error the client gets (or, in report mode, would get). Stripe-shaped: the proxy renders
+/// `{"error":{"type":"invalid_request_error","code":code,"message":message}}` with `status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Denial {
+    /// HTTP status: 403, 429 or 400.
+    pub status: u16,
+    /// `keygate_policy_denied`, `keygate_rate_limited`, `keygate_budget_exceeded` or
+    /// `keygate_idempotency_key_required`.
+    pub code: &'static str,
+    /// Names the rule and the reason, and says what to do.
+    pub message: String,
+}
+
+/// Denial code: a rule (or the default deny) refused the request.
+pub const CODE_POLICY_DENIED: &str = "keygate_policy_denied";
+/// Denial code: the service's rate limit is exhausted.
+pub const CODE_RATE_LIMITED: &str = "keygate_rate_limited";
+/// Denial code: a money budget would be exceeded.
+pub const CODE_BUDGET_EXCEEDED: &str = "keygate_budget_exceeded";
+/// Denial code: the service must send `Idempotency-Key` on mutations.
+pub const CODE_IDEMPOTENCY_KEY_REQUIRED: &str = "keygate_idempotency_key_required";
+
+/// A decision, with what the log line, metrics and audit row need.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    /// Allow, deny or would-deny.
+    pub verdict: Verdict,
+    /// The rule that decided: a policy rule id, or `default-deny`, `rate-limit`,
+    /// `budget:<currency>`, `budget:unpriced`, `idempotency`, `unknown-service`.
+    pub rule: String,
+    /// Short and human; never a request value other than amount, currency and operation.
+    pub reason: String,
+    /// `POST /v1/payment_intents`; `None` when the request matches no Stripe operation.
+    pub operation: Option<&'static str>,
+    /// `amount` of the request, when present (v2: `amount[value]`).
+    pub amount: Option<i64>,
+    /// `currency` of the request, lower case, when present (v2: `amount[currency]`).
+    pub currency: Option<String>,
+    /// Set for `deny` and `would_deny`.
+    pub denial: Option<Denial>,
+    /// Idempotency mode `inject`, a `POST` without `Idempotency-Key`, and the request goes
+    /// through: the proxy adds a fresh key.
+    pub inject_idempotency_key: bool,
+}
+
+/// The body, parsed on first use.
+pub(crate) struct LazyParams<'a> {
+    facts: &'a RequestFacts<'a>,
+    parsed: Option<RequestParams<'a>>,
+}
+
+impl<'a> LazyParams<'a> {
+    pub(crate) fn new(facts: &'a RequestFacts<'a>) -> LazyParams<'a> {
+        LazyParams { facts, parsed: None }
+    }
+
+    pub(crate) fn get(&mut self) -> &RequestParams<'a> {
+        let facts = self.facts;
+        self.parsed.get_or_insert_with(|| RequestParams::parse(facts.path, facts.query, facts.content_type, facts.body))
+    }
+
+    pub(crate) fn parsed(&self) -> Option<&RequestParams<'a>> {
+        self.parsed.as_ref()
+    }
+}
+
+/// A policy set plus per-instance state (rate limiters, budgets). `Send + Sync`; share it.
+#[derive(Debug)]
+pub struct PolicyEngine {
+    current: RwLock<Arc<Snapshot>>,
+    /// Serialises `replace` so that two reloads cannot interleave their state carry-over.
+    replacing: std::sync::Mutex<()>,
+    clock: EngineClock,
+}
+
+#[derive(Debug)]
+struct Snapshot {
+    set: PolicySet,
+    /// Parallel to `set`'s services.
+    states: Vec<Arc<ServiceState>>,
+}
+
+impl Snapshot {
+    fn build(set: PolicySet, previous: Option<&Snapshot>, clock: &EngineClock) -> Snapshot {
+        let states = set
+            .services()
+            .map(|service| {
+                let old = previous.and_then(|p| p.set.index_of(&service.name).map(|i| p.states[i].as_ref()));
+                Arc::new(ServiceState::new(service.rate_limit, &service.budgets, old, clock))
+            })
+            .collect();
+        Snapshot { set, states }
+    }
+}
+
+impl PolicyEngine {
+    /// An engine on the real monotonic clock.
+    pub fn new(set: PolicySet) -> PolicyEngine {
+        PolicyEngine::with_clock_source(set, EngineClock::real())
+    }
+
+    /// An engine whose rate limits and budgets follow `clock` (tests, `keygate policy test`).
+    pub fn with_manual_clock(set: PolicySet, clock: &ManualClock) -> PolicyEngine {
+        PolicyEngine::with_clock_source(set, EngineClock::Manual(clock.clone()))
+    }
+
+    fn with_clock_source(set: PolicySet, clock: EngineClock) -> PolicyEngine {
+        let snapshot = Snapshot::build(set, None, &clock);
+        PolicyEngine { current: RwLock::new(Arc::new(snapshot)), replacing: std::sync::Mutex::new(()), clock }
+    }
+
+    /// Hot reload: decisions from now on use `set`. Services that still exist keep their rate
+    /// limiter (if its configuration is unchanged) and their budget spending (per currency, if
+    /// the window is unchanged). In-flight `decide` calls finish on the set they started with.
+    pub fn replace(&self, set: PolicySet) {
+        let _one_at_a_time = self.replacing.lock().unwrap_or_else(PoisonError::into_inner);
+        let previous = self.snapshot();
+        let next = Arc::new(Snapshot::build(set, Some(&previous), &self.clock));
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = next;
+    }
+
+    /// The set in force.
+    pub fn policies(&self) -> PolicySet {
+        self.snapshot().set.clone()
+    }
+
+    /// What has been charged to `service`'s `currency` budget in the current window.
+    pub fn budget_spent(&self, service: &str, currency: &str) -> Option<i64> {
+        let snapshot = self.snapshot();
+        let index = snapshot.set.index_of(service)?;
+        let budget = snapshot.states[index].budget(currency)?;
+        Some(budget.spent(self.clock.now_nanos()))
+    }
+
+    fn snapshot(&self) -> Arc<Snapshot> {
+        Arc::clone(&self.current.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Decides one request of `service` (the authenticated service name).
+    pub fn decide(&self, service: &str, facts: &RequestFacts<'_>) -> Decision {
+        let snapshot = self.snapshot();
+        let operation = match_operation(facts.method, facts.path);
+        let Some(index) = snapshot.set.index_of(service) else {
+            return unknown_service(service, operation);
+        };
+        let policy = snapshot.set.service_at(index);
+        let state = &snapshot.states[index];
+        let mut params = LazyParams::new(facts);
+        let mut ctx = Ctx { policy, facts, operation, denied: None };
+
+        // 1. Rate limit: every request of the service takes a token.
+        if let Some(limiter) = &state.limiter
+            && !limiter.try_acquire()
+        {
+            let config = limiter.config;
+            ctx.deny(
+                "rate-limit".to_owned(),
+                format!("rate limit of {}/s with bursts of {} exceeded", config.per_second, config.burst),
+                429,
+                CODE_RATE_LIMITED,
+                "Slow down and retry with backoff; the limit is per keygate instance.".to_owned(),
+            );
+        }
+
+        // 2. Rules.
+        let mut allowed_by = None;
+        if ctx.continues() {
+            match evaluate_rules(policy, operation, facts, &mut params) {
+                RulesOutcome::Allowed(rule) => allowed_by = Some(rule),
+                RulesOutcome::Denied(rule) => {
+                    let rule = &policy.rules[rule];
+                    let reason = rule
+                        .reason
+                        .clone()
+                        .unwrap_or_else(|| format!("rule `{}` denies {}", rule.id, ctx.operation_text()));
+                    let advice = format!(
+                        "If {} needs this call, ask the owner of policy file {} to change rule `{}`.",
+                        policy.name,
+                        policy.file_name(),
+                        rule.id
+                    );
+                    ctx.deny(rule.id.clone(), reason, 403, CODE_POLICY_DENIED, advice);
+                }
+                RulesOutcome::NoRule { closest } => {
+                    let reason = default_deny_reason(&ctx, closest, params.parsed());
+                    let advice = format!(
+                        "If {} needs this call, ask the owner of policy file {} to add a rule allowing {}.",
+                        policy.name,
+                        policy.file_name(),
+                        ctx.operation_text()
+                    );
+                    ctx.deny("default-deny".to_owned(), reason, 403, CODE_POLICY_DENIED, advice);
+                }
+            }
+        }
+
+        let is_post = facts.method == "POST";
+        // 3. Idempotency.
+        if ctx.continues()
+            && is_post
+            && facts.idempotency_key.is_none()
+            && policy.idempotency == IdempotencyMode::Require
+        {
+            ctx.deny(
+                "idempotency".to_owned(),
+                "POST without Idempotency-Key; this service must send one".to_owned(),
+                400,
+                CODE_IDEMPOTENCY_KEY_REQUIRED,
+                "Send an Idempotency-Key header with every POST (the Stripe SDKs do when retries are enabled)."
+                    .to_owned(),
+            );
+        }
+
+        // Amount and currency for budgets and the audit row.
+        let (amount, currency) = if is_post || params.parsed().is_some() {
+            let p = params.get();
+            (p.amount(), p.currency())
+        } else {
+            (None, None)
+        };
+
+        // 4. Budget: charged only for money that actually moves.
+        let money_moving = operation.is_some_and(|op| MONEY_MOVING_OPERATIONS.contains(&op.name));
+        if money_moving && !policy.budgets.is_empty() && ctx.forwards() {
+            charge_budget(&mut ctx, state, &self.clock, amount, currency.as_deref());
+        }
+
+        let verdict = match (&ctx.denied, policy.mode) {
+            (None, _) => Verdict::Allow,
+            (Some(_), Mode::Enforce) => Verdict::Deny,
+            (Some(_), Mode::Report) => Verdict::WouldDeny,
+        };
+        let inject_idempotency_key = verdict.forwards()
+            && is_post
+            && facts.idempotency_key.is_none()
+            && policy.idempotency == IdempotencyMode::Inject;
+        let operation_name = operation.map(|op| op.name);
+        match ctx.denied {
+            Some(denied) => Decision {
+                verdict,
+                rule: denied.rule,
+                reason: denied.reason,
+                operation: operation_name,
+                amount,
+                currency,
+                denial: Some(denied.denial),
+                inject_idempotency_key,
+            },
+            None => {
+                let rule = allowed_by.map(|i| &policy.rules[i]);
+                Decision {
+                    verdict,
+                    rule: rule.map(|r| r.id.clone()).unwrap_or_default(),
+                    reason: match rule.and_then(|r| r.reason.as_deref()) {
+                        Some(reason) => reason.to_owned(),
+                        None => "allowed by rule".to_owned(),
+                    },
+                    operation: operation_name,
+                    amount,
+                    currency,
+                    denial: None,
+                    inject_idempotency_key,
+                }
+            }
+        }
+    }
+}
+
+/// The first denial of a decision.
+struct Denied {
+    rule: String,
+    reason: String,
+    denial: Denial,
+}
+
+struct Ctx<'p, 'f> {
+    policy: &'p ServicePolicy,
+    facts: &'f RequestFacts<'f>,
+    operation: Option<&'static Operation>,
+    denied: Option<Denied>,
+}
+
+impl Ctx<'_, '_> {
+    /// Keep checking: nothing denied yet, or report mode (later checks still charge budgets).
+    fn continues(&self) -> bool {
+        self.denied.is_none()
+    }
+
+    /// The request will reach Stripe.
+    fn forwards(&self) -> bool {
+        self.denied.is_none() || self.policy.mode == Mode::Report
+    }
+
+    fn operation_text(&self) -> String {
+        match self.operation {
+            Some(op) => op.name.to_owned(),
+            None => format!("{} requests to this path (it matches no Stripe operation)", self.facts.method),
+        }
+    }
+
+    fn deny(&mut self, rule: String, reason: String, status: u16, code: &'static str, advice: String) {
+        if self.denied.is_some() {
+            return;
+        }
+        let message = format!(
+            "keygate {} this request of service {}: {reason} (rule {rule}). {advice}",
+            if self.policy.mode == Mode::Report { "would deny" } else { "denied" },
+            self.policy.name,
+        );
+        self.denied = Some(Denied { rule, reason, denial: Denial { status, code, message } });
+    }
+}
+
+fn unknown_service(service: &str, operation: Option<&'static Operation>) -> Decision {
+    let reason = format!("service `{service}` has no policy");
+    Decision {
+        verdict: Verdict::Deny,
+        rule: "unknown-service".to_owned(),
+        operation: operation.map(|op| op.name),
+        amount: None,
+        currency: None,
+        denial: Some(Denial {
+            status: 403,
+            code: CODE_POLICY_DENIED,
+            message: format!(
+                "keygate denied this request: {reason} (rule unknown-service). Ask the keygate operators to add a policy file for {service}."
+            ),
+        }),
+        reason,
+        inject_idempotency_key: false,
+    }
+}
+
+enum RulesOutcome {
+    Allowed(usize),
+    Denied(usize),
+    /// No rule matched; `closest` is the first allow rule whose operation matched but whose
+    /// conditions did not.
+    NoRule {
+        closest: Option<(usize, Failure)>,
+    },
+}
+
+fn evaluate_rules(
+    policy: &ServicePolicy,
+    operation: Option<&'static Operation>,
+    facts: &RequestFacts<'_>,
+    params: &mut LazyParams<'_>,
+) -> RulesOutcome {
+    let mut closest = None;
+    let mut consider = |rule_index: usize, params: &mut LazyParams<'_>| -> Option<RulesOutcome> {
+        let rule = &policy.rules[rule_index];
+        match conditions::evaluate(rule, facts, params) {
+            Ok(()) => Some(match rule.effect {
+                Effect::Allow => RulesOutcome::Allowed(rule_index),
+                Effect::Deny => RulesOutcome::Denied(rule_index),
+            }),
+            Err(failure) => {
+                if rule.effect == Effect::Allow && closest.is_none() {
+                    closest = Some((rule_index, failure));
+                }
+                None
+            }
+        }
+    };
+    match operation {
+        Some(op) => {
+            let candidates = policy.index.per_operation.get(op.id).map(Vec::as_slice).unwrap_or_default();
+            for candidate in candidates {
+                let rule_index = candidate.rule as usize;
+                if candidate.path_check
+                    && !policy.rules[rule_index].operations.iter().any(|p| p.match_request(facts.method, facts.path))
+                {
+                    continue;
+                }
+                if let Some(outcome) = consider(rule_index, params) {
+                    return outcome;
+                }
+            }
+        }
+        None => {
+            // Unknown operations: only rules that opt in, and only for normal paths (a path
+            // with `..` or empty segments could mean something else upstream).
+            let normal = facts.path.strip_prefix('/').is_some_and(is_normal_path);
+            if normal {
+                for &rule in &policy.index.unknown {
+                    let rule_index = rule as usize;
+                    let matches =
+                        policy.rules[rule_index].operations.iter().any(|p| p.match_request(facts.method, facts.path));
+                    if matches && let Some(outcome) = consider(rule_index, params) {
+                        return outcome;
+                    }
+                }
+            }
+        }
+    }
+    RulesOutcome::NoRule { closest }
+}
+
+fn default_deny_reason(
+    ctx: &Ctx<'_, '_>,
+    closest: Option<(usize, Failure)>,
+    params: Option<&RequestParams<'_>>,
+) -> String {
+    let base = match ctx.operation {
+        Some(op) => format!("no rule allows {}", op.name),
+        None if !ctx.facts.path.strip_prefix('/').is_some_and(is_normal_path) => {
+            "the path is not in normal form (empty, `.` or `..` segments, or encoded separators), so it matches no operation".to_owned()
+        }
+        None => format!(
+            "{} to a path that matches no Stripe operation, and no rule allows unknown operations",
+            ctx.facts.method
+        ),
+    };
+    match closest {
+        Some((rule_index, failure)) => {
+            let rule = &ctx.policy.rules[rule_index];
+            format!("{base}; rule `{}` does not apply because {}", rule.id, conditions::describe(rule, failure, params))
+        }
+        None => base,
+    }
+}
+
+fn charge_budget(
+    ctx: &mut Ctx<'_, '_>,
+    state: &ServiceState,
+    clock: &EngineClock,
+    amount: Option<i64>,
+    currency: Option<&str>,
+) {
+    let (Some(amount), Some(currency)) = (amount, currency) else {
+        let policy = ctx.policy;
+        ctx.deny(
+            "budget:unpriced".to_owned(),
+            "money-moving request without a readable `amount` and `currency`, so it cannot be counted against the budget".to_owned(),
+            403,
+            CODE_BUDGET_EXCEEDED,
+            format!(
+                "Send `amount` and `currency` explicitly; service {} has money budgets (policy file {}).",
+                policy.name,
+                policy.file_name()
+            ),
+        );
+        return;
+    };
+    let Some(budget) = state.budget(currency) else {
+        return;
+    };
+    // Report mode: the request goes through, so its money moves and counts, over budget or not.
+    let force = ctx.policy.mode == Mode::Report;
+    if let Err(exceeded) = budget.charge(clock.now_nanos(), amount, force) {
+        let config = &budget.config;
+        let policy = ctx.policy;
+        ctx.deny(
+            format!("budget:{currency}"),
+            format!(
+                "{currency} budget of {} per {} would be exceeded: {} spent, this request {amount}",
+                config.max,
+                humantime::format_duration(config.window),
+                exceeded.spent
+            ),
+            403,
+            CODE_BUDGET_EXCEEDED,
+            format!(
+                "Retry when earlier spending leaves the window, or ask the owner of policy file {} to raise the budget (budgets are per keygate instance).",
+                policy.file_name()
+            ),
+        );
+    }
+}

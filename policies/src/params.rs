@@ -1,0 +1,333 @@
+//! Request parameters: v1 form bodies, v2 JSON bodies and query strings, flattened into one
+//! list of `(name, value)` pairs in bracket notation.
+//!
+//! Names are normalised so that one condition name covers every way of writing a parameter:
+//! percent-decoding and `+` as space first, then array indices and empty brackets become `[]`
+//! (`items[0][price]` → `items[][price]`), and one trailing `[]` is dropped (`expand[]`,
+//! `expand[0]` → `expand`). JSON objects become brackets (`{"amount":{"value":5}}` →
+//! `amount[value]`).
+//!
+//! Invariants: parsing never panics on any input; whatever cannot be read (invalid UTF-8 after
+//! decoding, malformed JSON, an unknown body content type, too many parameters) marks the set
+//! `unreadable`, and the decider treats unreadable parameters as "could be anything": allow
+//! rules with parameter conditions do not match, deny rules do.
+
+use std::borrow::Cow;
+
+/// More parameters than this and the request is treated as unreadable (fail closed).
+const MAX_PARAMS: usize = 4096;
+
+/// Parameters of one request, borrowed from the request where no decoding was needed.
+#[derive(Debug, Default, Clone)]
+pub struct RequestParams<'a> {
+    entries: Vec<(Cow<'a, str>, Cow<'a, str>)>,
+    unreadable: bool,
+}
+
+impl<'a> RequestParams<'a> {
+    /// Parses the query string and, according to `content_type` (form when absent on `/v1`,
+    /// JSON when absent on `/v2`), the body.
+    pub fn parse(path: &str, query: Option<&'a str>, content_type: Option<&str>, body: &'a [u8]) -> RequestParams<'a> {
+        let mut params = RequestParams::default();
+        if let Some(query) = query {
+            params.add_form(query.as_bytes());
+        }
+        if !body.is_empty() {
+            match body_kind(path, content_type) {
+                BodyKind::Form => params.add_form(body),
+                BodyKind::Json => params.add_json(body),
+                BodyKind::Other => params.unreadable = true,
+            }
+        }
+        params
+    }
+
+    /// Parses one `application/x-www-form-urlencoded` text (a body or a query string).
+    pub fn parse_form(bytes: &'a [u8]) -> RequestParams<'a> {
+        let mut params = RequestParams::default();
+        params.add_form(bytes);
+        params
+    }
+
+    /// True when some of the request could not be read as parameters.
+    pub fn is_unreadable(&self) -> bool {
+        self.unreadable
+    }
+
+    /// All `(normalised name, value)` pairs, in request order (query first).
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.entries.iter().map(|(k, v)| (k.as_ref(), v.as_ref()))
+    }
+
+    /// Every value of the parameter with this normalised name.
+    pub fn values<'s>(&'s self, name: &'s str) -> impl Iterator<Item = &'s str> + 's {
+        self.entries.iter().filter(move |(k, _)| k == name).map(|(_, v)| v.as_ref())
+    }
+
+    /// True when the parameter, or anything nested under it (`name[...]`), is present.
+    pub fn has_under(&self, name: &str) -> bool {
+        self.entries.iter().any(|(k, _)| is_under(k, name))
+    }
+
+    /// The amount a money-moving request is about: `amount` (v1), or `amount[value]` (v2).
+    /// When repeated, the largest, so that budgets never under-count.
+    pub fn amount(&self) -> Option<i64> {
+        let max_of = |name| self.values(name).filter_map(|v| v.trim().parse::<i64>().ok()).max();
+        max_of("amount").or_else(|| max_of("amount[value]"))
+    }
+
+    /// The currency, lower case: `currency` (v1), or `amount[currency]` (v2). `None` when absent
+    /// or ambiguous (repeated with different values).
+    pub fn currency(&self) -> Option<String> {
+        let single = |name| {
+            let mut values = self.values(name);
+            let first = values.next()?;
+            values.all(|v| v.eq_ignore_ascii_case(first)).then(|| first.to_ascii_lowercase())
+        };
+        single("currency").or_else(|| single("amount[currency]"))
+    }
+
+    fn push(&mut self, name: Cow<'a, str>, value: Cow<'a, str>) {
+        if self.entries.len() >= MAX_PARAMS {
+            self.unreadable = true;
+            return;
+        }
+        self.entries.push((normalize_name(name), value));
+    }
+
+    fn add_form(&mut self, bytes: &'a [u8]) {
+        for pair in bytes.split(|b| *b == b'&') {
+            if pair.is_empty() {
+                continue;
+            }
+            let (raw_name, raw_value) = match pair.iter().position(|b| *b == b'=') {
+                Some(at) => (&pair[..at], &pair[at + 1..]),
+                None => (pair, &pair[pair.len()..]),
+            };
+            match (decode_component(raw_name), decode_component(raw_value)) {
+                (Some(name), Some(value)) if !name.is_empty() => self.push(name, value),
+                (Some(_), Some(_)) => {}
+                _ => self.unreadable = true,
+            }
+        }
+    }
+
+    fn add_json(&mut self, bytes: &[u8]) {
+        match serde_json::from_slice::<serde_json::Value>(bytes) {
+            Ok(value) => {
+                let mut prefix = String::new();
+                self.flatten_json(&mut prefix, &value);
+            }
+            Err(_) => self.unreadable = true,
+        }
+    }
+
+    fn flatten_json(&mut self, prefix: &mut String, value: &serde_json::Value) {
+        use serde_json::Value;
+        match value {
+            Value::Null => {}
+            Value::Bool(b) => self.push_owned(prefix, if *b { "true" } else { "false" }),
+            Value::Number(n) => self.push_owned(prefix, &n.to_string()),
+            Value::String(s) => self.push_owned(prefix, s),
+            Value::Array(items) => {
+                let len = prefix.len();
+                prefix.push_str("[]");
+                for item in items {
+                    self.flatten_json(prefix, item);
+                }
+                prefix.truncate(len);
+            }
+            Value::Object(map) => {
+                let len = prefix.len();
+                for (key, item) in map {
+                    if len == 0 {
+                        prefix.push_str(key);
+                    } else {
+                        prefix.push('[');
+                        prefix.push_str(key);
+                        prefix.push(']');
+                    }
+                    self.flatten_json(prefix, item);
+                    prefix.truncate(len);
+                }
+            }
+        }
+    }
+
+    fn push_owned(&mut self, name: &str, value: &str) {
+        if name.is_empty() {
+            // A bare JSON scalar is not a parameter set.
+            self.unreadable = true;
+            return;
+        }
+        self.push(Cow::Owned(name.to_owned()), Cow::Owned(value.to_owned()));
+    }
+}
+
+enum BodyKind {
+    Form,
+    Json,
+    Other,
+}
+
+fn body_kind(path: &str, content_type: Option<&str>) -> BodyKind {
+    let Some(content_type) = content_type else {
+        return if path.starts_with("/v2/") { BodyKind::Json } else { BodyKind::Form };
+    };
+    let essence = content_type.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+    if essence == "application/x-www-form-urlencoded" {
+        BodyKind::Form
+    } else if essence == "application/json" || essence.ends_with("+json") {
+        BodyKind::Json
+    } else {
+        BodyKind::Other
+    }
+}
+
+/// `+` as space, then percent-decoding, then UTF-8. `None` if the result is not UTF-8.
+fn decode_component(raw: &[u8]) -> Option<Cow<'_, str>> {
+    if raw.contains(&b'+') {
+        let spaced: Vec<u8> = raw.iter().map(|b| if *b == b'+' { b' ' } else { *b }).collect();
+        let decoded: Vec<u8> = percent_encoding::percent_decode(&spaced).collect();
+        return String::from_utf8(decoded).ok().map(Cow::Owned);
+    }
+    percent_encoding::percent_decode(raw).decode_utf8().ok()
+}
+
+/// Array indices and empty brackets become `[]`; one trailing `[]` is dropped. Allocates only
+/// when an index has to be rewritten.
+pub fn normalize_name<'a>(name: Cow<'a, str>) -> Cow<'a, str> {
+    let name = if has_numeric_index(&name) { Cow::Owned(rewrite_indices(&name)) } else { name };
+    match name {
+        Cow::Borrowed(s) => Cow::Borrowed(s.strip_suffix("[]").unwrap_or(s)),
+        Cow::Owned(mut s) => {
+            if s.ends_with("[]") {
+                s.truncate(s.len() - 2);
+            }
+            Cow::Owned(s)
+        }
+    }
+}
+
+fn has_numeric_index(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    bytes.iter().enumerate().any(|(i, b)| {
+        *b == b'[' && bytes.get(i + 1).is_some_and(u8::is_ascii_digit) && {
+            let digits = bytes[i + 1..].iter().take_while(|c| c.is_ascii_digit()).count();
+            bytes.get(i + 1 + digits) == Some(&b']')
+        }
+    })
+}
+
+fn rewrite_indices(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    let mut rest = name;
+    while let Some(open) = rest.find('[') {
+        out.push_str(&rest[..=open]);
+        rest = &rest[open + 1..];
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        if digits > 0 && rest.as_bytes().get(digits) == Some(&b']') {
+            rest = &rest[digits..];
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// `key` is `name` itself or nested under it (`name[...]`).
+pub(crate) fn is_under(key: &str, name: &str) -> bool {
+    key.strip_prefix(name).is_some_and(|rest| rest.is_empty() || rest.starts_with('['))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pairs(params: &RequestParams<'_>) -> Vec<(String, String)> {
+        params.iter().map(|(k, v)| (k.to_owned(), v.to_owned())).collect()
+    }
+
+    fn p(k: &str, v: &str) -> (String, String) {
+        (k.to_owned(), v.to_owned())
+    }
+
+    #[test]
+    fn form_bracket_notation_and_decoding() {
+        let body = b"amount=2000&currency=usd&metadata%5Border_id%5D=A+1%2F2&items[0][price]=price_1&expand[]=customer&expand%5B%5D=latest_charge";
+        let params = RequestParams::parse("/v1/payment_intents", None, None, body);
+        assert!(!params.is_unreadable());
+        assert_eq!(
+            pairs(&params),
+            vec![
+                p("amount", "2000"),
+                p("currency", "usd"),
+                p("metadata[order_id]", "A 1/2"),
+                p("items[][price]", "price_1"),
+                p("expand", "customer"),
+                p("expand", "latest_charge"),
+            ]
+        );
+        assert_eq!(params.amount(), Some(2000));
+        assert_eq!(params.currency().as_deref(), Some("usd"));
+    }
+
+    #[test]
+    fn json_v2_bodies_flatten_to_brackets() {
+        let body = br#"{"amount":{"value":1500,"currency":"EUR"},"include":["a","b"],"x":null,"ok":true}"#;
+        let params =
+            RequestParams::parse("/v2/money_management/outbound_payments", None, Some("application/json"), body);
+        assert!(!params.is_unreadable());
+        assert_eq!(
+            pairs(&params),
+            vec![
+                p("amount[currency]", "EUR"),
+                p("amount[value]", "1500"),
+                p("include", "a"),
+                p("include", "b"),
+                p("ok", "true"),
+            ]
+        );
+        assert_eq!(params.amount(), Some(1500));
+        assert_eq!(params.currency().as_deref(), Some("eur"));
+    }
+
+    #[test]
+    fn query_and_body_are_both_read() {
+        let params = RequestParams::parse(
+            "/v1/customers",
+            Some("limit=3&email=a%40b.c"),
+            Some("application/x-www-form-urlencoded; charset=utf-8"),
+            b"name=x",
+        );
+        assert_eq!(pairs(&params), vec![p("limit", "3"), p("email", "a@b.c"), p("name", "x")]);
+    }
+
+    #[test]
+    fn unreadable_inputs_are_flagged() {
+        assert!(RequestParams::parse_form(b"a=%FF").is_unreadable());
+        assert!(RequestParams::parse("/v2/x", None, None, b"{not json").is_unreadable());
+        assert!(RequestParams::parse("/v1/files", None, Some("multipart/form-data"), b"x").is_unreadable());
+        assert!(!RequestParams::parse("/v1/files", None, Some("multipart/form-data"), b"").is_unreadable());
+    }
+
+    #[test]
+    fn repeated_amounts_count_the_largest_and_mixed_currencies_are_ambiguous() {
+        let params = RequestParams::parse_form(b"amount=1&amount=90000&currency=usd&currency=eur");
+        assert_eq!(params.amount(), Some(90000));
+        assert_eq!(params.currency(), None);
+    }
+
+    #[test]
+    fn names_are_normalised() {
+        for (raw, want) in [
+            ("expand[]", "expand"),
+            ("expand[3]", "expand"),
+            ("items[12][price_data][unit_amount]", "items[][price_data][unit_amount]"),
+            ("a[b][]", "a[b]"),
+            ("a[1x]", "a[1x]"),
+            ("[", "["),
+        ] {
+            assert_eq!(normalize_name(Cow::Borrowed(raw)), want, "{raw}");
+        }
+    }
+}
