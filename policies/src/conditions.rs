@@ -173,6 +173,13 @@ pub(crate) fn describe(rule: &Rule, failure: Failure, params: Option<&crate::par
                 return "a parameter condition does not hold".to_owned();
             };
             let name = &c.name;
+            if rule.effect == Effect::Deny {
+                return match f {
+                    ParamFailure::Missing => format!("`{name}` is not sent"),
+                    ParamFailure::Forbidden => format!("`{name}` is sent"),
+                    _ => format!("no `{name}` value meets its condition"),
+                };
+            }
             let echo = if name == "amount" || name == "currency" {
                 params
                     .and_then(|p| p.values(name).next().map(str::to_owned))

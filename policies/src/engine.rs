@@ -544,3 +544,57 @@ fn charge_budget(
         );
     }
 }
+
+/// How one rule fared against a request (for `explain`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleTrace {
+    /// Rule id.
+    pub rule: String,
+    /// Line of the rule in its policy file.
+    pub line: u64,
+    /// `None` when the rule matches; otherwise why it does not apply.
+    pub not_applied: Option<String>,
+}
+
+/// Every rule whose operation pattern covers the request, in policy order, with whether its
+/// conditions hold. Ignores rate limits and budgets.
+pub(crate) fn trace_rules(policy: &ServicePolicy, facts: &RequestFacts<'_>) -> Vec<RuleTrace> {
+    let operation = match_operation(facts.method, facts.path);
+    let mut params = LazyParams::new(facts);
+    let rule_indexes: Vec<usize> = match operation {
+        Some(op) => policy
+            .index
+            .per_operation
+            .get(op.id)
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+            .iter()
+            .filter(|c| {
+                !c.path_check
+                    || policy.rules[c.rule as usize]
+                        .operations
+                        .iter()
+                        .any(|p| p.match_request(facts.method, facts.path))
+            })
+            .map(|c| c.rule as usize)
+            .collect(),
+        None if facts.path.strip_prefix('/').is_some_and(is_normal_path) => policy
+            .index
+            .unknown
+            .iter()
+            .map(|&r| r as usize)
+            .filter(|&r| policy.rules[r].operations.iter().any(|p| p.match_request(facts.method, facts.path)))
+            .collect(),
+        None => Vec::new(),
+    };
+    rule_indexes
+        .into_iter()
+        .map(|i| {
+            let rule = &policy.rules[i];
+            let not_applied = conditions::evaluate(rule, facts, &mut params)
+                .err()
+                .map(|failure| conditions::describe(rule, failure, params.parsed()));
+            RuleTrace { rule: rule.id.clone(), line: rule.line, not_applied }
+        })
+        .collect()
+}

@@ -21,10 +21,11 @@ pub mod params;
 mod pattern;
 mod schema;
 mod set;
+mod tools;
 
 pub use engine::{
     CODE_BUDGET_EXCEEDED, CODE_IDEMPOTENCY_KEY_REQUIRED, CODE_POLICY_DENIED, CODE_RATE_LIMITED, Decision, Denial,
-    MONEY_MOVING_OPERATIONS, PolicyEngine, RequestFacts, Verdict,
+    MONEY_MOVING_OPERATIONS, PolicyEngine, RequestFacts, RuleTrace, Verdict,
 };
 pub use limits::ManualClock;
 pub use loader::{PolicyLoadError, Problem, is_valid_token_hash};
@@ -34,3 +35,4 @@ pub use model::{
 pub use operations::{Operation, match_operation, operation_by_name};
 pub use pattern::{OperationPattern, PatternSegment};
 pub use set::{PolicySet, QUICKSTART_RULE_ID};
+pub use tools::{CaseResult, CheckReport, ExplainError, Explanation, TestReport, check, explain, run_tests};

@@ -17,7 +17,7 @@ use std::time::Duration;
 use serde_saphyr::{Location, Spanned};
 
 use crate::model::{
-    Budget, HeaderCondition, IdempotencyMode, KeyMode, Mode, ParamCondition, RateLimit, Rule, ServicePolicy,
+    Budget, Effect, HeaderCondition, IdempotencyMode, KeyMode, Mode, ParamCondition, RateLimit, Rule, ServicePolicy,
 };
 use crate::params::normalize_name;
 use crate::pattern::OperationPattern;
@@ -468,8 +468,8 @@ fn compile_rule(c: &mut Checker<'_>, spanned: &Spanned<RawRule>) -> Option<Rule>
             params.push(p);
         }
     }
-    let stripe_account = compile_header(c, &id, "stripe_account", raw.stripe_account.as_ref());
-    let stripe_context = compile_header(c, &id, "stripe_context", raw.stripe_context.as_ref());
+    let stripe_account = compile_header(c, &id, raw.effect, "stripe_account", raw.stripe_account.as_ref());
+    let stripe_context = compile_header(c, &id, raw.effect, "stripe_context", raw.stripe_context.as_ref());
     if c.problems.len() != before {
         return None;
     }
@@ -548,11 +548,17 @@ fn compile_param(
 fn compile_header(
     c: &mut Checker<'_>,
     rule: &str,
+    effect: Effect,
     key: &str,
     raw: Option<&Spanned<RawHeaderCondition>>,
 ) -> HeaderCondition {
+    // Unset, the condition fails safe: an allow rule does not reach connected accounts, a deny
+    // rule denies with or without the header.
     let Some(raw) = raw else {
-        return HeaderCondition::Absent;
+        return match effect {
+            Effect::Allow => HeaderCondition::Absent,
+            Effect::Deny => HeaderCondition::Any,
+        };
     };
     match &raw.value {
         RawHeaderCondition::Keyword(k) if k == "none" => HeaderCondition::Absent,
