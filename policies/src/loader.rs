@@ -165,6 +165,12 @@ fn yaml_hint(message: &str) -> String {
         )
     } else if message.contains("alias") || message.contains("anchor") {
         format!("{message} (quote values that start with `*`, e.g. \"* /v1/**\")")
+    } else if message.contains("unexpected end of file") {
+        format!("{message} (the file is empty or cut short; a policy needs at least `service:` and `stripe_key:`)")
+    } else if message.contains("null is not allowed") {
+        format!("{message} (give this key a value, or remove it)")
+    } else if message.contains("expected mapping") {
+        format!("{message} (a policy file is a YAML mapping of keys such as `service:`, `stripe_key:` and `rules:`)")
     } else if message.contains("unknown variant") {
         format!("{message} (use one of the listed values)")
     } else {
@@ -381,22 +387,26 @@ fn compile_rate_limit(c: &mut Checker<'_>, raw: &Spanned<crate::schema::RawRateL
     if !(per_second.is_finite() && per_second > 0.0 && per_second <= 1_000_000.0) {
         c.error(
             at(raw),
-            format!("rate_limit.per_second is {per_second} (use a number of requests per second above 0, for example 0.5 or 20)"),
+            format!("rate_limit.per_second is {per_second} (use a number of requests per second above 0 and at most 1000000, for example 0.5 or 20)"),
         );
-        return None;
     }
+    let per_second_ok = per_second.is_finite() && per_second > 0.0 && per_second <= 1_000_000.0;
     let burst = match raw.value.burst {
         Some(0) => {
             c.error(
                 at(raw),
-                "rate_limit.burst is 0 (use at least 1; it is how many requests may arrive at once)".to_owned(),
+                "rate_limit.burst is 0 (use at least 1; it is how many requests may arrive at once)"
+                    .to_owned(),
             );
             return None;
         }
         Some(burst) => burst,
         // Default burst: one second's worth, at least one request.
-        None => per_second.ceil().max(1.0) as u32,
+        None => per_second.ceil().clamp(1.0, f64::from(u32::MAX)) as u32,
     };
+    if !per_second_ok {
+        return None;
+    }
     Some(RateLimit { per_second, burst })
 }
 
