@@ -28,11 +28,11 @@ pub use engine::{
     MONEY_MOVING_OPERATIONS, PolicyEngine, RequestFacts, RuleTrace, Verdict,
 };
 pub use limits::ManualClock;
-pub use loader::{PolicyLoadError, Problem, is_valid_token_hash};
+pub use loader::{PolicyLoadError, Problem, is_valid_token_hash, parse_policy_text};
 pub use model::{
     Budget, Effect, HeaderCondition, IdempotencyMode, KeyMode, Mode, ParamCondition, RateLimit, Rule, ServicePolicy,
 };
-pub use operations::{Operation, match_operation, operation_by_name};
+pub use operations::{Operation, match_operation, operation_by_name, operations};
 pub use pattern::{OperationPattern, PatternSegment};
 pub use set::{PolicySet, QUICKSTART_RULE_ID};
 pub use tools::{CaseResult, CheckReport, ExplainError, Explanation, TestReport, check, explain, run_tests};

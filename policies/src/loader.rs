@@ -277,7 +277,13 @@ pub(crate) fn cross_service_problems(services: &[ServicePolicy]) -> Vec<Problem>
     problems
 }
 
-/// Parses and validates one policy file; `file` names it in problems.
+/// Parses and validates one policy file's text; `file` names it in problems. Cross-service
+/// checks (duplicate names, shared token hashes) need the whole folder: use
+/// [`PolicySet::load_dir`].
+pub fn parse_policy_text(file: &str, text: &str) -> Result<ServicePolicy, PolicyLoadError> {
+    parse_policy(file, text).map_err(|problems| PolicyLoadError { problems })
+}
+
 pub(crate) fn parse_policy(file: &str, text: &str) -> Result<ServicePolicy, Vec<Problem>> {
     let raw: RawPolicy = match serde_saphyr::from_str(text) {
         Ok(raw) => raw,

@@ -1,0 +1,228 @@
+//! Rate limits, budgets and hot reload, on a manual clock: no sleeping, no timing.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use keygate_policies::{
+    CODE_BUDGET_EXCEEDED, CODE_RATE_LIMITED, Decision, ManualClock, PolicyEngine, PolicySet, RequestFacts, Verdict,
+};
+
+const PAYER: &str = r#"
+service: payer
+stripe_key: "vault://secret/data/stripe/payer#key"
+mode: MODE
+rate_limit: { per_second: RATE, burst: BURST }
+budgets:
+  usd: { max: MAX, window: 1h }
+rules:
+  - id: pay
+    effect: allow
+    operation: [POST /v1/payment_intents, POST /v1/refunds, GET /v1/balance]
+"#;
+
+fn policy_dir(mode: &str, rate: &str, burst: &str, max: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    write_policy(dir.path(), mode, rate, burst, max);
+    dir
+}
+
+fn write_policy(dir: &Path, mode: &str, rate: &str, burst: &str, max: &str) {
+    let text = PAYER.replace("MODE", mode).replace("RATE", rate).replace("BURST", burst).replace("MAX", max);
+    std::fs::write(dir.join("payer.yaml"), text).unwrap();
+}
+
+fn pay(engine: &PolicyEngine, body: &str) -> Decision {
+    engine.decide(
+        "payer",
+        &RequestFacts {
+            method: "POST",
+            path: "/v1/payment_intents",
+            query: None,
+            content_type: Some("application/x-www-form-urlencoded"),
+            body: body.as_bytes(),
+            stripe_account: None,
+            stripe_context: None,
+            idempotency_key: Some("k"),
+            livemode: false,
+        },
+    )
+}
+
+fn balance(engine: &PolicyEngine) -> Decision {
+    engine.decide(
+        "payer",
+        &RequestFacts {
+            method: "GET",
+            path: "/v1/balance",
+            query: None,
+            content_type: None,
+            body: b"",
+            stripe_account: None,
+            stripe_context: None,
+            idempotency_key: None,
+            livemode: false,
+        },
+    )
+}
+
+#[test]
+fn rate_limit_is_a_token_bucket() {
+    let dir = policy_dir("enforce", "2", "5", "1000000");
+    let clock = ManualClock::new();
+    let engine = PolicyEngine::with_manual_clock(PolicySet::load_dir(dir.path()).unwrap(), &clock);
+    for i in 0..5 {
+        assert_eq!(balance(&engine).verdict, Verdict::Allow, "request {i} of the burst");
+    }
+    let limited = balance(&engine);
+    assert_eq!((limited.verdict, limited.rule.as_str()), (Verdict::Deny, "rate-limit"));
+    let denial = limited.denial.unwrap();
+    assert_eq!((denial.status, denial.code), (429, CODE_RATE_LIMITED));
+    assert_eq!(limited.reason, "rate limit of 2/s with bursts of 5 exceeded");
+    // 2 per second: one token every 500 ms.
+    clock.advance(Duration::from_millis(499));
+    assert_eq!(balance(&engine).verdict, Verdict::Deny);
+    clock.advance(Duration::from_millis(1));
+    assert_eq!(balance(&engine).verdict, Verdict::Allow);
+    assert_eq!(balance(&engine).verdict, Verdict::Deny);
+    // A long pause refills the bucket to its burst, no more.
+    clock.advance(Duration::from_secs(3600));
+    assert_eq!((0..6).filter(|_| balance(&engine).verdict == Verdict::Allow).count(), 5);
+}
+
+#[test]
+fn budget_stops_spending_at_the_ceiling_and_recovers_after_the_window() {
+    let dir = policy_dir("enforce", "1000", "1000", "10000");
+    let clock = ManualClock::new();
+    let engine = PolicyEngine::with_manual_clock(PolicySet::load_dir(dir.path()).unwrap(), &clock);
+    assert_eq!(pay(&engine, "amount=6000&currency=usd").verdict, Verdict::Allow);
+    assert_eq!(pay(&engine, "amount=4000&currency=usd").verdict, Verdict::Allow);
+    assert_eq!(engine.budget_spent("payer", "usd"), Some(10000));
+
+    let over = pay(&engine, "amount=1&currency=usd");
+    assert_eq!((over.verdict, over.rule.as_str()), (Verdict::Deny, "budget:usd"));
+    assert_eq!(over.reason, "usd budget of 10000 per 1h would be exceeded: 10000 spent, this request 1");
+    let denial = over.denial.unwrap();
+    assert_eq!((denial.status, denial.code), (403, CODE_BUDGET_EXCEEDED));
+    // Denied requests do not count.
+    assert_eq!(engine.budget_spent("payer", "usd"), Some(10000));
+    // Other currencies have no budget here (rules decide which currencies are allowed).
+    assert_eq!(pay(&engine, "amount=99999&currency=eur").verdict, Verdict::Allow);
+    // Reads are not money.
+    assert_eq!(balance(&engine).verdict, Verdict::Allow);
+
+    clock.advance(Duration::from_secs(3600));
+    // Within at most 1/60 of the window after that, the early spending has rolled off.
+    clock.advance(Duration::from_secs(60));
+    assert_eq!(engine.budget_spent("payer", "usd"), Some(0));
+    assert_eq!(pay(&engine, "amount=10000&currency=usd").verdict, Verdict::Allow);
+}
+
+#[test]
+fn budget_never_forgets_spending_before_the_window_ends() {
+    let dir = policy_dir("enforce", "1000", "1000", "10000");
+    let clock = ManualClock::new();
+    let engine = PolicyEngine::with_manual_clock(PolicySet::load_dir(dir.path()).unwrap(), &clock);
+    clock.advance(Duration::from_secs(7 * 3600 + 1234));
+    assert_eq!(pay(&engine, "amount=10000&currency=usd").verdict, Verdict::Allow);
+    // Step through the whole hour: the spending must stay counted the entire time.
+    for _ in 0..3599 {
+        clock.advance(Duration::from_secs(1));
+        assert_eq!(engine.budget_spent("payer", "usd"), Some(10000));
+    }
+}
+
+#[test]
+fn money_moving_requests_without_amount_or_currency_are_refused_under_a_budget() {
+    let dir = policy_dir("enforce", "1000", "1000", "10000");
+    let engine = PolicyEngine::new(PolicySet::load_dir(dir.path()).unwrap());
+    let d = engine.decide(
+        "payer",
+        &RequestFacts {
+            method: "POST",
+            path: "/v1/refunds",
+            query: None,
+            content_type: None,
+            body: b"charge=ch_1",
+            stripe_account: None,
+            stripe_context: None,
+            idempotency_key: Some("k"),
+            livemode: false,
+        },
+    );
+    assert_eq!((d.verdict, d.rule.as_str()), (Verdict::Deny, "budget:unpriced"));
+    assert_eq!(d.denial.unwrap().code, CODE_BUDGET_EXCEEDED);
+}
+
+#[test]
+fn report_mode_counts_money_that_moves_and_records_would_deny() {
+    let dir = policy_dir("report", "1", "1", "100");
+    let clock = ManualClock::new();
+    let engine = PolicyEngine::with_manual_clock(PolicySet::load_dir(dir.path()).unwrap(), &clock);
+    assert_eq!(pay(&engine, "amount=80&currency=usd").verdict, Verdict::Allow);
+    clock.advance(Duration::from_secs(1));
+    let over = pay(&engine, "amount=80&currency=usd");
+    assert_eq!((over.verdict, over.rule.as_str()), (Verdict::WouldDeny, "budget:usd"));
+    assert_eq!(engine.budget_spent("payer", "usd"), Some(160));
+    // Rate limited (no time passed) and over budget: the first failing check is reported, and
+    // the money still counts.
+    let both = pay(&engine, "amount=10&currency=usd");
+    assert_eq!((both.verdict, both.rule.as_str()), (Verdict::WouldDeny, "rate-limit"));
+    assert_eq!(engine.budget_spent("payer", "usd"), Some(170));
+}
+
+#[test]
+fn concurrent_spending_never_exceeds_the_budget() {
+    let dir = policy_dir("enforce", "1000000", "1000000", "100000");
+    let engine = Arc::new(PolicyEngine::new(PolicySet::load_dir(dir.path()).unwrap()));
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let engine = Arc::clone(&engine);
+            std::thread::spawn(move || {
+                (0..500).filter(|_| pay(&engine, "amount=70&currency=usd").verdict == Verdict::Allow).count()
+            })
+        })
+        .collect();
+    let allowed: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+    // 100000 / 70 = 1428 payments fit, exactly, whatever the interleaving.
+    assert_eq!(allowed, 1428);
+    assert_eq!(engine.budget_spent("payer", "usd"), Some(1428 * 70));
+}
+
+#[test]
+fn hot_reload_keeps_state_of_services_that_remain() {
+    let dir = policy_dir("enforce", "1", "2", "1000");
+    let clock = ManualClock::new();
+    let engine = PolicyEngine::with_manual_clock(PolicySet::load_dir(dir.path()).unwrap(), &clock);
+    assert_eq!(pay(&engine, "amount=900&currency=usd").verdict, Verdict::Allow);
+    assert_eq!(balance(&engine).verdict, Verdict::Allow);
+    assert_eq!(balance(&engine).verdict, Verdict::Deny); // bucket empty
+
+    // Same configuration reloaded: bucket still empty, spending still there.
+    engine.replace(PolicySet::load_dir(dir.path()).unwrap());
+    assert_eq!(balance(&engine).rule, "rate-limit");
+    assert_eq!(engine.budget_spent("payer", "usd"), Some(900));
+
+    // Budget raised: spending carries over to the new ceiling.
+    write_policy(dir.path(), "enforce", "1", "2", "2000");
+    let raised = PolicySet::load_dir(dir.path()).unwrap();
+    engine.replace(raised.clone());
+    assert!(engine.policies().ptr_eq(&raised));
+    clock.advance(Duration::from_secs(1));
+    assert_eq!(pay(&engine, "amount=1100&currency=usd").verdict, Verdict::Allow);
+    assert_eq!(engine.budget_spent("payer", "usd"), Some(2000));
+
+    // New rate limit: a new bucket, full.
+    write_policy(dir.path(), "enforce", "10", "3", "2000");
+    engine.replace(PolicySet::load_dir(dir.path()).unwrap());
+    assert_eq!((0..4).filter(|_| balance(&engine).verdict == Verdict::Allow).count(), 3);
+
+    // Service removed, then back: its state starts afresh.
+    let other = tempfile::tempdir().unwrap();
+    std::fs::write(other.path().join("other.yaml"), "service: other\nstripe_key: \"vault://x#y\"\n").unwrap();
+    engine.replace(PolicySet::load_dir(other.path()).unwrap());
+    assert_eq!(balance(&engine).rule, "unknown-service");
+    engine.replace(PolicySet::load_dir(dir.path()).unwrap());
+    assert_eq!(engine.budget_spent("payer", "usd"), Some(0));
+}
