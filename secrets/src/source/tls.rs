@@ -1,0 +1,1 @@
+//! rustls client configuration on the workspace crypto provider (`ring`).
