@@ -1,1 +1,26 @@
-//! keygate proxy.
+//! keygate: a zero-trust egress proxy for the Stripe API.
+//!
+//! Services point their Stripe SDK at keygate and hold only a keygate service token; keygate
+//! authenticates the service, applies its policy, injects the real Stripe key fetched at runtime,
+//! forwards the call to the right Stripe host and records the exchange.
+//!
+//! Modules: [`config`] (typed configuration), [`server`] and [`admin`] (listeners),
+//! [`pipeline`] (the request phases), [`auth`], [`upstream`], [`routing`], [`headers`],
+//! [`error`] (the one place errors become responses), [`telemetry`], [`quickstart`], [`run`]
+//! (assembling and running everything).
+
+pub mod admin;
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod gateway;
+pub mod headers;
+pub mod pipeline;
+pub mod quickstart;
+pub mod reply;
+pub mod routing;
+pub mod run;
+pub mod server;
+pub mod telemetry;
+pub mod tls;
+pub mod upstream;

@@ -5,6 +5,13 @@
 //! port is ever used; every child process is killed when its guard drops, even on panic.
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::print_stdout)]
 
+pub mod fake_stripe;
+pub mod http;
+pub mod keygate;
+pub mod localstripe;
+pub mod pki;
+pub mod proxy_setup;
+
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command};
@@ -93,6 +100,16 @@ impl ChildGuard {
             && let Ok(Some(status)) = child.try_wait()
         {
             panic!("{} exited early with {status}", self.name);
+        }
+    }
+
+    /// Panics with the log file's contents if the process has already exited.
+    pub fn assert_running_with_log(&mut self, log: &std::path::Path) {
+        if let Some(child) = self.child.as_mut()
+            && let Ok(Some(status)) = child.try_wait()
+        {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            panic!("{} exited early with {status}; its output:\n{text}", self.name);
         }
     }
 

@@ -1,0 +1,74 @@
+//! The admin listener: `/healthz` (the process is alive), `/readyz` (policies loaded, every
+//! service's key fetched once, audit log writable, not draining) and `/metrics` (Prometheus text).
+//!
+//! It is a separate listener so that the proxy port never exposes metrics and a NetworkPolicy can
+//! open it to the cluster's monitoring only.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, HeaderValue};
+use http::{HeaderMap, Method, Request, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+
+use crate::gateway::Gateway;
+use crate::reply::Reply;
+
+fn text(status: StatusCode, content_type: &'static str, body: String) -> Reply {
+    let mut headers = HeaderMap::new();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    Reply { status, headers, body: Bytes::from(body) }
+}
+
+/// Answers one admin request.
+pub fn answer(gateway: &Gateway, method: &Method, path: &str) -> Reply {
+    if method != Method::GET && method != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "use GET\n".into());
+    }
+    match path {
+        "/healthz" => text(StatusCode::OK, "text/plain", "ok\n".into()),
+        "/readyz" => match gateway.readiness() {
+            Ok(()) => text(StatusCode::OK, "text/plain", "ready\n".into()),
+            Err(reasons) => text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("not ready:\n- {}\n", reasons.join("\n- "))),
+        },
+        "/metrics" => {
+            let mut body = String::new();
+            match prometheus_client::encoding::text::encode(&mut body, &gateway.registry) {
+                Ok(()) => text(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", body),
+                Err(error) => text(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", format!("metrics encoding failed: {error}\n")),
+            }
+        }
+        _ => text(StatusCode::NOT_FOUND, "text/plain", "admin endpoints: /healthz /readyz /metrics\n".into()),
+    }
+}
+
+/// Serves the admin endpoints until `shutdown` completes.
+pub async fn serve_admin(listener: TcpListener, gateway: Arc<Gateway>, shutdown: impl Future<Output = ()>) {
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(_) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => return,
+        };
+        let gateway = gateway.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |request: Request<Incoming>| {
+                let reply = answer(&gateway, request.method(), request.uri().path());
+                async move { Ok::<_, Infallible>(reply.into_response()) }
+            });
+            let _ = auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), service).await;
+        });
+    }
+}

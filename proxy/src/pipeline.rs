@@ -1,0 +1,419 @@
+//! The request pipeline: named phases over one per-request context.
+//!
+//! ```text
+//! read head ─► authenticate ─► read body ─► inject (fetch key) ─► authorize ─► forward ─► respond
+//!                                                                                   │
+//!                                      finish (always runs: audit record, metrics, log line)
+//! ```
+//!
+//! Invariants:
+//! - a request reaches Stripe only with a policy decision that allows it and an injected key;
+//! - the client's `Authorization` never goes upstream; hop-by-hop headers never cross;
+//! - every phase error becomes a response in one place ([`ProxyError::to_response`]);
+//! - the finishing phase runs for every request, whatever happened before.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use bytes::Bytes;
+use http::header::{AUTHORIZATION, CONTENT_LENGTH, HOST, HeaderName, HeaderValue, TRANSFER_ENCODING};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use keygate_policies::{Decision, RequestFacts, Verdict};
+use keygate_secrets::{Secret, SecretRef};
+use uuid::Uuid;
+
+use crate::auth::{Credential, TOKEN_PREFIX, extract_credential};
+use crate::error::ProxyError;
+use crate::gateway::Gateway;
+use crate::headers::{header_str, strip_hop_by_hop};
+use crate::routing::{StripeHost, route};
+use crate::telemetry::{HostLabels, ReasonLabels, RequestLabels};
+use crate::reply::Reply;
+use crate::upstream::UpstreamResponse;
+
+/// What the server knows about the connection a request came on.
+#[derive(Debug, Clone)]
+pub struct ConnectionInfo {
+    pub peer: SocketAddr,
+    /// Identities from a verified client certificate (empty without mTLS).
+    pub identities: Arc<Vec<String>>,
+}
+
+/// How the exchange ended, as recorded in the audit row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Completed,
+    Rejected,
+    UpstreamError,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Completed => "completed",
+            Outcome::Rejected => "rejected",
+            Outcome::UpstreamError => "upstream_error",
+        }
+    }
+}
+
+/// Everything the phases learn about one request.
+#[derive(Debug)]
+pub struct RequestContext {
+    pub event_id: Uuid,
+    pub received_at: SystemTime,
+    pub started: Instant,
+    pub peer: SocketAddr,
+    pub method: Method,
+    pub path: String,
+    pub query: Option<String>,
+    pub host: StripeHost,
+    pub request_headers: HeaderMap,
+    pub request_body: Bytes,
+    pub service: Option<String>,
+    pub decision: Option<Decision>,
+    pub key_ref: Option<String>,
+    pub key_version: Option<String>,
+    pub livemode: Option<bool>,
+    pub upstream_us: Option<u64>,
+    pub request_id: Option<String>,
+    pub outcome: Outcome,
+    pub error_code: Option<&'static str>,
+}
+
+impl RequestContext {
+    fn new(connection: &ConnectionInfo, request: &Request<Incoming>) -> RequestContext {
+        let path = request.uri().path().to_owned();
+        RequestContext {
+            event_id: Uuid::now_v7(),
+            received_at: SystemTime::now(),
+            started: Instant::now(),
+            peer: connection.peer,
+            host: route(request.method(), &path),
+            method: request.method().clone(),
+            query: request.uri().query().map(str::to_owned),
+            path,
+            request_headers: HeaderMap::new(),
+            request_body: Bytes::new(),
+            service: None,
+            decision: None,
+            key_ref: None,
+            key_version: None,
+            livemode: None,
+            upstream_us: None,
+            request_id: None,
+            outcome: Outcome::Rejected,
+            error_code: None,
+        }
+    }
+
+    /// `GET /v1/customers/{customer}` when known, else the method and `unknown`.
+    pub fn operation(&self) -> &str {
+        self.decision.as_ref().and_then(|d| d.operation).unwrap_or("unknown")
+    }
+}
+
+/// Handles one request through every phase. Never fails: errors become Stripe error JSON.
+pub async fn handle(gateway: Arc<Gateway>, connection: ConnectionInfo, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    let metrics = gateway.metrics.clone();
+    metrics.in_flight.inc();
+    let mut ctx = RequestContext::new(&connection, &request);
+    let reply = match run_phases(&gateway, &connection, &mut ctx, request).await {
+        Ok(reply) => reply,
+        Err(error) => {
+            ctx.error_code = Some(error.code());
+            if matches!(error, ProxyError::UpstreamConnect { .. } | ProxyError::UpstreamTimeout { .. } | ProxyError::UpstreamBroken { .. } | ProxyError::ResponseTooLarge { .. }) {
+                ctx.outcome = Outcome::UpstreamError;
+            } else {
+                metrics.refused.get_or_create(&ReasonLabels { reason: error.code().to_owned() }).inc();
+            }
+            error.to_reply()
+        }
+    };
+    let mut reply = finish(&gateway, &ctx, reply);
+    metrics.in_flight.dec();
+    if let Ok(value) = HeaderValue::from_str(&ctx.event_id.to_string()) {
+        reply.headers.insert("keygate-event-id", value);
+    }
+    reply.into_response()
+}
+
+async fn run_phases(
+    gateway: &Gateway,
+    connection: &ConnectionInfo,
+    ctx: &mut RequestContext,
+    request: Request<Incoming>,
+) -> Result<Reply, ProxyError> {
+    if gateway.is_shutting_down() {
+        return Err(ProxyError::ShuttingDown);
+    }
+    let (head, body) = request.into_parts();
+    check_head(gateway, &head.headers)?;
+    ctx.request_headers = head.headers;
+
+    let service = authenticate(gateway, connection, &ctx.request_headers)?;
+    ctx.service = Some(service.clone());
+
+    ctx.request_body = read_body(gateway, ctx.host, &ctx.request_headers, body).await?;
+
+    let (key_ref, secret) = fetch_key(gateway, &service).await?;
+    ctx.key_ref = Some(key_ref.to_string());
+    ctx.key_version = secret.version.clone();
+    let livemode = is_live_key(secret.value.expose());
+    ctx.livemode = Some(livemode);
+
+    let decision = authorize(gateway, &service, ctx, livemode);
+    let verdict = decision.verdict;
+    let denial = decision.denial.clone();
+    let inject_idempotency_key = decision.inject_idempotency_key;
+    ctx.decision = Some(decision);
+    if verdict == Verdict::Deny {
+        let denial = denial.unwrap_or_else(|| keygate_policies::Denial {
+            status: 403,
+            code: "keygate_policy_denied",
+            message: "The request was denied by keygate's policy.".into(),
+        });
+        return Err(ProxyError::PolicyDenied {
+            status: StatusCode::from_u16(denial.status).unwrap_or(StatusCode::FORBIDDEN),
+            code: denial.code,
+            message: denial.message,
+        });
+    }
+    if inject_idempotency_key {
+        let key = format!("keygate-{}", Uuid::new_v4());
+        if let Ok(value) = HeaderValue::from_str(&key) {
+            ctx.request_headers.insert("idempotency-key", value);
+        }
+    }
+
+    let upstream = forward(gateway, ctx, &key_ref, &secret).await?;
+    ctx.outcome = Outcome::Completed;
+    Ok(respond(ctx, upstream))
+}
+
+/// Header count and size limits, answered in Stripe JSON (hyper's own, larger, buffer limit is a
+/// last line of defence that answers a bare 431).
+fn check_head(gateway: &Gateway, headers: &HeaderMap) -> Result<(), ProxyError> {
+    let limits = &gateway.config.limits;
+    if headers.len() > limits.max_headers {
+        return Err(ProxyError::HeadersTooLarge { what: "the number of headers", limit: limits.max_headers, setting: "max_headers" });
+    }
+    let size: usize = headers.iter().map(|(name, value)| name.as_str().len() + value.len() + 4).sum();
+    if size > limits.max_header_bytes {
+        return Err(ProxyError::HeadersTooLarge { what: "the total header size in bytes", limit: limits.max_header_bytes, setting: "max_header_bytes" });
+    }
+    if headers.contains_key(TRANSFER_ENCODING) && headers.contains_key(CONTENT_LENGTH) {
+        return Err(ProxyError::BadRequest {
+            code: "keygate_ambiguous_length",
+            message: "The request has both Content-Length and Transfer-Encoding; send only one.".into(),
+        });
+    }
+    Ok(())
+}
+
+/// Finds the calling service from its token and/or client certificate.
+fn authenticate(gateway: &Gateway, connection: &ConnectionInfo, headers: &HeaderMap) -> Result<String, ProxyError> {
+    let directory = gateway.directory.load();
+    let cert_service = connection.identities.iter().find_map(|identity| directory.identities.get(identity)).cloned();
+    let credential = extract_credential(headers);
+    match (cert_service, credential) {
+        // With a mapped certificate, a non-keygate key (SDKs insist on sending one) is ignored;
+        // a keygate token must name the same service.
+        (Some(cert_service), Ok(Credential::Token(token))) if token.starts_with(TOKEN_PREFIX) => {
+            match directory.tokens.lookup(&token) {
+                Some(service) if service == cert_service => Ok(cert_service),
+                Some(_) => Err(ProxyError::IdentityMismatch { cert_service }),
+                None => Err(ProxyError::InvalidCredentials { detail: "unknown token" }),
+            }
+        }
+        (Some(cert_service), _) => Ok(cert_service),
+        (None, Ok(Credential::Token(token))) => directory
+            .tokens
+            .lookup(&token)
+            .map(str::to_owned)
+            .ok_or(ProxyError::InvalidCredentials { detail: "unknown token" }),
+        (None, Ok(Credential::None)) => Err(ProxyError::MissingCredentials),
+        (None, Err(error)) => Err(error),
+    }
+}
+
+/// Reads the whole body under the host's size limit and the body read timeout.
+async fn read_body(gateway: &Gateway, host: StripeHost, headers: &HeaderMap, body: Incoming) -> Result<Bytes, ProxyError> {
+    let limits = &gateway.config.limits;
+    let (limit, setting) = match host {
+        StripeHost::Files => (limits.max_file_body_bytes, "max_file_body_bytes"),
+        _ => (limits.max_body_bytes, "max_body_bytes"),
+    };
+    let too_large = ProxyError::BodyTooLarge { limit, host: host.as_str(), setting };
+    let declared = header_str(headers, CONTENT_LENGTH.as_str()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > limit) {
+        return Err(too_large);
+    }
+    let limited = Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX));
+    match tokio::time::timeout(limits.body_read_timeout, limited.collect()).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(error)) if error.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(too_large),
+        Ok(Err(_)) => Err(ProxyError::BadRequest {
+            code: "keygate_body_read_failed",
+            message: "The request body could not be read (the client closed the connection or sent malformed framing).".into(),
+        }),
+        Err(_) => Err(ProxyError::BadRequest {
+            code: "keygate_body_timeout",
+            message: format!(
+                "The request body did not arrive within {} s (`limits.body_read_timeout`).",
+                limits.body_read_timeout.as_secs()
+            ),
+        }),
+    }
+}
+
+/// Gets the service's Stripe key from the secret store (a cache hit on the hot path).
+async fn fetch_key(gateway: &Gateway, service: &str) -> Result<(SecretRef, Arc<Secret>), ProxyError> {
+    let reference = gateway
+        .directory
+        .load()
+        .keys
+        .get(service)
+        .cloned()
+        .ok_or_else(|| ProxyError::SecretUnavailable { detail: format!("service `{service}` has no `stripe_key` reference") })?;
+    let secret = gateway
+        .secrets
+        .get(&reference)
+        .await
+        .map_err(|error| ProxyError::SecretUnavailable { detail: error.to_string() })?;
+    Ok((reference, secret))
+}
+
+/// Whether a Stripe key is a live-mode key.
+pub fn is_live_key(key: &str) -> bool {
+    key.starts_with("sk_live_") || key.starts_with("rk_live_")
+}
+
+fn authorize(gateway: &Gateway, service: &str, ctx: &RequestContext, livemode: bool) -> Decision {
+    let headers = &ctx.request_headers;
+    let facts = RequestFacts {
+        method: ctx.method.as_str(),
+        path: &ctx.path,
+        query: ctx.query.as_deref(),
+        content_type: header_str(headers, "content-type"),
+        body: &ctx.request_body,
+        stripe_account: header_str(headers, "stripe-account"),
+        stripe_context: header_str(headers, "stripe-context"),
+        idempotency_key: header_str(headers, "idempotency-key"),
+        livemode,
+    };
+    gateway.engine.decide(service, &facts)
+}
+
+/// Builds the upstream request: the client's headers minus hop-by-hop, `Host`, `Authorization`
+/// and length framing, plus the injected key (marked sensitive so no HTTP/2 table or log keeps
+/// it) and `Accept-Encoding: identity` so the response can be redacted for the audit record.
+fn upstream_request(gateway: &Gateway, ctx: &RequestContext, key: &Secret) -> Result<Request<Full<Bytes>>, ProxyError> {
+    let path_and_query = match &ctx.query {
+        Some(query) => format!("{}?{query}", ctx.path),
+        None => ctx.path.clone(),
+    };
+    let uri = gateway.upstream.uri_for(ctx.host, &path_and_query)?;
+    let mut headers = ctx.request_headers.clone();
+    strip_hop_by_hop(&mut headers);
+    headers.remove(AUTHORIZATION);
+    headers.remove(HOST);
+    headers.remove(CONTENT_LENGTH);
+    let mut authorization = HeaderValue::from_str(&format!("Bearer {}", key.value.expose())).map_err(|_| {
+        ProxyError::SecretUnavailable {
+            detail: format!("the Stripe key in {} is not a valid header value", ctx.key_ref.as_deref().unwrap_or("its reference")),
+        }
+    })?;
+    authorization.set_sensitive(true);
+    headers.insert(AUTHORIZATION, authorization);
+    headers.insert(HeaderName::from_static("accept-encoding"), HeaderValue::from_static("identity"));
+    let mut request = Request::new(Full::new(ctx.request_body.clone()));
+    *request.method_mut() = ctx.method.clone();
+    *request.uri_mut() = uri;
+    *request.headers_mut() = headers;
+    Ok(request)
+}
+
+/// Sends the request; on a 401 with a key that may have been rotated, refreshes the key once and
+/// retries if the request is safe to repeat (a GET, or carrying an `Idempotency-Key`).
+async fn forward(gateway: &Gateway, ctx: &mut RequestContext, key_ref: &SecretRef, secret: &Arc<Secret>) -> Result<UpstreamResponse, ProxyError> {
+    let request = upstream_request(gateway, ctx, secret)?;
+    let mut response = send_timed(gateway, ctx, request).await?;
+    let safe_to_repeat = ctx.method == Method::GET || ctx.request_headers.contains_key("idempotency-key");
+    if response.head.status == StatusCode::UNAUTHORIZED && safe_to_repeat {
+        if let Ok(fresh) = gateway.secrets.refresh(key_ref).await
+            && fresh.value.expose() != secret.value.expose()
+        {
+            gateway.metrics.upstream_retries.inc();
+            ctx.key_version = fresh.version.clone();
+            let retry = upstream_request(gateway, ctx, &fresh)?;
+            response = send_timed(gateway, ctx, retry).await?;
+        }
+    }
+    Ok(response)
+}
+
+async fn send_timed(gateway: &Gateway, ctx: &mut RequestContext, request: Request<Full<Bytes>>) -> Result<UpstreamResponse, ProxyError> {
+    let started = Instant::now();
+    let result = gateway.upstream.send(ctx.host, request).await;
+    let elapsed = started.elapsed();
+    ctx.upstream_us = Some(ctx.upstream_us.unwrap_or(0) + u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX));
+    gateway
+        .metrics
+        .upstream_duration
+        .get_or_create(&HostLabels { host: ctx.host.as_str().to_owned() })
+        .observe(elapsed.as_secs_f64());
+    result
+}
+
+/// Stripe's response, unchanged but for hop-by-hop headers.
+fn respond(ctx: &mut RequestContext, upstream: UpstreamResponse) -> Reply {
+    ctx.request_id = header_str(&upstream.head.headers, "request-id").map(str::to_owned);
+    let mut reply = Reply { status: upstream.head.status, headers: upstream.head.headers, body: upstream.body };
+    strip_hop_by_hop(&mut reply.headers);
+    reply.headers.remove(CONTENT_LENGTH);
+    reply
+}
+
+/// The phase that always runs: metrics and the canonical log line (and, with the audit lake, the
+/// audit record).
+fn finish(gateway: &Gateway, ctx: &RequestContext, reply: Reply) -> Reply {
+    let duration = ctx.started.elapsed();
+    let decision = ctx.decision.as_ref();
+    let verdict = decision.map_or("none", |d| d.verdict.as_str());
+    let status = reply.status.as_u16();
+    let metrics = &gateway.metrics;
+    metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            service: ctx.service.clone().unwrap_or_else(|| "unauthenticated".into()),
+            operation: ctx.operation().to_owned(),
+            decision: verdict.to_owned(),
+            status_class: format!("{}xx", status / 100),
+        })
+        .inc();
+    metrics.request_duration.observe(duration.as_secs_f64());
+    tracing::info!(
+        target: "keygate::access",
+        event_id = %ctx.event_id,
+        peer = %ctx.peer,
+        service = ctx.service.as_deref().unwrap_or(""),
+        method = %ctx.method,
+        operation = ctx.operation(),
+        stripe_host = ctx.host.as_str(),
+        decision = verdict,
+        rule = decision.map_or("", |d| d.rule.as_str()),
+        reason = decision.map_or("", |d| d.reason.as_str()),
+        status,
+        outcome = ctx.outcome.as_str(),
+        error_code = ctx.error_code.unwrap_or(""),
+        duration_us = u64::try_from(duration.as_micros()).unwrap_or(u64::MAX),
+        upstream_us = ctx.upstream_us.unwrap_or(0),
+        request_id = ctx.request_id.as_deref().unwrap_or(""),
+        "request"
+    );
+    reply
+}

@@ -1,0 +1,160 @@
+//! A recording stand-in for a Stripe host, for the tests that must see exactly what keygate sent
+//! upstream (headers, injected key) or make the upstream misbehave (hang, refuse a key).
+//! SDK flows run against localstripe instead; this is only for inspecting the wire.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+
+/// One request as the upstream received it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub method: String,
+    pub path_and_query: String,
+    pub version: http::Version,
+    pub headers: Vec<(String, String)>,
+    pub body: Bytes,
+}
+
+impl Received {
+    /// Every value of a header (case-insensitive name).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+}
+
+/// How the fake answers.
+#[derive(Debug, Clone)]
+pub enum Behavior {
+    /// 200 with a Stripe-shaped customer and Stripe's response headers.
+    Ok,
+    /// Never answers.
+    Hang,
+    /// Answers like `Ok` after a delay.
+    Delay(Duration),
+    /// 401 unless the request carries `Authorization: Bearer <this key>`.
+    OnlyKey(String),
+}
+
+/// The fake upstream, running on a free loopback port until dropped.
+#[derive(Debug)]
+pub struct FakeStripe {
+    pub addr: SocketAddr,
+    received: Arc<Mutex<Vec<Received>>>,
+    behavior: Arc<Mutex<Behavior>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FakeStripe {
+    /// Starts it on the current tokio runtime.
+    pub async fn start(behavior: Behavior) -> FakeStripe {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind fake stripe");
+        let addr = listener.local_addr().expect("addr");
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let behavior = Arc::new(Mutex::new(behavior));
+        let task = tokio::spawn({
+            let received = received.clone();
+            let behavior = behavior.clone();
+            async move {
+                loop {
+                    let Ok((stream, _)) = listener.accept().await else { continue };
+                    let received = received.clone();
+                    let behavior = behavior.clone();
+                    tokio::spawn(async move {
+                        let service = service_fn(move |request: Request<Incoming>| {
+                            let received = received.clone();
+                            let behavior = behavior.clone();
+                            async move { Ok::<_, Infallible>(answer(request, &received, &behavior).await) }
+                        });
+                        let _ = auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), service).await;
+                    });
+                }
+            }
+        });
+        FakeStripe { addr, received, behavior, task }
+    }
+
+    /// The base URL to configure as an upstream.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Every request received so far.
+    pub fn received(&self) -> Vec<Received> {
+        self.received.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+
+    /// Changes how it answers from now on.
+    pub fn set_behavior(&self, behavior: Behavior) {
+        if let Ok(mut current) = self.behavior.lock() {
+            *current = behavior;
+        }
+    }
+}
+
+impl Drop for FakeStripe {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn answer(request: Request<Incoming>, received: &Mutex<Vec<Received>>, behavior: &Mutex<Behavior>) -> Response<Full<Bytes>> {
+    let (parts, body) = request.into_parts();
+    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let record = Received {
+        method: parts.method.to_string(),
+        path_and_query: parts.uri.path_and_query().map(|p| p.to_string()).unwrap_or_default(),
+        version: parts.version,
+        headers: parts
+            .headers
+            .iter()
+            .map(|(n, v)| (n.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+            .collect(),
+        body,
+    };
+    let authorization = record.header("authorization").unwrap_or_default().to_owned();
+    if let Ok(mut all) = received.lock() {
+        all.push(record);
+    }
+    let behavior = behavior.lock().map(|b| b.clone()).unwrap_or(Behavior::Ok);
+    match behavior {
+        Behavior::Hang => {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            Response::new(Full::new(Bytes::new()))
+        }
+        Behavior::Delay(delay) => {
+            tokio::time::sleep(delay).await;
+            json(200, r#"{"id":"cus_fake123","object":"customer","email":"jenny@example.com"}"#)
+        }
+        Behavior::OnlyKey(key) if authorization != format!("Bearer {key}") => json(
+            401,
+            r#"{"error":{"type":"invalid_request_error","message":"Invalid API Key provided"}}"#,
+        ),
+        _ => json(200, r#"{"id":"cus_fake123","object":"customer","email":"jenny@example.com"}"#),
+    }
+}
+
+fn json(status: u16, body: &'static str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *response.status_mut() = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::OK);
+    let headers = response.headers_mut();
+    headers.insert("content-type", http::HeaderValue::from_static("application/json"));
+    headers.insert("request-id", http::HeaderValue::from_static("req_fake123"));
+    headers.insert("idempotent-replayed", http::HeaderValue::from_static("false"));
+    headers.insert("stripe-should-retry", http::HeaderValue::from_static("false"));
+    headers.insert("retry-after", http::HeaderValue::from_static("7"));
+    headers.insert("keep-alive", http::HeaderValue::from_static("timeout=5"));
+    headers.insert("x-upstream-hop", http::HeaderValue::from_static("1"));
+    headers.insert("connection", http::HeaderValue::from_static("x-upstream-hop"));
+    response
+}

@@ -1,0 +1,114 @@
+//! A keygate in front of an upstream, with one service, a canary Stripe key and a fresh token:
+//! the setup most proxy tests share.
+
+use std::path::Path;
+
+use tempfile::TempDir;
+
+use crate::keygate::{Keygate, KeygateOptions};
+
+/// The Stripe key the tests inject: a canary that must never appear in any output.
+pub const CANARY_KEY: &str = "sk_test_51CANARYkeygateSecretKey0000000000000000000000000000";
+
+/// A started keygate with its folder, token and key.
+#[derive(Debug)]
+pub struct ProxySetup {
+    pub dir: TempDir,
+    pub keygate: Keygate,
+    pub token: String,
+    pub token_hash: String,
+}
+
+/// Options for [`ProxySetup::start`].
+#[derive(Debug, Clone)]
+pub struct SetupOptions {
+    /// The api upstream (and every other host, unless `hosts_yaml` says otherwise).
+    pub upstream: String,
+    /// Extra YAML appended under the top level of the configuration.
+    pub extra_config: String,
+    /// Replaces the `upstreams:` host lines.
+    pub hosts_yaml: Option<String>,
+    /// The policy rules (YAML list items indented by two spaces); default allows everything.
+    pub rules_yaml: Option<String>,
+    /// Extra top-level keys of the policy file.
+    pub policy_extra: String,
+    pub wait_ready: bool,
+    pub env: Vec<(String, String)>,
+    /// Lines added under `listen:` (e.g. `  tls: …`).
+    pub listen_tls_yaml: String,
+}
+
+impl SetupOptions {
+    /// Defaults for an upstream URL.
+    pub fn new(upstream: &str) -> SetupOptions {
+        SetupOptions {
+            upstream: upstream.to_owned(),
+            extra_config: String::new(),
+            hosts_yaml: None,
+            rules_yaml: None,
+            policy_extra: String::new(),
+            wait_ready: true,
+            env: Vec::new(),
+            listen_tls_yaml: String::new(),
+        }
+    }
+}
+
+const ALLOW_ALL: &str = "  - id: allow-everything\n    effect: allow\n    operation: \"* /**\"\n    unknown_operations: true\n";
+
+impl ProxySetup {
+    /// Writes a configuration and a policy folder with one service `checkout`, then starts keygate.
+    pub fn start(options: SetupOptions) -> ProxySetup {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let minted = keygate::auth::mint_token();
+        let policies = dir.path().join("policies");
+        std::fs::create_dir(&policies).expect("policies dir");
+        write_policy(
+            &policies,
+            "checkout",
+            &minted.hash,
+            options.rules_yaml.as_deref().unwrap_or(ALLOW_ALL),
+            &options.policy_extra,
+        );
+        let hosts = options.hosts_yaml.clone().unwrap_or_else(|| {
+            let u = &options.upstream;
+            format!("  api: {u}\n  files: {u}\n  connect: {u}\n  meter_events: {u}\n")
+        });
+        let config = format!(
+            "listen:\n  address: 127.0.0.1:0\n{}admin:\n  address: 127.0.0.1:0\nupstreams:\n{hosts}policies:\n  dir: {}\n{}",
+            options.listen_tls_yaml,
+            policies.display(),
+            options.extra_config
+        );
+        let mut env = vec![("KG_E2E_STRIPE_KEY".to_owned(), CANARY_KEY.to_owned())];
+        env.extend(options.env.iter().cloned());
+        let keygate = Keygate::start(
+            dir.path(),
+            KeygateOptions { config: Some(&config), env, args: Vec::new(), wait_ready: options.wait_ready },
+        );
+        ProxySetup { dir, keygate, token: minted.token.expose().to_owned(), token_hash: minted.hash }
+    }
+
+    /// Asserts that neither the canary key nor the token appears in keygate's stdout, stderr or
+    /// metrics.
+    pub fn assert_no_secret_leaked(&self) {
+        let outputs = [
+            ("stdout", self.keygate.stdout_text()),
+            ("stderr", self.keygate.stderr_text()),
+            ("metrics", self.keygate.metrics()),
+        ];
+        for (name, text) in outputs {
+            assert!(!text.contains(CANARY_KEY), "the Stripe key leaked into keygate's {name}");
+            assert!(!text.contains("CANARYkeygate"), "part of the Stripe key leaked into keygate's {name}");
+            assert!(!text.contains(&self.token), "the service token leaked into keygate's {name}");
+        }
+    }
+}
+
+/// Writes `<dir>/<service>.yaml`.
+pub fn write_policy(dir: &Path, service: &str, token_hash: &str, rules_yaml: &str, extra: &str) {
+    let text = format!(
+        "service: {service}\ntoken_hashes:\n  - \"{token_hash}\"\nstripe_key: env://KG_E2E_STRIPE_KEY\n{extra}rules:\n{rules_yaml}"
+    );
+    std::fs::write(dir.join(format!("{service}.yaml")), text).expect("write policy");
+}
