@@ -35,13 +35,17 @@ pub fn answer(gateway: &Gateway, method: &Method, path: &str) -> Reply {
         "/healthz" => text(StatusCode::OK, "text/plain", "ok\n".into()),
         "/readyz" => match gateway.readiness() {
             Ok(()) => text(StatusCode::OK, "text/plain", "ready\n".into()),
-            Err(reasons) => text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("not ready:\n- {}\n", reasons.join("\n- "))),
+            Err(reasons) => {
+                text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("not ready:\n- {}\n", reasons.join("\n- ")))
+            }
         },
         "/metrics" => {
             let mut body = String::new();
             match prometheus_client::encoding::text::encode(&mut body, &gateway.registry) {
                 Ok(()) => text(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", body),
-                Err(error) => text(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", format!("metrics encoding failed: {error}\n")),
+                Err(error) => {
+                    text(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", format!("metrics encoding failed: {error}\n"))
+                }
             }
         }
         _ => text(StatusCode::NOT_FOUND, "text/plain", "admin endpoints: /healthz /readyz /metrics\n".into()),

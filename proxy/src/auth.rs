@@ -103,17 +103,17 @@ pub fn extract_credential(headers: &HeaderMap) -> Result<Credential, ProxyError>
     let token = if scheme.eq_ignore_ascii_case("bearer") {
         Zeroizing::new(rest.to_owned())
     } else if scheme.eq_ignore_ascii_case("basic") {
-        let decoded = Zeroizing::new(STANDARD.decode(rest).map_err(|_| ProxyError::InvalidCredentials {
-            detail: "the Basic credential is not valid base64",
-        })?);
+        let decoded = Zeroizing::new(
+            STANDARD
+                .decode(rest)
+                .map_err(|_| ProxyError::InvalidCredentials { detail: "the Basic credential is not valid base64" })?,
+        );
         let decoded = std::str::from_utf8(&decoded)
             .map_err(|_| ProxyError::InvalidCredentials { detail: "the Basic credential is not UTF-8" })?;
         let user = decoded.split_once(':').map_or(decoded, |(user, _)| user);
         Zeroizing::new(user.to_owned())
     } else {
-        return Err(ProxyError::InvalidCredentials {
-            detail: "the Authorization scheme is neither Bearer nor Basic",
-        });
+        return Err(ProxyError::InvalidCredentials { detail: "the Authorization scheme is neither Bearer nor Basic" });
     };
     if token.is_empty() {
         return Err(ProxyError::InvalidCredentials { detail: "the token is empty" });

@@ -317,9 +317,8 @@ pub fn load(path: Option<&Path>, env: &[(String, String)]) -> Result<Config, Con
     let mut tree = match path {
         None => Value::Object(Default::default()),
         Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|e| {
-                fail(vec![format!("cannot read the file: {e}; check the path given to --config")])
-            })?;
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| fail(vec![format!("cannot read the file: {e}; check the path given to --config")]))?;
             if text.trim().is_empty() {
                 Value::Object(Default::default())
             } else {
@@ -339,10 +338,10 @@ pub fn load(path: Option<&Path>, env: &[(String, String)]) -> Result<Config, Con
 
     let mut unknown = Vec::new();
     let mut track = serde_path_to_error::Track::new();
-    let parsed: Result<Config, serde_json::Error> = serde_ignored::deserialize(
-        serde_path_to_error::Deserializer::new(&tree, &mut track),
-        |ignored| unknown.push(ignored.to_string()),
-    );
+    let parsed: Result<Config, serde_json::Error> =
+        serde_ignored::deserialize(serde_path_to_error::Deserializer::new(&tree, &mut track), |ignored| {
+            unknown.push(ignored.to_string())
+        });
     for key in &unknown {
         problems.push(format!("unknown key `{key}`: remove it or check its spelling in docs/configuration.md"));
     }
@@ -387,10 +386,8 @@ fn describe_type_error(path: &str, error: &serde_json::Error) -> String {
 /// is a number and `true` a boolean; quote a value to force a string).
 fn apply_env_overrides(tree: &mut Value, env: &[(String, String)]) -> Vec<String> {
     let mut problems = Vec::new();
-    let overrides: BTreeMap<&str, &str> = env
-        .iter()
-        .filter_map(|(name, value)| Some((name.strip_prefix(ENV_PREFIX)?, value.as_str())))
-        .collect();
+    let overrides: BTreeMap<&str, &str> =
+        env.iter().filter_map(|(name, value)| Some((name.strip_prefix(ENV_PREFIX)?, value.as_str()))).collect();
     for (suffix, raw) in overrides {
         let path: Vec<String> = suffix.split("__").map(str::to_ascii_lowercase).collect();
         let Some(section) = path.first() else { continue };
@@ -474,7 +471,11 @@ fn validate(config: &Config, from_file: bool) -> Vec<String> {
         problems.push("`listen.address` and `admin.address` must differ".into());
     }
     if let Some(tls) = &config.listen.tls {
-        for (key, path) in [("cert_file", Some(&tls.cert_file)), ("key_file", Some(&tls.key_file)), ("client_ca_file", tls.client_ca_file.as_ref())] {
+        for (key, path) in [
+            ("cert_file", Some(&tls.cert_file)),
+            ("key_file", Some(&tls.key_file)),
+            ("client_ca_file", tls.client_ca_file.as_ref()),
+        ] {
             if let Some(path) = path
                 && !path.is_file()
             {

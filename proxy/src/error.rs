@@ -108,9 +108,9 @@ impl ProxyError {
             ProxyError::PolicyDenied { status, .. } => *status,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            ProxyError::SecretUnavailable { .. }
-            | ProxyError::AuditUnavailable { .. }
-            | ProxyError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::SecretUnavailable { .. } | ProxyError::AuditUnavailable { .. } | ProxyError::ShuttingDown => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ProxyError::UpstreamConnect { .. }
             | ProxyError::UpstreamBroken { .. }
             | ProxyError::ResponseTooLarge { .. } => StatusCode::BAD_GATEWAY,
@@ -138,11 +138,7 @@ impl ProxyError {
     }
 
     fn error_type(&self) -> StripeErrorType {
-        if self.status().is_server_error() {
-            StripeErrorType::Api
-        } else {
-            StripeErrorType::InvalidRequest
-        }
+        if self.status().is_server_error() { StripeErrorType::Api } else { StripeErrorType::InvalidRequest }
     }
 
     /// Whether an SDK may retry: never for a request keygate refused on purpose.
@@ -152,9 +148,7 @@ impl ProxyError {
             | ProxyError::SecretUnavailable { .. }
             | ProxyError::AuditUnavailable { .. }
             | ProxyError::ShuttingDown => Some("true"),
-            ProxyError::PolicyDenied { status, .. } if *status == StatusCode::TOO_MANY_REQUESTS => {
-                Some("true")
-            }
+            ProxyError::PolicyDenied { status, .. } if *status == StatusCode::TOO_MANY_REQUESTS => Some("true"),
             _ if self.status().is_client_error() => Some("false"),
             _ => None,
         }

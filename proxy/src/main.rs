@@ -90,9 +90,8 @@ fn main() -> ExitCode {
             match keygate::config::load(Some(&file), &keygate::config::process_env()) {
                 Ok(config) => {
                     if let Some(dir) = &config.policies.dir
-                        && let Err(error) = keygate::run::load_policies(dir).and_then(|set| {
-                            keygate::gateway::ServiceDirectory::build(&set).map_err(Into::into)
-                        })
+                        && let Err(error) = keygate::run::load_policies(dir)
+                            .and_then(|set| keygate::gateway::ServiceDirectory::build(&set).map_err(Into::into))
                     {
                         eprintln!("keygate: {error}");
                         return ExitCode::from(2);

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
-use http::header::{AUTHORIZATION, CONTENT_LENGTH, HOST, HeaderName, HeaderValue, TRANSFER_ENCODING};
+use http::header::{AUTHORIZATION, CONTENT_LENGTH, HOST, HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -29,9 +29,9 @@ use crate::auth::{Credential, TOKEN_PREFIX, extract_credential};
 use crate::error::ProxyError;
 use crate::gateway::Gateway;
 use crate::headers::{header_str, strip_hop_by_hop};
+use crate::reply::Reply;
 use crate::routing::{StripeHost, route};
 use crate::telemetry::{HostLabels, ReasonLabels, RequestLabels};
-use crate::reply::Reply;
 use crate::upstream::UpstreamResponse;
 
 /// What the server knows about the connection a request came on.
@@ -117,7 +117,11 @@ impl RequestContext {
 }
 
 /// Handles one request through every phase. Never fails: errors become Stripe error JSON.
-pub async fn handle(gateway: Arc<Gateway>, connection: ConnectionInfo, request: Request<Incoming>) -> Response<Full<Bytes>> {
+pub async fn handle(
+    gateway: Arc<Gateway>,
+    connection: ConnectionInfo,
+    request: Request<Incoming>,
+) -> Response<Full<Bytes>> {
     let metrics = gateway.metrics.clone();
     metrics.in_flight.inc();
     let mut ctx = RequestContext::new(&connection, &request);
@@ -125,7 +129,13 @@ pub async fn handle(gateway: Arc<Gateway>, connection: ConnectionInfo, request: 
         Ok(reply) => reply,
         Err(error) => {
             ctx.error_code = Some(error.code());
-            if matches!(error, ProxyError::UpstreamConnect { .. } | ProxyError::UpstreamTimeout { .. } | ProxyError::UpstreamBroken { .. } | ProxyError::ResponseTooLarge { .. }) {
+            if matches!(
+                error,
+                ProxyError::UpstreamConnect { .. }
+                    | ProxyError::UpstreamTimeout { .. }
+                    | ProxyError::UpstreamBroken { .. }
+                    | ProxyError::ResponseTooLarge { .. }
+            ) {
                 ctx.outcome = Outcome::UpstreamError;
             } else {
                 metrics.refused.get_or_create(&ReasonLabels { reason: error.code().to_owned() }).inc();
@@ -199,18 +209,23 @@ async fn run_phases(
 fn check_head(gateway: &Gateway, headers: &HeaderMap) -> Result<(), ProxyError> {
     let limits = &gateway.config.limits;
     if headers.len() > limits.max_headers {
-        return Err(ProxyError::HeadersTooLarge { what: "the number of headers", limit: limits.max_headers, setting: "max_headers" });
+        return Err(ProxyError::HeadersTooLarge {
+            what: "the number of headers",
+            limit: limits.max_headers,
+            setting: "max_headers",
+        });
     }
     let size: usize = headers.iter().map(|(name, value)| name.as_str().len() + value.len() + 4).sum();
     if size > limits.max_header_bytes {
-        return Err(ProxyError::HeadersTooLarge { what: "the total header size in bytes", limit: limits.max_header_bytes, setting: "max_header_bytes" });
-    }
-    if headers.contains_key(TRANSFER_ENCODING) && headers.contains_key(CONTENT_LENGTH) {
-        return Err(ProxyError::BadRequest {
-            code: "keygate_ambiguous_length",
-            message: "The request has both Content-Length and Transfer-Encoding; send only one.".into(),
+        return Err(ProxyError::HeadersTooLarge {
+            what: "the total header size in bytes",
+            limit: limits.max_header_bytes,
+            setting: "max_header_bytes",
         });
     }
+    // A request with both Content-Length and Transfer-Encoding never gets here with both: hyper
+    // reads it by Transfer-Encoding alone, drops Content-Length and closes the connection after
+    // the response (RFC 9112 §6.1), and every body keygate forwards is framed anew.
     Ok(())
 }
 
@@ -241,7 +256,12 @@ fn authenticate(gateway: &Gateway, connection: &ConnectionInfo, headers: &Header
 }
 
 /// Reads the whole body under the host's size limit and the body read timeout.
-async fn read_body(gateway: &Gateway, host: StripeHost, headers: &HeaderMap, body: Incoming) -> Result<Bytes, ProxyError> {
+async fn read_body(
+    gateway: &Gateway,
+    host: StripeHost,
+    headers: &HeaderMap,
+    body: Incoming,
+) -> Result<Bytes, ProxyError> {
     let limits = &gateway.config.limits;
     let (limit, setting) = match host {
         StripeHost::Files => (limits.max_file_body_bytes, "max_file_body_bytes"),
@@ -258,7 +278,8 @@ async fn read_body(gateway: &Gateway, host: StripeHost, headers: &HeaderMap, bod
         Ok(Err(error)) if error.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(too_large),
         Ok(Err(_)) => Err(ProxyError::BadRequest {
             code: "keygate_body_read_failed",
-            message: "The request body could not be read (the client closed the connection or sent malformed framing).".into(),
+            message: "The request body could not be read (the client closed the connection or sent malformed framing)."
+                .into(),
         }),
         Err(_) => Err(ProxyError::BadRequest {
             code: "keygate_body_timeout",
@@ -272,13 +293,9 @@ async fn read_body(gateway: &Gateway, host: StripeHost, headers: &HeaderMap, bod
 
 /// Gets the service's Stripe key from the secret store (a cache hit on the hot path).
 async fn fetch_key(gateway: &Gateway, service: &str) -> Result<(SecretRef, Arc<Secret>), ProxyError> {
-    let reference = gateway
-        .directory
-        .load()
-        .keys
-        .get(service)
-        .cloned()
-        .ok_or_else(|| ProxyError::SecretUnavailable { detail: format!("service `{service}` has no `stripe_key` reference") })?;
+    let reference = gateway.directory.load().keys.get(service).cloned().ok_or_else(|| {
+        ProxyError::SecretUnavailable { detail: format!("service `{service}` has no `stripe_key` reference") }
+    })?;
     let secret = gateway
         .secrets
         .get(&reference)
@@ -324,7 +341,10 @@ fn upstream_request(gateway: &Gateway, ctx: &RequestContext, key: &Secret) -> Re
     headers.remove(CONTENT_LENGTH);
     let mut authorization = HeaderValue::from_str(&format!("Bearer {}", key.value.expose())).map_err(|_| {
         ProxyError::SecretUnavailable {
-            detail: format!("the Stripe key in {} is not a valid header value", ctx.key_ref.as_deref().unwrap_or("its reference")),
+            detail: format!(
+                "the Stripe key in {} is not a valid header value",
+                ctx.key_ref.as_deref().unwrap_or("its reference")
+            ),
         }
     })?;
     authorization.set_sensitive(true);
@@ -339,24 +359,33 @@ fn upstream_request(gateway: &Gateway, ctx: &RequestContext, key: &Secret) -> Re
 
 /// Sends the request; on a 401 with a key that may have been rotated, refreshes the key once and
 /// retries if the request is safe to repeat (a GET, or carrying an `Idempotency-Key`).
-async fn forward(gateway: &Gateway, ctx: &mut RequestContext, key_ref: &SecretRef, secret: &Arc<Secret>) -> Result<UpstreamResponse, ProxyError> {
+async fn forward(
+    gateway: &Gateway,
+    ctx: &mut RequestContext,
+    key_ref: &SecretRef,
+    secret: &Arc<Secret>,
+) -> Result<UpstreamResponse, ProxyError> {
     let request = upstream_request(gateway, ctx, secret)?;
     let mut response = send_timed(gateway, ctx, request).await?;
     let safe_to_repeat = ctx.method == Method::GET || ctx.request_headers.contains_key("idempotency-key");
-    if response.head.status == StatusCode::UNAUTHORIZED && safe_to_repeat {
-        if let Ok(fresh) = gateway.secrets.refresh(key_ref).await
-            && fresh.value.expose() != secret.value.expose()
-        {
-            gateway.metrics.upstream_retries.inc();
-            ctx.key_version = fresh.version.clone();
-            let retry = upstream_request(gateway, ctx, &fresh)?;
-            response = send_timed(gateway, ctx, retry).await?;
-        }
+    if response.head.status == StatusCode::UNAUTHORIZED
+        && safe_to_repeat
+        && let Ok(fresh) = gateway.secrets.refresh(key_ref).await
+        && fresh.value.expose() != secret.value.expose()
+    {
+        gateway.metrics.upstream_retries.inc();
+        ctx.key_version = fresh.version.clone();
+        let retry = upstream_request(gateway, ctx, &fresh)?;
+        response = send_timed(gateway, ctx, retry).await?;
     }
     Ok(response)
 }
 
-async fn send_timed(gateway: &Gateway, ctx: &mut RequestContext, request: Request<Full<Bytes>>) -> Result<UpstreamResponse, ProxyError> {
+async fn send_timed(
+    gateway: &Gateway,
+    ctx: &mut RequestContext,
+    request: Request<Full<Bytes>>,
+) -> Result<UpstreamResponse, ProxyError> {
     let started = Instant::now();
     let result = gateway.upstream.send(ctx.host, request).await;
     let elapsed = started.elapsed();

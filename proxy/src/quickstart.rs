@@ -70,7 +70,8 @@ pub fn prepare(key: Option<&str>, data_dir: &Path, allow_live_key: bool) -> Resu
             minted.token
         }
     };
-    let policies = PolicySet::quickstart_allow_all(SERVICE, &token_hash(token.expose()), &format!("env://{KEY_VARIABLE}"));
+    let policies =
+        PolicySet::quickstart_allow_all(SERVICE, &token_hash(token.expose()), &format!("env://{KEY_VARIABLE}"));
     Ok(Quickstart { policies, token_file, token, livemode })
 }
 
@@ -89,10 +90,7 @@ fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
 /// developer pastes into the Python and Node SDKs.
 pub fn banner(quickstart: &Quickstart, proxy_url: &str, admin_url: &str) -> String {
     let token = quickstart.token.expose();
-    let (host, port) = proxy_url
-        .trim_start_matches("http://")
-        .rsplit_once(':')
-        .unwrap_or(("127.0.0.1", "8080"));
+    let (host, port) = proxy_url.trim_start_matches("http://").rsplit_once(':').unwrap_or(("127.0.0.1", "8080"));
     format!(
         "keygate quick start\n\
          \x20 proxy     {proxy_url}   (admin: {admin_url}/healthz /readyz /metrics)\n\

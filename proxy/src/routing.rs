@@ -18,8 +18,7 @@ pub enum StripeHost {
 
 impl StripeHost {
     /// Every host, in a fixed order.
-    pub const ALL: [StripeHost; 4] =
-        [StripeHost::Api, StripeHost::Files, StripeHost::Connect, StripeHost::MeterEvents];
+    pub const ALL: [StripeHost; 4] = [StripeHost::Api, StripeHost::Files, StripeHost::Connect, StripeHost::MeterEvents];
 
     /// The name used in configuration (`upstreams.<name>`), logs, metrics and audit rows.
     pub fn as_str(self) -> &'static str {

@@ -43,7 +43,8 @@ pub enum StartError {
 
 /// Loads the policy folder.
 pub fn load_policies(dir: &Path) -> Result<PolicySet, StartError> {
-    PolicySet::load_dir(dir).map_err(|error| StartError::Policies { dir: dir.display().to_string(), detail: error.to_string() })
+    PolicySet::load_dir(dir)
+        .map_err(|error| StartError::Policies { dir: dir.display().to_string(), detail: error.to_string() })
 }
 
 /// Builds a gateway: secret store, upstream client, metrics. Keys are not fetched yet.
@@ -107,8 +108,16 @@ pub async fn serve(options: ServeOptions) -> Result<(), StartError> {
         address: config.admin.address.to_string(),
         source,
     })?;
-    let proxy_address = proxy_listener.local_addr().map_err(|source| StartError::Bind { key: "listen.address", address: config.listen.address.to_string(), source })?;
-    let admin_address = admin_listener.local_addr().map_err(|source| StartError::Bind { key: "admin.address", address: config.admin.address.to_string(), source })?;
+    let proxy_address = proxy_listener.local_addr().map_err(|source| StartError::Bind {
+        key: "listen.address",
+        address: config.listen.address.to_string(),
+        source,
+    })?;
+    let admin_address = admin_listener.local_addr().map_err(|source| StartError::Bind {
+        key: "admin.address",
+        address: config.admin.address.to_string(),
+        source,
+    })?;
 
     let gateway = build_gateway(config, policies).await?;
     let scheme = if tls.is_some() { "https" } else { "http" };
@@ -116,7 +125,14 @@ pub async fn serve(options: ServeOptions) -> Result<(), StartError> {
     if let Some(quickstart) = &banner {
         #[allow(clippy::print_stdout)]
         {
-            println!("{}", crate::quickstart::banner(quickstart, &format!("{scheme}://{proxy_address}"), &format!("http://{admin_address}")));
+            println!(
+                "{}",
+                crate::quickstart::banner(
+                    quickstart,
+                    &format!("{scheme}://{proxy_address}"),
+                    &format!("http://{admin_address}")
+                )
+            );
         }
     }
 
@@ -147,7 +163,8 @@ pub async fn serve(options: ServeOptions) -> Result<(), StartError> {
 /// Resolves on SIGTERM or SIGINT.
 fn wait_for_stop_signal() -> Result<impl std::future::Future<Output = ()>, StartError> {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).map_err(|source| StartError::Signal { signal: "SIGTERM", source })?;
+    let mut term =
+        signal(SignalKind::terminate()).map_err(|source| StartError::Signal { signal: "SIGTERM", source })?;
     let mut int = signal(SignalKind::interrupt()).map_err(|source| StartError::Signal { signal: "SIGINT", source })?;
     Ok(async move {
         tokio::select! {

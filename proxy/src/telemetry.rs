@@ -82,11 +82,7 @@ impl ProxyMetrics {
             metrics.upstream_duration.clone(),
         );
         registry.register("keygate_requests_in_flight", "Requests being handled now", metrics.in_flight.clone());
-        registry.register(
-            "keygate_connections_open",
-            "Client connections open now",
-            metrics.open_connections.clone(),
-        );
+        registry.register("keygate_connections_open", "Client connections open now", metrics.open_connections.clone());
         registry.register(
             "keygate_requests_refused",
             "Requests keygate answered itself without forwarding, by reason",

@@ -58,7 +58,8 @@ impl Upstream {
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
         if let Some(path) = &config.ca_file {
             let display = path.display().to_string();
-            let pem = std::fs::read(path).map_err(|source| UpstreamSetupError::CaFile { path: display.clone(), source })?;
+            let pem =
+                std::fs::read(path).map_err(|source| UpstreamSetupError::CaFile { path: display.clone(), source })?;
             let certs = rustls_pki_types::CertificateDer::pem_slice_iter(&pem)
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| UpstreamSetupError::CaCert { path: display.clone(), detail: e.to_string() })?;
@@ -66,14 +67,17 @@ impl Upstream {
                 return Err(UpstreamSetupError::CaCert { path: display, detail: "no CERTIFICATE block".into() });
             }
             for cert in certs {
-                roots.add(cert).map_err(|e| UpstreamSetupError::CaCert { path: display.clone(), detail: e.to_string() })?;
+                roots
+                    .add(cert)
+                    .map_err(|e| UpstreamSetupError::CaCert { path: display.clone(), detail: e.to_string() })?;
             }
         }
-        let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .map_err(|e| UpstreamSetupError::CaCert { path: "-".into(), detail: e.to_string() })?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let tls =
+            rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .map_err(|e| UpstreamSetupError::CaCert { path: "-".into(), detail: e.to_string() })?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_connect_timeout(Some(config.connect_timeout));
@@ -98,7 +102,12 @@ impl Upstream {
         };
         Ok(Upstream {
             client,
-            bases: [base(StripeHost::Api)?, base(StripeHost::Files)?, base(StripeHost::Connect)?, base(StripeHost::MeterEvents)?],
+            bases: [
+                base(StripeHost::Api)?,
+                base(StripeHost::Files)?,
+                base(StripeHost::Connect)?,
+                base(StripeHost::MeterEvents)?,
+            ],
             timeout: config.timeout,
             max_response_bytes,
         })

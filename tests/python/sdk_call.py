@@ -32,7 +32,7 @@ def main() -> None:
                     "ok": False,
                     "class": type(error).__name__,
                     "status": error.http_status,
-                    "code": error.code,
+                    "code": error.code or ((error.json_body or {}).get("error") or {}).get("code"),
                     "message": error.user_message or str(error),
                 }
             )

@@ -63,7 +63,7 @@ def main() -> None:
         out["error"] = {
             "class": type(error).__name__,
             "status": error.http_status,
-            "code": error.code,
+            "code": error.code or ((error.json_body or {}).get("error") or {}).get("code"),
             "message": error.user_message or str(error),
         }
     print(json.dumps(out))

@@ -76,7 +76,9 @@ impl FakeStripe {
                             let behavior = behavior.clone();
                             async move { Ok::<_, Infallible>(answer(request, &received, &behavior).await) }
                         });
-                        let _ = auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), service).await;
+                        let _ = auto::Builder::new(TokioExecutor::new())
+                            .serve_connection(TokioIo::new(stream), service)
+                            .await;
                     });
                 }
             }
@@ -108,7 +110,11 @@ impl Drop for FakeStripe {
     }
 }
 
-async fn answer(request: Request<Incoming>, received: &Mutex<Vec<Received>>, behavior: &Mutex<Behavior>) -> Response<Full<Bytes>> {
+async fn answer(
+    request: Request<Incoming>,
+    received: &Mutex<Vec<Received>>,
+    behavior: &Mutex<Behavior>,
+) -> Response<Full<Bytes>> {
     let (parts, body) = request.into_parts();
     let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
     let record = Received {
@@ -136,10 +142,9 @@ async fn answer(request: Request<Incoming>, received: &Mutex<Vec<Received>>, beh
             tokio::time::sleep(delay).await;
             json(200, r#"{"id":"cus_fake123","object":"customer","email":"jenny@example.com"}"#)
         }
-        Behavior::OnlyKey(key) if authorization != format!("Bearer {key}") => json(
-            401,
-            r#"{"error":{"type":"invalid_request_error","message":"Invalid API Key provided"}}"#,
-        ),
+        Behavior::OnlyKey(key) if authorization != format!("Bearer {key}") => {
+            json(401, r#"{"error":{"type":"invalid_request_error","message":"Invalid API Key provided"}}"#)
+        }
         _ => json(200, r#"{"id":"cus_fake123","object":"customer","email":"jenny@example.com"}"#),
     }
 }

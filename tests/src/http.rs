@@ -78,8 +78,16 @@ pub fn get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
 }
 
 /// A request through keygate with the token as Bearer, `Connection: close`.
-pub fn request(addr: SocketAddr, method: &str, path: &str, token: &str, extra_headers: &[(&str, &str)], body: &str) -> std::io::Result<RawResponse> {
-    let mut text = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAuthorization: Bearer {token}\r\n");
+pub fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: &str,
+    extra_headers: &[(&str, &str)],
+    body: &str,
+) -> std::io::Result<RawResponse> {
+    let mut text =
+        format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAuthorization: Bearer {token}\r\n");
     for (name, value) in extra_headers {
         text.push_str(&format!("{name}: {value}\r\n"));
     }

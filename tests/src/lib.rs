@@ -9,6 +9,8 @@ pub mod fake_stripe;
 pub mod http;
 pub mod keygate;
 pub mod localstripe;
+pub mod moto;
+pub mod openbao;
 pub mod pki;
 pub mod proxy_setup;
 
@@ -83,9 +85,7 @@ pub struct ChildGuard {
 impl ChildGuard {
     /// Spawns `command`, naming it `name` in messages.
     pub fn spawn(name: &str, command: &mut Command) -> ChildGuard {
-        let child = command
-            .spawn()
-            .unwrap_or_else(|e| panic!("could not start {name}: {e}"));
+        let child = command.spawn().unwrap_or_else(|e| panic!("could not start {name}: {e}"));
         ChildGuard { name: name.to_owned(), child: Some(child) }
     }
 

@@ -18,7 +18,9 @@ impl Localstripe {
     pub fn start() -> Localstripe {
         let port = free_port();
         let mut command = Command::new(tool("localstripe"));
-        command.arg("--port").arg(port.to_string()).stdout(Stdio::null()).stderr(Stdio::null());
+        // --from-scratch: localstripe otherwise reloads state from a pickle it shares with every
+        // other instance on the machine (/tmp/localstripe.pickle); each test wants its own.
+        command.arg("--port").arg(port.to_string()).arg("--from-scratch").stdout(Stdio::null()).stderr(Stdio::null());
         let mut child = ChildGuard::spawn("localstripe", &mut command);
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         wait_for_tcp(addr, Duration::from_secs(30), "localstripe");

@@ -12,7 +12,7 @@
 
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -52,9 +52,8 @@ impl Moto {
     /// Starts moto_server and waits until it accepts connections.
     pub fn start() -> Moto {
         let dir = tempfile::tempdir().expect("temp dir for moto");
-        let credentials = format!(
-            "[default]\naws_access_key_id = {ACCESS_KEY_ID}\naws_secret_access_key = {SECRET_ACCESS_KEY}\n"
-        );
+        let credentials =
+            format!("[default]\naws_access_key_id = {ACCESS_KEY_ID}\naws_secret_access_key = {SECRET_ACCESS_KEY}\n");
         std::fs::write(dir.path().join("credentials"), credentials).expect("write the test credentials file");
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let mut moto = Moto { child: None, addr, dir };
@@ -146,12 +145,7 @@ impl Moto {
             .stderr(Stdio::piped())
             .spawn()
             .expect("run the venv's python with boto3");
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(request.to_string().as_bytes())
-            .expect("write to python's stdin");
+        child.stdin.take().expect("stdin").write_all(request.to_string().as_bytes()).expect("write to python's stdin");
         let output = child.wait_with_output().expect("wait for python");
         assert!(
             output.status.success(),
@@ -163,7 +157,8 @@ impl Moto {
 
     /// Creates a Secrets Manager secret holding `value` as its string; returns its version id.
     pub fn create_secret(&self, name: &str, value: &str) -> String {
-        let out = self.call("secretsmanager", "create_secret", serde_json::json!({"Name": name, "SecretString": value}));
+        let out =
+            self.call("secretsmanager", "create_secret", serde_json::json!({"Name": name, "SecretString": value}));
         version_id(&out)
     }
 
@@ -182,7 +177,11 @@ impl Moto {
     /// Writes a new version of `name`; it becomes `AWSCURRENT` and the old one `AWSPREVIOUS`.
     /// Returns the new version id.
     pub fn put_secret_value(&self, name: &str, value: &str) -> String {
-        let out = self.call("secretsmanager", "put_secret_value", serde_json::json!({"SecretId": name, "SecretString": value}));
+        let out = self.call(
+            "secretsmanager",
+            "put_secret_value",
+            serde_json::json!({"SecretId": name, "SecretString": value}),
+        );
         version_id(&out)
     }
 
@@ -200,9 +199,4 @@ impl Moto {
 
 fn version_id(response: &serde_json::Value) -> String {
     response["VersionId"].as_str().expect("the response has a VersionId").to_owned()
-}
-
-/// Path helper for tests that want to keep the credentials file next to other config.
-pub fn path_text(path: &Path) -> String {
-    path.to_string_lossy().into_owned()
 }

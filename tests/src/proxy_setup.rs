@@ -54,7 +54,7 @@ impl SetupOptions {
     }
 }
 
-const ALLOW_ALL: &str = "  - id: allow-everything\n    effect: allow\n    operation: \"* /**\"\n    unknown_operations: true\n";
+const ALLOW_ALL: &str = "  - id: allow-everything\n    effect: allow\n    operation: \"* /**\"\n    unknown_operations: true\n    stripe_account: any\n    stripe_context: any\n";
 
 impl ProxySetup {
     /// Writes a configuration and a policy folder with one service `checkout`, then starts keygate.

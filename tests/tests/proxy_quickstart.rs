@@ -38,7 +38,8 @@ async fn quickstart_prints_a_token_that_works_and_keeps_it_across_restarts() {
     let fake = FakeStripe::start(Behavior::Ok).await;
     let dir = tempfile::tempdir().unwrap();
     let env = quickstart_env(Some(CANARY_KEY), &fake.url());
-    let keygate = Keygate::start(dir.path(), KeygateOptions { config: None, env: env.clone(), args: vec![], wait_ready: true });
+    let keygate =
+        Keygate::start(dir.path(), KeygateOptions { config: None, env: env.clone(), args: vec![], wait_ready: true });
 
     let token_file = dir.path().join("keygate-data/service-token");
     let token = std::fs::read_to_string(&token_file).expect("token file").trim().to_owned();
@@ -89,7 +90,8 @@ fn quickstart_without_a_key_says_what_to_set() {
 fn quickstart_refuses_a_live_key_unless_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
     for live in ["sk_live_CANARYlive000000", "rk_live_CANARYlive000000"] {
-        let (code, stderr) = run_serve_expecting_failure(dir.path(), &quickstart_env(Some(live), "http://127.0.0.1:9"), &[]);
+        let (code, stderr) =
+            run_serve_expecting_failure(dir.path(), &quickstart_env(Some(live), "http://127.0.0.1:9"), &[]);
         assert_eq!(code, 2, "{stderr}");
         assert!(stderr.contains("live-mode key"), "{stderr}");
         assert!(stderr.contains("--allow-live-key"), "{stderr}");
@@ -122,7 +124,8 @@ fn token_new_prints_a_token_and_its_policy_hash() {
 fn config_check_lists_every_problem_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("keygate.yaml");
-    std::fs::write(&path, "listen:\n  adress: 0.0.0.0:1\nupstreams:\n  api: ftp://nope\nlimits:\n  max_headers: 0\n").unwrap();
+    std::fs::write(&path, "listen:\n  adress: 0.0.0.0:1\nupstreams:\n  api: ftp://nope\nlimits:\n  max_headers: 0\n")
+        .unwrap();
     let output = Command::new(keygate_bin())
         .arg("config")
         .arg("check")

@@ -29,7 +29,9 @@ fn python_sdk_runs_a_payment_flow_through_keygate() {
     let localstripe = Localstripe::start();
     let setup = ProxySetup::start(SetupOptions::new(&localstripe.url()));
 
-    let out = run_json(Command::new(tool("python")).arg(script("python/sdk_flow.py")).arg(setup.keygate.url()).arg(&setup.token));
+    let out = run_json(
+        Command::new(tool("python")).arg(script("python/sdk_flow.py")).arg(setup.keygate.url()).arg(&setup.token),
+    );
     assert!(out.get("error").is_none(), "SDK error: {out}");
     assert!(out["customer_id"].as_str().unwrap().starts_with("cus_"), "{out}");
     assert_eq!(out["customer_email"], "jenny@example.com");

@@ -69,7 +69,9 @@ async fn tls_listener_serves_tokens_and_negotiates_h2_by_alpn() {
     let setup = ProxySetup::start(options);
     let bearer = format!("Bearer {}", setup.token);
     let (response, alpn) =
-        tls_request(setup.keygate.proxy, client_config(&ca.cert_pem, None, &[b"http/1.1"]), Some(&bearer)).await.unwrap();
+        tls_request(setup.keygate.proxy, client_config(&ca.cert_pem, None, &[b"http/1.1"]), Some(&bearer))
+            .await
+            .unwrap();
     assert_eq!(response.status, 200, "{response:?}");
     assert_eq!(alpn.as_deref(), Some(&b"http/1.1"[..]));
     // A client that prefers HTTP/2 gets it.
@@ -108,7 +110,9 @@ async fn mtls_requires_a_certificate_from_the_configured_ca_and_maps_its_identit
 
     // A good certificate is the service's identity: the SDK's placeholder key is ignored.
     let (response, _) =
-        tls_request(addr, client_config(&ca.cert_pem, Some(&good), &[b"http/1.1"]), Some("Bearer sk_test_placeholder")).await.unwrap();
+        tls_request(addr, client_config(&ca.cert_pem, Some(&good), &[b"http/1.1"]), Some("Bearer sk_test_placeholder"))
+            .await
+            .unwrap();
     assert_eq!(response.status, 200, "{response:?}");
     let upstream = fake.received();
     assert_eq!(upstream.len(), 1);
@@ -116,14 +120,16 @@ async fn mtls_requires_a_certificate_from_the_configured_ca_and_maps_its_identit
 
     // The right token with the right certificate is fine; a keygate token of nobody is not.
     let bearer = format!("Bearer {}", setup.token);
-    let (with_token, _) = tls_request(addr, client_config(&ca.cert_pem, Some(&good), &[]), Some(&bearer)).await.unwrap();
+    let (with_token, _) =
+        tls_request(addr, client_config(&ca.cert_pem, Some(&good), &[]), Some(&bearer)).await.unwrap();
     assert_eq!(with_token.status, 200);
     let (bad_token, _) =
         tls_request(addr, client_config(&ca.cert_pem, Some(&good), &[]), Some("Bearer sk_kg_forged")).await.unwrap();
     assert_eq!(bad_token.status, 401);
 
     // A certificate from the CA whose identity maps to no service, and no token: 401.
-    let (unmapped_response, _) = tls_request(addr, client_config(&ca.cert_pem, Some(&unmapped), &[]), None).await.unwrap();
+    let (unmapped_response, _) =
+        tls_request(addr, client_config(&ca.cert_pem, Some(&unmapped), &[]), None).await.unwrap();
     assert_eq!(unmapped_response.status, 401);
     assert_eq!(unmapped_response.json()["error"]["code"], "keygate_missing_credentials");
 

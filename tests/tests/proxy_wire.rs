@@ -149,7 +149,9 @@ fn assert_keygate_error(response: &keygate_tests::http::RawResponse, status: u16
 async fn bad_input_gets_the_documented_status_and_keygate_keeps_serving() {
     let fake = FakeStripe::start(Behavior::Ok).await;
     let mut options = SetupOptions::new(&fake.url());
-    options.extra_config = "limits:\n  max_header_bytes: 4096\n  max_headers: 40\n  max_body_bytes: 1000\n  max_file_body_bytes: 5000\n".into();
+    options.extra_config =
+        "limits:\n  max_header_bytes: 4096\n  max_headers: 40\n  max_body_bytes: 1000\n  max_file_body_bytes: 5000\n"
+            .into();
     let setup = ProxySetup::start(options);
     let addr = setup.keygate.proxy;
     let token = setup.token.clone();
@@ -194,13 +196,17 @@ async fn bad_input_gets_the_documented_status_and_keygate_keeps_serving() {
         assert_keygate_error(&raw(addr, chunked.as_bytes()).unwrap(), 413, "keygate_body_too_large");
         still_serving();
 
-        // Both Content-Length and Transfer-Encoding: a request-smuggling shape, refused.
+        // Both Content-Length and Transfer-Encoding: the request-smuggling shape. The body is read
+        // by Transfer-Encoding alone (RFC 9112 §6.1), and the connection is closed after the
+        // response, so the bytes hidden behind the chunked body are never read as a request.
+        let hidden = format!("GET /v1/smuggled HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\r\n");
         let smuggle = format!(
-            "POST /v1/customers HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\
-             Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+            "POST /v1/customers HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\
+             Content-Length: {}\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{hidden}",
+            5 + hidden.len()
         );
         let smuggled = raw(addr, smuggle.as_bytes()).unwrap();
-        assert_eq!(smuggled.status, 400, "{smuggled:?}");
+        assert_eq!(smuggled.header("connection"), Some("close"), "{smuggled:?}");
         still_serving();
 
         // CR or LF inside a header value is not HTTP: refused before any phase runs.
@@ -212,9 +218,19 @@ async fn bad_input_gets_the_documented_status_and_keygate_keeps_serving() {
         still_serving();
     })
     .await;
-    // None of the refused requests reached Stripe.
+    // None of the refused requests reached Stripe, nor the smuggled one; the smuggling carrier
+    // arrived with the (empty) body its chunked framing gave.
     let received = fake.received();
-    assert!(received.iter().all(|r| r.path_and_query == "/v1/customers" && r.method == "GET" || r.path_and_query == "/v1/files"), "{received:?}");
+    let forwarded: Vec<(String, String)> =
+        received.iter().map(|r| (r.method.clone(), r.path_and_query.clone())).collect();
+    assert!(!forwarded.iter().any(|(_, path)| path.contains("smuggled")), "{forwarded:?}");
+    let posts: Vec<_> = received.iter().filter(|r| r.method == "POST").collect();
+    assert_eq!(posts.len(), 2, "only the upload and the smuggling carrier are POSTs that pass: {forwarded:?}");
+    assert!(posts.iter().any(|r| r.path_and_query == "/v1/customers" && r.body.is_empty()), "{forwarded:?}");
+    assert!(
+        received.iter().all(|r| r.method == "GET" && r.path_and_query == "/v1/customers" || r.method == "POST"),
+        "{forwarded:?}"
+    );
     setup.assert_no_secret_leaked();
 }
 
