@@ -36,6 +36,44 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Policy files: validate, explain a decision, run test cases.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Validate and lint a policy folder; non-zero exit on errors.
+    Check {
+        /// The policy folder.
+        dir: PathBuf,
+    },
+    /// Show the decision, and the rule, for a described request.
+    Explain {
+        /// The policy folder.
+        #[arg(long)]
+        policies: PathBuf,
+        /// The service whose policy decides.
+        #[arg(long)]
+        service: String,
+        /// `Stripe-Account`, `Stripe-Context`, `Idempotency-Key` or `Content-Type` header, as NAME=VALUE.
+        #[arg(long = "header", value_name = "NAME=VALUE")]
+        headers: Vec<String>,
+        /// Decide as if the service's key were a live-mode key.
+        #[arg(long)]
+        live: bool,
+        /// The request, e.g. 'POST /v1/payment_intents'.
+        request: String,
+        /// Parameters in Stripe's bracket notation, e.g. amount=5000 currency=usd metadata[order]=42.
+        params: Vec<String>,
+    },
+    /// Run the test cases written next to the policies (`<service>.tests.yaml`).
+    Test {
+        /// The policy folder.
+        dir: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -86,6 +124,7 @@ fn main() -> ExitCode {
             println!("Put the hash in the service's policy file:\n  token_hashes:\n    - \"{}\"", minted.hash);
             ExitCode::SUCCESS
         }
+        Command::Policy { command } => policy_command(command),
         Command::Config { command: ConfigCommand::Check { file } } => {
             match keygate::config::load(Some(&file), &keygate::config::process_env()) {
                 Ok(config) => {
@@ -97,6 +136,60 @@ fn main() -> ExitCode {
                         return ExitCode::from(2);
                     }
                     println!("{}: configuration OK", file.display());
+                    ExitCode::SUCCESS
+                }
+                Err(error) => {
+                    eprintln!("keygate: {error}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+    }
+}
+
+fn split_pairs(items: &[String], what: &str) -> Result<Vec<(String, String)>, String> {
+    items
+        .iter()
+        .map(|item| {
+            item.split_once('=')
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .ok_or_else(|| format!("{what} `{item}` is not NAME=VALUE"))
+        })
+        .collect()
+}
+
+#[allow(clippy::print_stdout)]
+fn policy_command(command: PolicyCommand) -> ExitCode {
+    match command {
+        PolicyCommand::Check { dir } => {
+            let report = keygate_policies::check(&dir);
+            println!("{report}");
+            if report.has_errors() { ExitCode::from(1) } else { ExitCode::SUCCESS }
+        }
+        PolicyCommand::Test { dir } => {
+            let report = keygate_policies::run_tests(&dir);
+            println!("{report}");
+            if report.failed() { ExitCode::from(1) } else { ExitCode::SUCCESS }
+        }
+        PolicyCommand::Explain { policies, service, headers, live, request, params } => {
+            let set = match keygate::run::load_policies(&policies) {
+                Ok(set) => set,
+                Err(error) => {
+                    eprintln!("keygate: {error}");
+                    return ExitCode::from(2);
+                }
+            };
+            let pairs = split_pairs(&params, "parameter").and_then(|p| Ok((p, split_pairs(&headers, "header")?)));
+            let (params, headers) = match pairs {
+                Ok(pairs) => pairs,
+                Err(error) => {
+                    eprintln!("keygate: {error}");
+                    return ExitCode::from(2);
+                }
+            };
+            match keygate_policies::explain(&set, &service, &request, &params, &headers, live) {
+                Ok(explanation) => {
+                    println!("{explanation}");
                     ExitCode::SUCCESS
                 }
                 Err(error) => {
