@@ -118,18 +118,32 @@ impl OpenBao {
 
     /// Runs the `bao` CLI as root with `stdin`; returns stdout, panics with stderr on failure.
     pub fn bao_with_stdin(&self, args: &[&str], stdin: &str) -> String {
+        self.run(args, stdin, false)
+    }
+
+    fn run(&self, args: &[&str], stdin: &str, json: bool) -> String {
+        self.try_run(args, stdin, json).unwrap_or_else(|stderr| panic!("`bao {}` failed: {stderr}", args.join(" ")))
+    }
+
+    /// Runs the `bao` CLI as root; stdout on success, stderr on failure.
+    pub fn try_bao(&self, args: &[&str]) -> Result<String, String> {
+        self.try_run(args, "", false)
+    }
+
+    fn try_run(&self, args: &[&str], stdin: &str, json: bool) -> Result<String, String> {
         let mut command = self.command(args);
+        if json {
+            command.env("BAO_FORMAT", "json");
+        }
         command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = command.spawn().expect("run the bao CLI");
         child.stdin.take().expect("stdin").write_all(stdin.as_bytes()).expect("write to bao's stdin");
         let output = child.wait_with_output().expect("wait for the bao CLI");
-        assert!(
-            output.status.success(),
-            "`bao {}` failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8(output.stdout).expect("bao prints UTF-8")
+        if output.status.success() {
+            Ok(String::from_utf8(output.stdout).expect("bao prints UTF-8"))
+        } else {
+            Err(String::from_utf8_lossy(&output.stderr).into_owned())
+        }
     }
 
     /// Runs the `bao` CLI as root; returns stdout, panics with stderr on failure.
@@ -137,11 +151,14 @@ impl OpenBao {
         self.bao_with_stdin(args, "")
     }
 
-    /// Runs the `bao` CLI as root and parses its `-format=json` output.
+    /// Runs the `bao` CLI as root with JSON output and parses it.
     pub fn bao_json(&self, args: &[&str]) -> serde_json::Value {
-        let mut with_format = vec![args[0], "-format=json"];
-        with_format.extend_from_slice(&args[1..]);
-        let text = self.bao(&with_format);
+        self.bao_json_with_stdin(args, "")
+    }
+
+    /// Runs the `bao` CLI as root with `stdin` and JSON output, and parses it.
+    pub fn bao_json_with_stdin(&self, args: &[&str], stdin: &str) -> serde_json::Value {
+        let text = self.run(args, stdin, true);
         serde_json::from_str(&text).unwrap_or_else(|e| panic!("`bao {}` printed no JSON ({e})", args.join(" ")))
     }
 
@@ -149,8 +166,7 @@ impl OpenBao {
     /// on stdin); returns the new version number.
     pub fn kv_put(&self, mount: &str, path: &str, data: &serde_json::Value) -> u64 {
         let mount_arg = format!("-mount={mount}");
-        let out = self.bao_with_stdin(&["kv", "put", "-format=json", &mount_arg, path, "-"], &data.to_string());
-        let parsed: serde_json::Value = serde_json::from_str(&out).expect("kv put prints JSON");
+        let parsed = self.bao_json_with_stdin(&["kv", "put", &mount_arg, path, "-"], &data.to_string());
         parsed["data"]["version"].as_u64().expect("kv put reports the new version")
     }
 
@@ -185,10 +201,9 @@ impl OpenBao {
         out["auth"]["client_token"].as_str().expect("token create returns a token").to_owned()
     }
 
-    /// Looks a token up (as root): its remaining `ttl` in seconds and its `expire_time`.
+    /// Looks a token up (as root): its remaining TTL in seconds.
     pub fn token_ttl(&self, token: &str) -> u64 {
-        let out = self.bao_with_stdin(&["write", "-format=json", "auth/token/lookup", "token=-"], token);
-        let parsed: serde_json::Value = serde_json::from_str(&out).expect("token lookup prints JSON");
+        let parsed = self.bao_json_with_stdin(&["write", "auth/token/lookup", "token=-"], token);
         parsed["data"]["ttl"].as_u64().expect("token lookup reports a ttl")
     }
 
