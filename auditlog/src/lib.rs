@@ -1,2 +1,35 @@
-//! keygate audit log: records, redaction, envelope encryption, write-ahead log, Parquet lake,
-//! tamper evidence, verification and SQL query.
+//! keygate's audit log: every request-response pair that crosses keygate becomes one row of an
+//! append-only, encrypted Parquet lake, and no response reaches a client before its row is
+//! durable.
+//!
+//! Pipeline: [`Exchange`] → [`redact`] (one list of what is never recorded) → zstd → AES-256-GCM
+//! under a per-segment data key wrapped by a [`KeyEncryptionKey`] → write-ahead log ([`wal`]:
+//! CRC-framed segments, group commit, recovery) → lake shipper (one Parquet file per segment via
+//! `object_store`, create-only, Hive layout) → signed [`manifest`] per file. [`verify`] checks the
+//! hash chain, the files and the manifests; [`query`] runs SQL over the lake.
+//!
+//! Invariants held across modules: nothing unredacted touches disk; nothing is acknowledged
+//! before it is durable; a WAL segment is deleted only after its file and manifest are committed;
+//! lake objects are never overwritten.
+
+pub mod config;
+pub mod crypto;
+pub mod error;
+pub mod exchange;
+pub mod lake;
+mod log;
+pub mod manifest;
+pub mod metrics;
+pub mod parquet_io;
+pub mod payload;
+pub mod redact;
+pub mod row;
+pub mod shipper;
+pub mod verify;
+pub mod wal;
+
+pub use config::{AuditConfig, Durability, RollConfig, S3Config};
+pub use crypto::{KekRing, KeyEncryptionKey, LocalKek, SigningKey, VerifyingKey};
+pub use error::AuditError;
+pub use exchange::{Exchange, HttpMessage, IntentId, Outcome};
+pub use log::AuditLog;

@@ -1,0 +1,186 @@
+//! The `audit:` section of keygate's configuration.
+//!
+//! Every key has a default suited to production except the two secret references (`kek`,
+//! `signing_key`), which must be given when the audit log is enabled. Unknown keys are rejected so
+//! that a typo never silently falls back to a default.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::error::AuditError;
+
+/// When `record` returns relative to the fsync of its WAL frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// `record` returns after the record is fsynced (group commit). The default.
+    #[default]
+    Sync,
+    /// `record` returns at once; the WAL is fsynced within `async_flush_interval`. A crash may lose
+    /// the records of that last interval. Intents are always synchronous.
+    Async,
+}
+
+/// How WAL segments (and so lake files: one per segment) roll.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RollConfig {
+    /// Roll when the segment holds this many bytes. Default 64 MiB (lake files of that order).
+    pub max_bytes: u64,
+    /// Roll when the segment's first row is this old. Default 5 minutes (lake freshness).
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+}
+
+impl Default for RollConfig {
+    fn default() -> Self {
+        RollConfig { max_bytes: 64 * 1024 * 1024, max_age: Duration::from_secs(300) }
+    }
+}
+
+/// S3 (or S3-compatible) settings for an `s3://bucket/prefix` lake. Credentials come from the
+/// usual AWS environment (variables, web identity, ECS or instance metadata) unless given here.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct S3Config {
+    /// Endpoint override for S3-compatible stores (MinIO, moto, Ceph). Default: AWS.
+    pub endpoint: Option<String>,
+    /// Region. Default: from the environment, else `us-east-1`.
+    pub region: Option<String>,
+    /// Allow `http://` endpoints (tests, in-cluster stores). Default false.
+    pub allow_http: bool,
+    /// Use virtual-hosted-style requests (`bucket.endpoint`). Default false (path style).
+    pub virtual_hosted_style: bool,
+    /// Access key id, for stores without IAM. Default: from the environment.
+    pub access_key_id: Option<String>,
+    /// Secret access key, for stores without IAM. Default: from the environment. Prefer the
+    /// environment or an IAM role in production.
+    pub secret_access_key: Option<String>,
+}
+
+/// The `audit:` configuration section.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// Whether keygate audits at all. Default true.
+    pub enabled: bool,
+    /// The lake: `file:///abs/path`, a plain path, or `s3://bucket/prefix`. Default
+    /// `keygate-data/lake` (relative to the working directory).
+    pub lake: String,
+    /// S3 settings, used when `lake` is `s3://`.
+    pub s3: S3Config,
+    /// Local folder of the write-ahead log. Default `keygate-data/wal`. One keygate process per
+    /// folder (a lock file enforces it).
+    pub wal_dir: PathBuf,
+    /// `sync` (default) or `async`.
+    pub durability: Durability,
+    /// Upper bound on how long an `async` record waits for its fsync. Default 50ms.
+    #[serde(with = "humantime_serde")]
+    pub async_flush_interval: Duration,
+    /// Segment / lake file rolling.
+    pub roll: RollConfig,
+    /// Most bytes the WAL may hold while the lake is behind; past it keygate fails closed.
+    /// Default 2 GiB.
+    pub wal_quota_bytes: u64,
+    /// Key-encryption key: a secret reference to a 256-bit key (64 hex chars or base64), or
+    /// `vault-transit://<mount>/keys/<name>`. Required when enabled.
+    pub kek: String,
+    /// Ed25519 signing key for manifests: a secret reference whose value is a PKCS#8 PEM private
+    /// key or a 32-byte seed as 64 hex chars. Required when enabled.
+    pub signing_key: String,
+    /// This instance's writer id (its own hash chain). Default: hostname plus a random suffix,
+    /// generated once and kept in the WAL folder.
+    pub writer_id: Option<String>,
+    /// Lake files larger than this are uploaded in parts. Default 32 MiB.
+    pub multipart_threshold_bytes: u64,
+    /// First delay between retries when the lake is unreachable. Default 500ms.
+    #[serde(with = "humantime_serde")]
+    pub retry_initial_backoff: Duration,
+    /// Longest delay between retries. Default 30s.
+    #[serde(with = "humantime_serde")]
+    pub retry_max_backoff: Duration,
+    /// How long `shutdown` keeps trying to commit the WAL into the lake. Default 30s.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+    /// zstd level for payloads. Default 3.
+    pub zstd_level: i32,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            enabled: true,
+            lake: "keygate-data/lake".to_owned(),
+            s3: S3Config::default(),
+            wal_dir: PathBuf::from("keygate-data/wal"),
+            durability: Durability::Sync,
+            async_flush_interval: Duration::from_millis(50),
+            roll: RollConfig::default(),
+            wal_quota_bytes: 2 * 1024 * 1024 * 1024,
+            kek: String::new(),
+            signing_key: String::new(),
+            writer_id: None,
+            multipart_threshold_bytes: 32 * 1024 * 1024,
+            retry_initial_backoff: Duration::from_millis(500),
+            retry_max_backoff: Duration::from_secs(30),
+            shutdown_timeout: Duration::from_secs(30),
+            zstd_level: 3,
+        }
+    }
+}
+
+impl std::fmt::Debug for AuditConfig {
+    // S3 secret access key is the one literal secret the section may hold: never printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditConfig")
+            .field("enabled", &self.enabled)
+            .field("lake", &self.lake)
+            .field("wal_dir", &self.wal_dir)
+            .field("durability", &self.durability)
+            .field("roll", &self.roll)
+            .field("wal_quota_bytes", &self.wal_quota_bytes)
+            .field("kek", &self.kek)
+            .field("signing_key", &self.signing_key)
+            .field("writer_id", &self.writer_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AuditConfig {
+    /// Checks values that serde cannot.
+    pub fn validate(&self) -> Result<(), AuditError> {
+        if !self.enabled {
+            return Ok(());
+        }
+        if self.kek.trim().is_empty() {
+            return Err(AuditError::Config(
+                "audit.kek is required: a secret reference to a 256-bit key or vault-transit://<mount>/keys/<name>"
+                    .into(),
+            ));
+        }
+        if self.signing_key.trim().is_empty() {
+            return Err(AuditError::Config(
+                "audit.signing_key is required: a secret reference to an Ed25519 key (PKCS#8 PEM or 64 hex chars)"
+                    .into(),
+            ));
+        }
+        if self.roll.max_bytes < 4096 {
+            return Err(AuditError::Config("audit.roll.max_bytes must be at least 4096".into()));
+        }
+        if self.roll.max_age.is_zero() {
+            return Err(AuditError::Config("audit.roll.max_age must be positive".into()));
+        }
+        if self.wal_quota_bytes < self.roll.max_bytes {
+            return Err(AuditError::Config("audit.wal_quota_bytes must be at least audit.roll.max_bytes".into()));
+        }
+        if let Some(id) = &self.writer_id {
+            crate::lake::check_writer_id(id)?;
+        }
+        if !(1..=19).contains(&self.zstd_level) {
+            return Err(AuditError::Config("audit.zstd_level must be between 1 and 19".into()));
+        }
+        Ok(())
+    }
+}

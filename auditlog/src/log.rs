@@ -1,0 +1,251 @@
+//! [`AuditLog`]: the handle the proxy records through.
+//!
+//! Invariants: `record_intent` returns only after the intent is fsynced; `record` returns after
+//! its row is fsynced under `durability: sync`; every error that means "not durable" answers
+//! `is_unavailable()`; `open` recovers the WAL before accepting anything.
+
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::{AuditConfig, Durability};
+use crate::crypto::{KeyEncryptionKey, SigningKey};
+use crate::error::AuditError;
+use crate::exchange::{Exchange, IntentId};
+use crate::lake::{Lake, check_writer_id};
+use crate::metrics::Metrics;
+use crate::payload::prepare;
+use crate::shipper::{Backoff, Shipper, lake_head};
+use crate::wal::recovery::recover;
+use crate::wal::state::{DirLock, lock_dir, writer_id};
+use crate::wal::writer::{Command, Shared, StartPoint, Writer, WriterConfig};
+
+/// The audit log. Cheap to clone; `Send + Sync`.
+#[derive(Clone, Debug)]
+pub struct AuditLog {
+    inner: Option<Arc<Inner>>,
+}
+
+struct Inner {
+    tx: std::sync::mpsc::Sender<Command>,
+    shared: Arc<Shared>,
+    durability: Durability,
+    zstd_level: i32,
+    writer_id: String,
+    lake: Lake,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    shipper: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    shutdown_timeout: std::time::Duration,
+    _lock: DirLock,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditLog").field("writer_id", &self.writer_id).field("lake", &self.lake).finish_non_exhaustive()
+    }
+}
+
+impl AuditLog {
+    /// Opens the WAL (recovering it), starts the writer thread and the lake shipper. With
+    /// `enabled: false`, returns a log that records nothing.
+    pub async fn open(
+        config: &AuditConfig,
+        kek: Arc<dyn KeyEncryptionKey>,
+        signing_key: SigningKey,
+    ) -> Result<AuditLog, AuditError> {
+        if !config.enabled {
+            return Ok(AuditLog { inner: None });
+        }
+        config.validate()?;
+        let dir = config.wal_dir.clone();
+        let lock = lock_dir(&dir)?;
+        let (writer_id, configured) = writer_id(&dir, config.writer_id.as_deref())?;
+        check_writer_id(&writer_id)?;
+        let lake = Lake::open(&config.lake, &config.s3, config.multipart_threshold_bytes)?;
+        let recovery = recover(&dir, &writer_id, &kek, config.zstd_level).await?;
+        for (path, cut) in &recovery.truncated {
+            tracing::warn!(path = %path.display(), bytes = cut, "cut a torn WAL tail");
+        }
+        let next_segno = recovery.max_segno.map_or(1, |s| s + 1);
+        let start = match recovery.start.clone() {
+            Some(s) => s,
+            None if configured => match lake_head(&lake, &writer_id).await? {
+                Some(h) => StartPoint { next_segno, next_seq: h.last_seq + 1, head: h.chain_head_out },
+                None => StartPoint { next_segno, next_seq: 1, head: [0; 32] },
+            },
+            None => StartPoint { next_segno, next_seq: 1, head: [0; 32] },
+        };
+        let metrics = Metrics::default();
+        let shared = Arc::new(Shared {
+            dir: dir.clone(),
+            quota: config.wal_quota_bytes,
+            bytes_on_disk: Default::default(),
+            failure: Mutex::new(None),
+            metrics: metrics.clone(),
+        });
+        shared.add_bytes(recovery.bytes_on_disk);
+        metrics.unknown_outcomes.inc_by(recovery.unknown_rows.len() as u64);
+
+        let (ship_tx, ship_rx) = mpsc::unbounded_channel();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let writer = Writer::new(
+            WriterConfig {
+                writer_id: writer_id.clone(),
+                durability: config.durability,
+                async_flush_interval: config.async_flush_interval,
+                roll: config.roll.clone(),
+            },
+            kek,
+            tokio::runtime::Handle::current(),
+            shared.clone(),
+            ship_tx,
+            start,
+        );
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let unknown_rows = recovery.unknown_rows;
+        let thread = std::thread::Builder::new()
+            .name("keygate-audit-wal".into())
+            .spawn(move || {
+                let mut writer = writer;
+                let started = writer.start().and_then(|()| writer.append_recovered(unknown_rows));
+                let ok = started.is_ok();
+                let _ = ready_tx.send(started);
+                if ok {
+                    writer.run(rx);
+                }
+            })
+            .map_err(|e| AuditError::WalUnavailable {
+                dir: dir.clone(),
+                reason: format!("cannot start the WAL thread: {e}"),
+            })?;
+        ready_rx.await.map_err(|_| AuditError::Closed)??;
+
+        let shipper = Shipper {
+            lake: lake.clone(),
+            writer_id: writer_id.clone(),
+            shared: shared.clone(),
+            signing_key,
+            backoff: Backoff { initial: config.retry_initial_backoff, max: config.retry_max_backoff },
+            head: None,
+        };
+        let shipper = tokio::spawn(shipper.run(ship_rx, recovery.sealed));
+        tracing::info!(writer_id = %writer_id, lake = %lake.display, "audit log open");
+        Ok(AuditLog {
+            inner: Some(Arc::new(Inner {
+                tx,
+                shared,
+                durability: config.durability,
+                zstd_level: config.zstd_level,
+                writer_id,
+                lake,
+                thread: Mutex::new(Some(thread)),
+                shipper: Mutex::new(Some(shipper)),
+                shutdown_timeout: config.shutdown_timeout,
+                _lock: lock,
+            })),
+        })
+    }
+
+    /// This instance's writer id (`None` when disabled).
+    pub fn writer_id(&self) -> Option<&str> {
+        self.inner.as_ref().map(|i| i.writer_id.as_str())
+    }
+
+    /// The metrics, for callers that want to read them directly.
+    pub fn metrics(&self) -> Option<&Metrics> {
+        self.inner.as_ref().map(|i| &i.shared.metrics)
+    }
+
+    /// Registers the audit metrics.
+    pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        if let Some(i) = &self.inner {
+            i.shared.metrics.register(registry);
+        }
+    }
+
+    /// `Ok` when the WAL is writable and under its quota; the reason otherwise (for `/readyz`).
+    pub fn is_ready(&self) -> Result<(), String> {
+        let Some(i) = &self.inner else { return Ok(()) };
+        if let Some(reason) = i.shared.failure() {
+            return Err(format!("audit WAL not writable: {reason}"));
+        }
+        let used = i.shared.bytes_on_disk.load(std::sync::atomic::Ordering::SeqCst);
+        if used > i.shared.quota {
+            return Err(format!(
+                "audit WAL backlog {used} bytes is over wal_quota_bytes {}: the lake is not keeping up",
+                i.shared.quota
+            ));
+        }
+        Ok(())
+    }
+
+    fn send(&self, i: &Inner, cmd: Command) -> Result<(), AuditError> {
+        i.tx.send(cmd).map_err(|_| AuditError::Closed)
+    }
+
+    /// Records the intent of a mutation before it is forwarded; durable when this returns.
+    pub async fn record_intent(&self, intent: &Exchange) -> Result<IntentId, AuditError> {
+        let id = IntentId(intent.event_id);
+        let Some(i) = &self.inner else { return Ok(id) };
+        let prepared = prepare(intent, i.zstd_level)?;
+        let (ack, done) = oneshot::channel();
+        self.send(i, Command::Intent { prepared, ack })?;
+        done.await.map_err(|_| AuditError::Closed)??;
+        Ok(id)
+    }
+
+    /// Records an exchange (completing `intent` if given). Under `sync` returns after the row is
+    /// fsynced; under `async` returns once queued.
+    pub async fn record(&self, exchange: Exchange, intent: Option<IntentId>) -> Result<(), AuditError> {
+        let Some(i) = &self.inner else { return Ok(()) };
+        let prepared = prepare(&exchange, i.zstd_level)?;
+        let intent = intent.map(|IntentId(id)| id);
+        match i.durability {
+            Durability::Sync => {
+                let (ack, done) = oneshot::channel();
+                self.send(i, Command::Row { prepared, intent, ack: Some(ack) })?;
+                done.await.map_err(|_| AuditError::Closed)?
+            }
+            Durability::Async => {
+                self.is_ready().map_err(|reason| AuditError::WalUnavailable { dir: i.shared.dir.clone(), reason })?;
+                self.send(i, Command::Row { prepared, intent, ack: None })
+            }
+        }
+    }
+
+    /// Stops accepting records, commits everything the WAL holds into the lake (for at most
+    /// `shutdown_timeout`), and returns. What could not be committed stays in the WAL for the
+    /// next start.
+    pub async fn shutdown(self) -> Result<(), AuditError> {
+        let Some(i) = self.inner else { return Ok(()) };
+        let (ack, done) = oneshot::channel();
+        let writer_result = match i.tx.send(Command::Shutdown { ack }) {
+            Ok(()) => done.await.unwrap_or(Err(AuditError::Closed)),
+            Err(_) => Err(AuditError::Closed),
+        };
+        let thread = i.thread.lock().ok().and_then(|mut t| t.take());
+        if let Some(t) = thread {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+        let shipper = i.shipper.lock().ok().and_then(|mut s| s.take());
+        if let Some(handle) = shipper {
+            let abort = handle.abort_handle();
+            if tokio::time::timeout(i.shutdown_timeout, handle).await.is_err() {
+                abort.abort();
+                return Err(AuditError::Lake {
+                    op: "commit on shutdown",
+                    path: i.lake.display.clone(),
+                    source: object_store::Error::Generic {
+                        store: "lake",
+                        source: format!(
+                            "not everything was committed within {:?}; the rest stays in the WAL and is committed on the next start",
+                            i.shutdown_timeout
+                        )
+                        .into(),
+                    },
+                });
+            }
+        }
+        writer_result
+    }
+}

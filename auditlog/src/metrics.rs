@@ -1,0 +1,65 @@
+//! Prometheus metrics of the audit log, registered by the proxy on its admin listener.
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Every metric of the audit log. Cheap to clone (shared atomics).
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    pub records: Counter,
+    pub intents: Counter,
+    pub wal_bytes: Gauge,
+    pub wal_segments_backlog: Gauge,
+    pub wal_fsync_seconds: Histogram,
+    pub wal_batch_records: Histogram,
+    pub wal_failures: Counter,
+    pub quota_exceeded: Counter,
+    pub lake_commits: Counter,
+    pub lake_rows: Counter,
+    pub lake_failures: Counter,
+    pub unknown_outcomes: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            records: Counter::default(),
+            intents: Counter::default(),
+            wal_bytes: Gauge::default(),
+            wal_segments_backlog: Gauge::default(),
+            wal_fsync_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
+            wal_batch_records: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
+            wal_failures: Counter::default(),
+            quota_exceeded: Counter::default(),
+            lake_commits: Counter::default(),
+            lake_rows: Counter::default(),
+            lake_failures: Counter::default(),
+            unknown_outcomes: Counter::default(),
+        }
+    }
+}
+
+impl Metrics {
+    /// Registers everything under the `keygate_audit_` prefix.
+    pub fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("keygate_audit");
+        r.register("records", "Rows appended to the WAL", self.records.clone());
+        r.register("intents", "Intents appended to the WAL", self.intents.clone());
+        r.register("wal_bytes", "Bytes held by WAL segments on disk", self.wal_bytes.clone());
+        r.register(
+            "wal_segments_backlog",
+            "Sealed WAL segments waiting for the lake",
+            self.wal_segments_backlog.clone(),
+        );
+        r.register("wal_fsync_seconds", "Latency of WAL fsyncs", self.wal_fsync_seconds.clone());
+        r.register("wal_batch_records", "Records sharing one WAL fsync (group commit)", self.wal_batch_records.clone());
+        r.register("wal_failures", "WAL writes or fsyncs that failed (segment abandoned)", self.wal_failures.clone());
+        r.register("quota_exceeded", "Records refused because the WAL was over its quota", self.quota_exceeded.clone());
+        r.register("lake_commits", "Lake files committed with their manifest", self.lake_commits.clone());
+        r.register("lake_rows", "Rows committed to the lake", self.lake_rows.clone());
+        r.register("lake_failures", "Failed attempts to commit a lake file (retried)", self.lake_failures.clone());
+        r.register("unknown_outcomes", "Rows written with outcome=unknown on recovery", self.unknown_outcomes.clone());
+    }
+}

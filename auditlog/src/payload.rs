@@ -1,0 +1,39 @@
+//! The payload column: a redacted exchange serialised as JSON, compressed with zstd, then sealed
+//! under the file's data key (see [`crate::crypto`]); and the way back for authorised readers.
+
+use crate::crypto::{DataKey, KekRing, row_aad};
+use crate::error::AuditError;
+use crate::exchange::Exchange;
+use crate::parquet_io::FileMeta;
+use crate::row::{PayloadDoc, redact_exchange};
+use crate::wal::writer::Prepared;
+
+/// Redacts and compresses an exchange: everything but the sealing, which the WAL writer does
+/// under the segment's key.
+pub fn prepare(ex: &Exchange, zstd_level: i32) -> Result<Prepared, AuditError> {
+    let (columns, doc) = redact_exchange(ex);
+    let json = serde_json::to_vec(&doc).map_err(|e| AuditError::corrupt("payload", e.to_string()))?;
+    let compressed = zstd::bulk::compress(&json, zstd_level)
+        .map_err(|e| AuditError::corrupt("payload compression", e.to_string()))?;
+    Ok(Prepared { columns, compressed })
+}
+
+/// Decrypts a file's data key with the ring; callers cache it per file.
+pub async fn file_key(meta: &FileMeta, ring: &KekRing) -> Result<DataKey, AuditError> {
+    let kek = ring.get(&meta.kek_id)?;
+    let raw = kek.unwrap(&meta.wrapped_key).await?;
+    DataKey::from_raw(&raw)
+}
+
+/// Opens one row's payload.
+pub fn open_payload(
+    key: &DataKey,
+    meta: &FileMeta,
+    event_id: &uuid::Uuid,
+    sealed: &[u8],
+) -> Result<PayloadDoc, AuditError> {
+    let compressed = key.open(&row_aad(&meta.writer_id, meta.first_seq, event_id), sealed)?;
+    let json =
+        zstd::stream::decode_all(&compressed[..]).map_err(|e| AuditError::corrupt("payload", format!("zstd: {e}")))?;
+    serde_json::from_slice(&json).map_err(|e| AuditError::corrupt("payload", e.to_string()))
+}

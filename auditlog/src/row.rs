@@ -1,0 +1,205 @@
+//! One lake row: the plaintext columns, the sealed payload and the hash-chain link, and the
+//! canonical byte encoding that the chain hashes.
+//!
+//! Invariant: [`row_hash`] is computed by the writer from the same values the verifier reads back
+//! from Parquet, field by field in schema order, so that any change to any column of any row
+//! breaks the chain at that row.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::exchange::{Exchange, Outcome};
+use crate::redact::{self, Context, RedactedMessage};
+
+/// The plaintext columns of a row (already redacted), as kept in the WAL.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RowColumns {
+    pub event_id: uuid::Uuid,
+    pub received_at_us: i64,
+    pub completed_at_us: i64,
+    pub duration_us: u64,
+    pub upstream_us: Option<u64>,
+    pub service: Option<String>,
+    pub peer: String,
+    pub method: String,
+    pub path: String,
+    pub operation: Option<String>,
+    pub stripe_host: Option<String>,
+    pub stripe_account: Option<String>,
+    pub stripe_version: Option<String>,
+    pub livemode: Option<bool>,
+    pub idempotency_key: Option<String>,
+    pub request_id: Option<String>,
+    pub decision: String,
+    pub rule: Option<String>,
+    pub reason: Option<String>,
+    pub status: u16,
+    pub outcome: String,
+    pub amount: Option<i64>,
+    pub currency: Option<String>,
+    pub key_ref: Option<String>,
+    pub key_version: Option<String>,
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+}
+
+/// A row with its position in its writer's chain.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChainedRow {
+    pub writer_id: String,
+    pub seq: u64,
+    pub columns: RowColumns,
+    /// `[version][nonce][ciphertext]` of the zstd-compressed redacted payload document.
+    pub payload: Vec<u8>,
+    pub prev_hash: [u8; 32],
+    pub hash: [u8; 32],
+}
+
+/// The decrypted payload: request and response, redacted.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PayloadDoc {
+    pub request: RedactedMessage,
+    #[serde(default)]
+    pub response: Option<RedactedMessage>,
+}
+
+/// Microseconds since the Unix epoch (negative before it).
+pub fn micros(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_micros()).unwrap_or(i64::MAX),
+        Err(e) => -i64::try_from(e.duration().as_micros()).unwrap_or(i64::MAX),
+    }
+}
+
+/// Redacts an exchange into its plaintext columns and payload document.
+pub fn redact_exchange(ex: &Exchange) -> (RowColumns, PayloadDoc) {
+    let ctx = Context::for_path(&ex.path);
+    let request = redact::redact_message(&ex.request, ctx);
+    let response = ex.response.as_ref().map(|r| redact::redact_message(r, ctx));
+    let columns = RowColumns {
+        event_id: ex.event_id,
+        received_at_us: micros(ex.received_at),
+        completed_at_us: micros(ex.completed_at),
+        duration_us: ex.duration_us,
+        upstream_us: ex.upstream_us,
+        service: redact::redact_opt(&ex.service),
+        peer: redact::redact_text(&ex.peer),
+        method: redact::redact_text(&ex.method),
+        path: redact::redact_path(&ex.path, ctx),
+        operation: redact::redact_opt(&ex.operation),
+        stripe_host: redact::redact_opt(&ex.stripe_host),
+        stripe_account: redact::redact_opt(&ex.stripe_account),
+        stripe_version: redact::redact_opt(&ex.stripe_version),
+        livemode: ex.livemode,
+        idempotency_key: redact::redact_opt(&ex.idempotency_key),
+        request_id: redact::redact_opt(&ex.request_id),
+        decision: redact::redact_text(&ex.decision),
+        rule: redact::redact_opt(&ex.rule),
+        reason: redact::redact_opt(&ex.reason),
+        status: ex.status,
+        outcome: ex.outcome.as_str().to_owned(),
+        amount: ex.amount,
+        currency: redact::redact_opt(&ex.currency),
+        key_ref: redact::redact_opt(&ex.key_ref),
+        key_version: redact::redact_opt(&ex.key_version),
+        request_bytes: ex.request.body.len() as u64,
+        response_bytes: ex.response.as_ref().map_or(0, |r| r.body.len() as u64),
+    };
+    (columns, PayloadDoc { request, response })
+}
+
+/// Turns an intent's columns into the columns of its `outcome = unknown` row.
+pub fn unknown_outcome(mut columns: RowColumns, now: SystemTime) -> RowColumns {
+    columns.outcome = Outcome::Unknown.as_str().to_owned();
+    columns.completed_at_us = micros(now);
+    columns.status = 0;
+    columns.reason = Some("keygate stopped between forwarding the request and recording the response".into());
+    columns
+}
+
+struct Canon(Sha256);
+
+impl Canon {
+    fn str(&mut self, s: &str) {
+        self.0.update([1u8]);
+        self.0.update((s.len() as u64).to_be_bytes());
+        self.0.update(s.as_bytes());
+    }
+    fn opt_str(&mut self, s: &Option<String>) {
+        match s {
+            Some(s) => self.str(s),
+            None => self.0.update([0u8]),
+        }
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.update([1u8]);
+        self.0.update(v.to_be_bytes());
+    }
+    fn opt_u64(&mut self, v: Option<u64>) {
+        match v {
+            Some(v) => self.u64(v),
+            None => self.0.update([0u8]),
+        }
+    }
+    fn i64(&mut self, v: i64) {
+        self.0.update([1u8]);
+        self.0.update(v.to_be_bytes());
+    }
+    fn opt_i64(&mut self, v: Option<i64>) {
+        match v {
+            Some(v) => self.i64(v),
+            None => self.0.update([0u8]),
+        }
+    }
+    fn opt_bool(&mut self, v: Option<bool>) {
+        match v {
+            Some(v) => self.0.update([1u8, u8::from(v)]),
+            None => self.0.update([0u8]),
+        }
+    }
+    fn bytes(&mut self, b: &[u8]) {
+        self.0.update([1u8]);
+        self.0.update((b.len() as u64).to_be_bytes());
+        self.0.update(b);
+    }
+}
+
+/// SHA-256 of the previous hash and every column of the row, in schema order.
+pub fn row_hash(prev_hash: &[u8; 32], writer_id: &str, seq: u64, c: &RowColumns, payload: &[u8]) -> [u8; 32] {
+    let mut h = Canon(Sha256::new());
+    h.0.update(b"keygate-audit-chain-v1");
+    h.0.update(prev_hash);
+    h.str(&c.event_id.to_string());
+    h.str(writer_id);
+    h.u64(seq);
+    h.i64(c.received_at_us);
+    h.i64(c.completed_at_us);
+    h.u64(c.duration_us);
+    h.opt_u64(c.upstream_us);
+    h.opt_str(&c.service);
+    h.str(&c.peer);
+    h.str(&c.method);
+    h.str(&c.path);
+    h.opt_str(&c.operation);
+    h.opt_str(&c.stripe_host);
+    h.opt_str(&c.stripe_account);
+    h.opt_str(&c.stripe_version);
+    h.opt_bool(c.livemode);
+    h.opt_str(&c.idempotency_key);
+    h.opt_str(&c.request_id);
+    h.str(&c.decision);
+    h.opt_str(&c.rule);
+    h.opt_str(&c.reason);
+    h.u64(u64::from(c.status));
+    h.str(&c.outcome);
+    h.opt_i64(c.amount);
+    h.opt_str(&c.currency);
+    h.opt_str(&c.key_ref);
+    h.opt_str(&c.key_version);
+    h.u64(c.request_bytes);
+    h.u64(c.response_bytes);
+    h.bytes(payload);
+    h.0.finalize().into()
+}

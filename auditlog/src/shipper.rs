@@ -1,0 +1,274 @@
+//! The lake shipper: turns sealed WAL segments, in order, into lake files with signed manifests,
+//! then deletes the segments.
+//!
+//! Invariants:
+//! * A segment is deleted only after its Parquet file *and* that file's manifest are committed,
+//!   and after `chain-head.json` records where the chain continues.
+//! * Replay is idempotent: the lake's newest manifest for this writer says the last committed
+//!   `seq`; a segment at or below it is deleted without writing anything, and a file that already
+//!   exists (crash between file and manifest) is adopted when it holds the same rows.
+//! * Any failure is retried with exponential back-off while the WAL absorbs the backlog; nothing
+//!   is skipped.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use crate::crypto::SigningKey;
+use crate::error::AuditError;
+use crate::lake::{Lake, Put, data_path, manifest_path};
+use crate::manifest::{Manifest, ManifestBody, sha256_hex};
+use crate::parquet_io::{self, FileMeta};
+use crate::row::ChainedRow;
+use crate::wal::segment::read_segment;
+use crate::wal::state::{ChainHead, sync_dir, write_chain_head};
+use crate::wal::writer::{SealedSegment, Shared};
+
+/// What the lake holds for one writer: its newest manifest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LakeHead {
+    pub last_seq: u64,
+    pub chain_head_out: [u8; 32],
+    pub manifest_sha256: String,
+}
+
+/// Reads the newest manifest of `writer_id`, if any.
+pub async fn lake_head(lake: &Lake, writer_id: &str) -> Result<Option<LakeHead>, AuditError> {
+    let list = lake.list(&format!("manifests/{writer_id}/")).await?;
+    let Some(last) = list.iter().rfind(|m| m.location.as_ref().ends_with(".json")) else {
+        return Ok(None);
+    };
+    let bytes = lake
+        .get(&last.location)
+        .await?
+        .ok_or_else(|| AuditError::corrupt(last.location.to_string(), "listed but not readable"))?;
+    let m = Manifest::parse(&bytes)?;
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(&m.body.chain_head_out, &mut out)
+        .map_err(|_| AuditError::corrupt(last.location.to_string(), "bad chain_head_out"))?;
+    Ok(Some(LakeHead { last_seq: m.body.last_seq, chain_head_out: out, manifest_sha256: sha256_hex(&bytes) }))
+}
+
+/// Back-off settings.
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff {
+    pub initial: Duration,
+    pub max: Duration,
+}
+
+/// The shipper task's state.
+#[derive(Debug)]
+pub struct Shipper {
+    pub lake: Lake,
+    pub writer_id: String,
+    pub shared: Arc<Shared>,
+    pub signing_key: SigningKey,
+    pub backoff: Backoff,
+    pub head: Option<Option<LakeHead>>,
+}
+
+impl Shipper {
+    /// Runs until the channel closes and every received segment is shipped.
+    pub async fn run(mut self, mut rx: mpsc::UnboundedReceiver<SealedSegment>, initial: Vec<SealedSegment>) {
+        let mut queue: VecDeque<SealedSegment> = initial.into();
+        self.shared.metrics.wal_segments_backlog.set(queue.len() as i64);
+        let mut closed = false;
+        loop {
+            while let Ok(s) = rx.try_recv() {
+                queue.push_back(s);
+            }
+            self.shared.metrics.wal_segments_backlog.set(queue.len() as i64);
+            let Some(next) = queue.front().cloned() else {
+                if closed {
+                    return;
+                }
+                match rx.recv().await {
+                    Some(s) => {
+                        queue.push_back(s);
+                        continue;
+                    }
+                    None => {
+                        closed = true;
+                        continue;
+                    }
+                }
+            };
+            let mut delay = self.backoff.initial;
+            loop {
+                match self.ship(&next).await {
+                    Ok(()) => break,
+                    Err(e) => {
+                        self.shared.metrics.lake_failures.inc();
+                        tracing::warn!(error = %e, segment = %next.path.display(), retry_in = ?delay, "audit lake commit failed; the WAL keeps the rows");
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(self.backoff.max);
+                    }
+                }
+            }
+            queue.pop_front();
+        }
+    }
+
+    async fn current_head(&mut self) -> Result<Option<LakeHead>, AuditError> {
+        if let Some(h) = &self.head {
+            return Ok(h.clone());
+        }
+        let h = lake_head(&self.lake, &self.writer_id).await?;
+        self.head = Some(h.clone());
+        Ok(h)
+    }
+
+    /// Ships one segment (idempotent).
+    pub async fn ship(&mut self, seg: &SealedSegment) -> Result<(), AuditError> {
+        let Some(contents) = read_segment(&seg.path).or_else(|e| match &e {
+            AuditError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            _ => Err(e),
+        })?
+        else {
+            return self.remove_segment(seg, None).await;
+        };
+        let header = &contents.header;
+        let rows: Vec<_> = contents.rows.iter().filter(|r| r.seq < seg.upto_seq).collect();
+        let chain_after = match rows.last() {
+            Some(r) => (r.seq + 1, r.hash),
+            None => (header.first_seq, header.prev_hash),
+        };
+        let Some(first) = rows.first() else {
+            return self.remove_segment(seg, Some(chain_after)).await;
+        };
+        let last = rows[rows.len() - 1];
+        let head = self.current_head().await?;
+        let committed = head.as_ref().map_or(0, |h| h.last_seq);
+        if last.seq <= committed {
+            return self.remove_segment(seg, Some(chain_after)).await;
+        }
+        if first.seq <= committed {
+            return Err(AuditError::corrupt(
+                seg.path.display().to_string(),
+                format!(
+                    "rows {}..={} overlap the lake, which already holds up to seq {committed} for writer {}: two keygate instances share this writer id",
+                    first.seq, last.seq, self.writer_id
+                ),
+            ));
+        }
+        if first.seq != header.first_seq {
+            return Err(AuditError::corrupt(seg.path.display().to_string(), "first row does not start the segment"));
+        }
+        if head.is_some() && first.seq != committed + 1 {
+            tracing::error!(writer = %self.writer_id, expected = committed + 1, found = first.seq, "gap in the audit chain: WAL segments were lost");
+        }
+        let chained: Vec<ChainedRow> = rows
+            .iter()
+            .map(|r| ChainedRow {
+                writer_id: self.writer_id.clone(),
+                seq: r.seq,
+                columns: r.columns.clone(),
+                payload: r.payload.clone(),
+                prev_hash: r.prev_hash,
+                hash: r.hash,
+            })
+            .collect();
+        let meta = FileMeta {
+            writer_id: self.writer_id.clone(),
+            first_seq: first.seq,
+            last_seq: last.seq,
+            kek_id: header.kek_id.clone(),
+            wrapped_key: header.wrapped_key.clone(),
+            chain_head_in: first.prev_hash,
+        };
+        let encoded = parquet_io::encode(&chained, &meta)?;
+        let path = data_path(&self.writer_id, first.seq, first.logged_at_us)?;
+        let bytes = Bytes::from(encoded);
+        let file_bytes = match self.lake.put_create(&path, bytes.clone()).await? {
+            Put::Created => bytes,
+            Put::AlreadyExists => self.adopt_existing(&path, &chained).await?,
+        };
+        let body = ManifestBody {
+            version: 1,
+            writer_id: self.writer_id.clone(),
+            file: path.to_string(),
+            file_sha256: sha256_hex(&file_bytes),
+            file_bytes: file_bytes.len() as u64,
+            row_count: chained.len() as u64,
+            first_seq: first.seq,
+            last_seq: last.seq,
+            chain_head_in: hex::encode(first.prev_hash),
+            chain_head_out: hex::encode(last.hash),
+            prev_manifest_sha256: head.as_ref().map(|h| h.manifest_sha256.clone()),
+            received_at_min_us: chained.iter().map(|r| r.columns.received_at_us).min().unwrap_or(0),
+            received_at_max_us: chained.iter().map(|r| r.columns.received_at_us).max().unwrap_or(0),
+            kek_id: header.kek_id.clone(),
+            signing_key: self.signing_key.public_key_hex(),
+        };
+        let manifest = Manifest::sign(body, &self.signing_key)?;
+        let mpath = manifest_path(&self.writer_id, first.seq);
+        let mut mbytes = Bytes::from(manifest.to_bytes()?);
+        if self.lake.put_create(&mpath, mbytes.clone()).await? == Put::AlreadyExists {
+            let existing = self.lake.get(&mpath).await?.unwrap_or_default();
+            let parsed = Manifest::parse(&existing)?;
+            if parsed.body.file_sha256 != manifest.body.file_sha256 || parsed.body.last_seq != last.seq {
+                return Err(AuditError::corrupt(
+                    mpath.to_string(),
+                    "a different manifest already exists for this file",
+                ));
+            }
+            mbytes = existing;
+        }
+        self.head = Some(Some(LakeHead {
+            last_seq: last.seq,
+            chain_head_out: last.hash,
+            manifest_sha256: sha256_hex(&mbytes),
+        }));
+        self.shared.metrics.lake_commits.inc();
+        self.shared.metrics.lake_rows.inc_by(chained.len() as u64);
+        tracing::info!(file = %path, rows = chained.len(), "audit lake file committed");
+        self.remove_segment(seg, Some(chain_after)).await
+    }
+
+    /// A file already at `path` (a crash after its upload, before its manifest) is adopted when
+    /// its rows are the ones we would write.
+    async fn adopt_existing(&self, path: &object_store::path::Path, rows: &[ChainedRow]) -> Result<Bytes, AuditError> {
+        let existing = self
+            .lake
+            .get(path)
+            .await?
+            .ok_or_else(|| AuditError::corrupt(path.to_string(), "reported existing but cannot be read"))?;
+        let (_, found) = parquet_io::decode(existing.clone())?;
+        if found.len() == rows.len() && found.iter().zip(rows).all(|(a, b)| a.seq == b.seq && a.hash == b.hash) {
+            Ok(existing)
+        } else {
+            Err(AuditError::corrupt(path.to_string(), "a different lake file already exists at this path"))
+        }
+    }
+
+    async fn remove_segment(
+        &self,
+        seg: &SealedSegment,
+        chain_after: Option<(u64, [u8; 32])>,
+    ) -> Result<(), AuditError> {
+        let dir = self.shared.dir.clone();
+        let path = seg.path.clone();
+        let writer_id = self.writer_id.clone();
+        let segno = seg.segno;
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Some((next_seq, head)) = chain_after {
+                write_chain_head(&dir, &ChainHead { writer_id, next_seq, head, next_segno: segno + 1 })?;
+            }
+            let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(AuditError::io("delete shipped WAL segment", &path, e)),
+            }
+            sync_dir(&dir)?;
+            shared.sub_bytes(len);
+            Ok(())
+        })
+        .await
+        .map_err(|e| AuditError::WalUnavailable { dir: self.shared.dir.clone(), reason: e.to_string() })?
+    }
+}

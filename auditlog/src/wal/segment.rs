@@ -1,0 +1,253 @@
+//! WAL segment files: `<segno:020>.wal`, a header frame, then row and intent frames.
+//!
+//! * The header names the writer, the segment number, the `seq` and chain hash the segment
+//!   continues from, and the segment's data key wrapped by the KEK (with the KEK's id).
+//! * A row frame is a lake row: columns, sealed payload, `seq`, chain links, and the intent it
+//!   completes, if any.
+//! * An intent frame is a mutation about to go upstream; it becomes an `outcome = unknown` row if
+//!   no row completes it.
+//!
+//! Invariant: a segment's rows are valid only below the `first_seq` of the next segment. A segment
+//! is abandoned after a failed write or fsync, and the next one restarts from the last durable
+//! `seq`, superseding whatever the abandoned one holds past that point.
+
+use std::path::{Path, PathBuf};
+
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+
+use crate::error::AuditError;
+use crate::row::RowColumns;
+use crate::wal::frame::{FrameDecoder, Tail, encode_frame};
+
+pub const KIND_HEADER: u8 = 1;
+pub const KIND_ROW: u8 = 2;
+pub const KIND_INTENT: u8 = 3;
+
+/// First frame of every segment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SegmentHeader {
+    pub version: u32,
+    pub writer_id: String,
+    pub segno: u64,
+    pub first_seq: u64,
+    #[serde(with = "hex_32")]
+    pub prev_hash: [u8; 32],
+    pub kek_id: String,
+    #[serde(with = "b64")]
+    pub wrapped_key: Vec<u8>,
+    pub created_at_us: i64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct RowMeta {
+    seq: u64,
+    #[serde(with = "hex_32")]
+    prev_hash: [u8; 32],
+    #[serde(with = "hex_32")]
+    hash: [u8; 32],
+    logged_at_us: i64,
+    #[serde(default)]
+    intent: Option<uuid::Uuid>,
+    columns: RowColumns,
+}
+
+#[derive(Serialize, Deserialize)]
+struct IntentMeta {
+    logged_at_us: i64,
+    columns: RowColumns,
+}
+
+/// A row as kept in the WAL.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WalRow {
+    pub seq: u64,
+    pub prev_hash: [u8; 32],
+    pub hash: [u8; 32],
+    /// When the writer appended it: decides the lake partition of the file.
+    pub logged_at_us: i64,
+    pub intent: Option<uuid::Uuid>,
+    pub columns: RowColumns,
+    pub payload: Vec<u8>,
+}
+
+/// An intent as kept in the WAL; its payload is sealed under the segment's key with
+/// [`crate::crypto::intent_aad`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct WalIntent {
+    pub logged_at_us: i64,
+    pub columns: RowColumns,
+    pub payload: Vec<u8>,
+}
+
+/// Appends a header frame.
+pub fn encode_header(h: &SegmentHeader, out: &mut Vec<u8>) -> Result<(), AuditError> {
+    let json = serde_json::to_vec(h).map_err(|e| AuditError::corrupt("segment header", e.to_string()))?;
+    encode_frame(KIND_HEADER, &[&json], out);
+    Ok(())
+}
+
+fn encode_meta_and_payload(kind: u8, meta: &[u8], payload: &[u8], out: &mut Vec<u8>) {
+    encode_frame(kind, &[&(meta.len() as u32).to_le_bytes(), meta, payload], out);
+}
+
+/// Appends a row frame.
+pub fn encode_row(r: &WalRow, out: &mut Vec<u8>) -> Result<(), AuditError> {
+    let meta = serde_json::to_vec(&RowMeta {
+        seq: r.seq,
+        prev_hash: r.prev_hash,
+        hash: r.hash,
+        logged_at_us: r.logged_at_us,
+        intent: r.intent,
+        columns: r.columns.clone(),
+    })
+    .map_err(|e| AuditError::corrupt("WAL row", e.to_string()))?;
+    encode_meta_and_payload(KIND_ROW, &meta, &r.payload, out);
+    Ok(())
+}
+
+/// Appends an intent frame.
+pub fn encode_intent(i: &WalIntent, out: &mut Vec<u8>) -> Result<(), AuditError> {
+    let meta = serde_json::to_vec(&IntentMeta { logged_at_us: i.logged_at_us, columns: i.columns.clone() })
+        .map_err(|e| AuditError::corrupt("WAL intent", e.to_string()))?;
+    encode_meta_and_payload(KIND_INTENT, &meta, &i.payload, out);
+    Ok(())
+}
+
+fn split_meta(data: &[u8]) -> Option<(&[u8], &[u8])> {
+    if data.len() < 4 {
+        return None;
+    }
+    let n = u32::from_le_bytes([data[0], data[1], data[2], data[3]]) as usize;
+    if data.len() - 4 < n {
+        return None;
+    }
+    Some((&data[4..4 + n], &data[4 + n..]))
+}
+
+/// A segment file as read back.
+#[derive(Debug)]
+pub struct SegmentContents {
+    pub header: SegmentHeader,
+    pub rows: Vec<WalRow>,
+    pub intents: Vec<WalIntent>,
+    /// Bytes of good frames from the start.
+    pub valid_len: u64,
+    /// Length of the file.
+    pub file_len: u64,
+    /// Why reading stopped early, if it did.
+    pub torn: Option<String>,
+}
+
+/// Reads and decodes a segment. `Ok(None)` when the file has no valid header (a segment whose
+/// creation never became durable: it holds nothing).
+pub fn read_segment(path: &Path) -> Result<Option<SegmentContents>, AuditError> {
+    let bytes = std::fs::read(path).map_err(|e| AuditError::io("read WAL segment", path, e))?;
+    Ok(decode_segment(&bytes))
+}
+
+/// Decodes a segment's bytes. Frames after the first one that fails (CRC, length, or a record
+/// that does not parse) are ignored, and `valid_len` says where the good part ends.
+pub fn decode_segment(bytes: &[u8]) -> Option<SegmentContents> {
+    let mut dec = FrameDecoder::new(bytes);
+    let first = dec.next()?;
+    if first.kind != KIND_HEADER {
+        return None;
+    }
+    let header: SegmentHeader = serde_json::from_slice(first.data).ok()?;
+    let mut rows = Vec::new();
+    let mut intents = Vec::new();
+    let mut valid_len = dec.valid_len();
+    let mut torn = None;
+    for frame in dec.by_ref() {
+        let parsed = match frame.kind {
+            KIND_ROW => split_meta(frame.data).and_then(|(meta, payload)| {
+                let m: RowMeta = serde_json::from_slice(meta).ok()?;
+                rows.push(WalRow {
+                    seq: m.seq,
+                    prev_hash: m.prev_hash,
+                    hash: m.hash,
+                    logged_at_us: m.logged_at_us,
+                    intent: m.intent,
+                    columns: m.columns,
+                    payload: payload.to_vec(),
+                });
+                Some(())
+            }),
+            KIND_INTENT => split_meta(frame.data).and_then(|(meta, payload)| {
+                let m: IntentMeta = serde_json::from_slice(meta).ok()?;
+                intents.push(WalIntent { logged_at_us: m.logged_at_us, columns: m.columns, payload: payload.to_vec() });
+                Some(())
+            }),
+            _ => None,
+        };
+        if parsed.is_none() {
+            torn = Some(format!("undecodable record at byte {}", frame.offset));
+            break;
+        }
+        valid_len = frame.offset + crate::wal::frame::FRAME_OVERHEAD + 1 + frame.data.len();
+    }
+    if torn.is_none()
+        && let Some(Tail::Torn { offset, reason }) = dec.tail()
+    {
+        torn = Some(format!("{reason} at byte {offset}"));
+    }
+    Some(SegmentContents { header, rows, intents, valid_len: valid_len as u64, file_len: bytes.len() as u64, torn })
+}
+
+/// File name of segment `segno`.
+pub fn segment_path(dir: &Path, segno: u64) -> PathBuf {
+    dir.join(format!("{segno:020}.wal"))
+}
+
+/// Segment numbers and paths in `dir`, in order.
+pub fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, AuditError> {
+    let mut out = Vec::new();
+    let entries = std::fs::read_dir(dir).map_err(|e| AuditError::io("list WAL folder", dir, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| AuditError::io("list WAL folder", dir, e))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if let Some(stem) = name.strip_suffix(".wal")
+            && let Ok(segno) = stem.parse::<u64>()
+        {
+            out.push((segno, entry.path()));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+pub(crate) mod hex_32 {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(v))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
+        let s = String::deserialize(d)?;
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(s, &mut out).map_err(serde::de::Error::custom)?;
+        Ok(out)
+    }
+}
+
+pub(crate) mod b64 {
+    use base64::Engine as _;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(v))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = String::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD.decode(s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Base64 of bytes, for messages and metadata.
+pub fn to_b64(b: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(b)
+}

@@ -1,0 +1,624 @@
+//! The WAL writer: one dedicated thread that owns the active segment, assigns `seq` and chain
+//! hashes, seals payloads under the segment's data key, and fsyncs batches (group commit).
+//!
+//! Invariants:
+//! * Callers are acknowledged only after the frames they wait for are written *and* fsynced
+//!   (for `sync` rows and for every intent); one fsync covers every record of a batch.
+//! * A failed write or fsync abandons the segment: nothing is retried on it (after a failed
+//!   fsync the kernel may have dropped the dirty pages while reporting them clean). The chain is
+//!   rewound to the last durable row, the next segment starts there, and until it can be created
+//!   every record fails with an error that `is_unavailable()`.
+//! * A new segment is durable (header and carried-over open intents fsynced, folder fsynced)
+//!   before the segment it replaces is handed to the lake shipper, so no intent is ever only in a
+//!   segment that may be deleted.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::{Durability, RollConfig};
+use crate::crypto::{DataKey, KeyEncryptionKey, intent_aad, row_aad};
+use crate::error::AuditError;
+use crate::metrics::Metrics;
+use crate::row::{RowColumns, micros, row_hash, unknown_outcome};
+use crate::wal::segment::{SegmentHeader, WalIntent, WalRow, encode_header, encode_intent, encode_row, segment_path};
+
+/// A redacted, compressed record waiting to be sealed and appended.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    pub columns: RowColumns,
+    pub compressed: Vec<u8>,
+}
+
+pub type Ack = oneshot::Sender<Result<(), AuditError>>;
+
+/// What callers send to the writer thread.
+#[derive(Debug)]
+pub enum Command {
+    Row { prepared: Prepared, intent: Option<uuid::Uuid>, ack: Option<Ack> },
+    Intent { prepared: Prepared, ack: Ack },
+    Shutdown { ack: Ack },
+}
+
+/// A segment the writer no longer appends to, for the lake shipper.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SealedSegment {
+    pub segno: u64,
+    pub path: PathBuf,
+    /// Rows with `seq >= upto_seq` are superseded (written after the last durable point of an
+    /// abandoned segment) and are not shipped.
+    pub upto_seq: u64,
+}
+
+/// State shared between the writer, the shipper and [`crate::AuditLog`].
+#[derive(Debug)]
+pub struct Shared {
+    pub dir: PathBuf,
+    pub quota: u64,
+    pub bytes_on_disk: AtomicU64,
+    pub failure: Mutex<Option<String>>,
+    pub metrics: Metrics,
+}
+
+impl Shared {
+    pub fn add_bytes(&self, n: u64) {
+        let v = self.bytes_on_disk.fetch_add(n, Ordering::SeqCst) + n;
+        self.metrics.wal_bytes.set(i64::try_from(v).unwrap_or(i64::MAX));
+    }
+
+    pub fn sub_bytes(&self, n: u64) {
+        let prev = self.bytes_on_disk.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| Some(v.saturating_sub(n)));
+        let v = prev.unwrap_or(0).saturating_sub(n);
+        self.metrics.wal_bytes.set(i64::try_from(v).unwrap_or(i64::MAX));
+    }
+
+    pub fn set_failure(&self, reason: Option<String>) {
+        if let Ok(mut f) = self.failure.lock() {
+            *f = reason;
+        }
+    }
+
+    pub fn failure(&self) -> Option<String> {
+        self.failure.lock().ok().and_then(|f| f.clone())
+    }
+}
+
+/// Where the writer starts (from recovery).
+#[derive(Debug, Clone)]
+pub struct StartPoint {
+    pub next_segno: u64,
+    pub next_seq: u64,
+    pub head: [u8; 32],
+}
+
+/// Writer settings.
+#[derive(Clone, Debug)]
+pub struct WriterConfig {
+    pub writer_id: String,
+    pub durability: Durability,
+    pub async_flush_interval: Duration,
+    pub roll: RollConfig,
+}
+
+struct Active {
+    file: File,
+    path: PathBuf,
+    segno: u64,
+    first_seq: u64,
+    key: DataKey,
+    bytes: u64,
+    first_row: Option<(Instant, i64)>,
+    rows: u64,
+    dirty: bool,
+    last_sync: Instant,
+}
+
+/// The writer thread's state.
+#[allow(missing_debug_implementations)] // holds keys; nothing useful to print
+pub struct Writer {
+    cfg: WriterConfig,
+    kek: Arc<dyn KeyEncryptionKey>,
+    rt: tokio::runtime::Handle,
+    shared: Arc<Shared>,
+    shipper: mpsc::UnboundedSender<SealedSegment>,
+    active: Option<Active>,
+    next_segno: u64,
+    next_seq: u64,
+    head: [u8; 32],
+    durable_seq: u64,
+    durable_head: [u8; 32],
+    open_intents: HashMap<uuid::Uuid, Prepared>,
+    pending_seal: Vec<SealedSegment>,
+    last_reopen_attempt: Option<Instant>,
+}
+
+const HOUR_US: i64 = 3_600_000_000;
+const MAX_BATCH: usize = 4096;
+const REOPEN_INTERVAL: Duration = Duration::from_millis(500);
+
+impl Writer {
+    pub fn new(
+        cfg: WriterConfig,
+        kek: Arc<dyn KeyEncryptionKey>,
+        rt: tokio::runtime::Handle,
+        shared: Arc<Shared>,
+        shipper: mpsc::UnboundedSender<SealedSegment>,
+        start: StartPoint,
+    ) -> Writer {
+        Writer {
+            cfg,
+            kek,
+            rt,
+            shared,
+            shipper,
+            active: None,
+            next_segno: start.next_segno,
+            next_seq: start.next_seq,
+            head: start.head,
+            durable_seq: start.next_seq,
+            durable_head: start.head,
+            open_intents: HashMap::new(),
+            pending_seal: Vec::new(),
+            last_reopen_attempt: None,
+        }
+    }
+
+    /// Creates the first segment; called before the thread starts so that `open` fails loudly.
+    pub fn start(&mut self) -> Result<(), AuditError> {
+        self.ensure_active()
+    }
+
+    /// Appends the `outcome = unknown` rows found by recovery, durably, before anything else.
+    pub fn append_recovered(&mut self, rows: Vec<(uuid::Uuid, Prepared)>) -> Result<(), AuditError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut waits = Vec::with_capacity(rows.len());
+        let cmds = rows
+            .into_iter()
+            .map(|(id, prepared)| {
+                let (ack, done) = oneshot::channel();
+                waits.push(done);
+                Command::Row { prepared, intent: Some(id), ack: Some(ack) }
+            })
+            .collect();
+        let durability = self.cfg.durability;
+        self.cfg.durability = Durability::Sync;
+        self.process(cmds);
+        self.cfg.durability = durability;
+        for mut w in waits {
+            w.try_recv().map_err(|_| AuditError::Closed)??;
+        }
+        Ok(())
+    }
+
+    /// The thread's loop; returns when shut down or when every sender is gone.
+    pub fn run(mut self, rx: std::sync::mpsc::Receiver<Command>) {
+        let tick = self.cfg.async_flush_interval.min(Duration::from_millis(250)).max(Duration::from_millis(5));
+        loop {
+            let first = match rx.recv_timeout(tick) {
+                Ok(cmd) => cmd,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    self.on_tick();
+                    continue;
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    let _ = self.finish();
+                    return;
+                }
+            };
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(cmd) => batch.push(cmd),
+                    Err(_) => break,
+                }
+            }
+            let mut shutdown = None;
+            let mut work = Vec::with_capacity(batch.len());
+            for cmd in batch {
+                match cmd {
+                    Command::Shutdown { ack } => shutdown = Some(ack),
+                    other => work.push(other),
+                }
+            }
+            if !work.is_empty() {
+                self.process(work);
+            }
+            if let Some(ack) = shutdown {
+                // Anything still queued behind the shutdown is processed first.
+                let rest: Vec<Command> = rx.try_iter().collect();
+                if !rest.is_empty() {
+                    self.process(rest.into_iter().filter(|c| !matches!(c, Command::Shutdown { .. })).collect());
+                }
+                let _ = ack.send(self.finish());
+                return;
+            }
+        }
+    }
+
+    fn on_tick(&mut self) {
+        if self.active.is_none() {
+            let _ = self.ensure_active();
+            return;
+        }
+        let flush_due =
+            self.active.as_ref().is_some_and(|a| a.dirty && a.last_sync.elapsed() >= self.cfg.async_flush_interval);
+        if flush_due && let Err(e) = self.sync_active() {
+            self.abandon(&e);
+            return;
+        }
+        self.maybe_roll();
+    }
+
+    fn fail_all(cmds: Vec<Command>, err: &AuditError, shared: &Shared) {
+        for cmd in cmds {
+            let e = clone_unavailable(err, shared);
+            match cmd {
+                Command::Row { ack: Some(ack), .. } | Command::Intent { ack, .. } | Command::Shutdown { ack } => {
+                    let _ = ack.send(Err(e));
+                }
+                Command::Row { ack: None, .. } => {}
+            }
+        }
+    }
+
+    fn process(&mut self, cmds: Vec<Command>) {
+        if let Err(e) = self.ensure_active() {
+            Self::fail_all(cmds, &e, &self.shared);
+            return;
+        }
+        self.maybe_roll();
+        let Some(active) = self.active.as_mut() else {
+            let e = self.unavailable("no active WAL segment");
+            Self::fail_all(cmds, &e, &self.shared);
+            return;
+        };
+        let mut buf = Vec::with_capacity(cmds.len() * 1024);
+        let mut acks: Vec<Ack> = Vec::new();
+        let mut need_sync = false;
+        let mut new_intents = Vec::new();
+        let mut completed = Vec::new();
+        let mut rows = 0u64;
+        let now = SystemTime::now();
+        let logged_at_us = micros(now);
+        let used = self.shared.bytes_on_disk.load(Ordering::SeqCst);
+        for cmd in cmds {
+            let (ack, frame_result) = match cmd {
+                Command::Row { prepared, intent, ack } => {
+                    if used + buf.len() as u64 > self.shared.quota {
+                        self.shared.metrics.quota_exceeded.inc();
+                        if let Some(ack) = ack {
+                            let _ = ack.send(Err(AuditError::QuotaExceeded { used, quota: self.shared.quota }));
+                        }
+                        continue;
+                    }
+                    let aad = row_aad(&self.cfg.writer_id, active.first_seq, &prepared.columns.event_id);
+                    let res = active.key.seal(&aad, &prepared.compressed).and_then(|payload| {
+                        let seq = self.next_seq;
+                        let hash = row_hash(&self.head, &self.cfg.writer_id, seq, &prepared.columns, &payload);
+                        let row = WalRow {
+                            seq,
+                            prev_hash: self.head,
+                            hash,
+                            logged_at_us,
+                            intent,
+                            columns: prepared.columns,
+                            payload,
+                        };
+                        encode_row(&row, &mut buf)?;
+                        self.next_seq += 1;
+                        self.head = hash;
+                        Ok(())
+                    });
+                    if res.is_ok() {
+                        rows += 1;
+                        if let Some(id) = intent {
+                            completed.push(id);
+                        }
+                        if ack.is_some() && self.cfg.durability == Durability::Sync {
+                            need_sync = true;
+                        }
+                    }
+                    (ack, res)
+                }
+                Command::Intent { prepared, ack } => {
+                    if used + buf.len() as u64 > self.shared.quota {
+                        self.shared.metrics.quota_exceeded.inc();
+                        let _ = ack.send(Err(AuditError::QuotaExceeded { used, quota: self.shared.quota }));
+                        continue;
+                    }
+                    let id = prepared.columns.event_id;
+                    let aad = intent_aad(&self.cfg.writer_id, active.segno, &id);
+                    let res = active.key.seal(&aad, &prepared.compressed).and_then(|payload| {
+                        encode_intent(&WalIntent { logged_at_us, columns: prepared.columns.clone(), payload }, &mut buf)
+                    });
+                    if res.is_ok() {
+                        need_sync = true;
+                        new_intents.push((id, prepared));
+                    }
+                    (Some(ack), res)
+                }
+                Command::Shutdown { ack } => {
+                    let _ = ack.send(Ok(()));
+                    continue;
+                }
+            };
+            match (ack, frame_result) {
+                (Some(ack), Ok(())) => acks.push(ack),
+                (Some(ack), Err(e)) => {
+                    let _ = ack.send(Err(e));
+                }
+                (None, _) => {}
+            }
+        }
+        if buf.is_empty() {
+            for ack in acks {
+                let _ = ack.send(Ok(()));
+            }
+            return;
+        }
+        let write = active.file.write_all(&buf);
+        if let Err(e) = write {
+            let err = self.unavailable(&format!("write failed: {e}"));
+            self.abandon(&err);
+            for ack in acks {
+                let _ = ack.send(Err(clone_unavailable(&err, &self.shared)));
+            }
+            return;
+        }
+        active.bytes += buf.len() as u64;
+        active.dirty = true;
+        if rows > 0 && active.first_row.is_none() {
+            active.first_row = Some((Instant::now(), logged_at_us.div_euclid(HOUR_US)));
+        }
+        active.rows += rows;
+        self.shared.add_bytes(buf.len() as u64);
+        self.shared.metrics.records.inc_by(rows);
+        self.shared.metrics.intents.inc_by(new_intents.len() as u64);
+        let sync_due = need_sync
+            || (self.cfg.durability == Durability::Async
+                && active.last_sync.elapsed() >= self.cfg.async_flush_interval);
+        if sync_due {
+            self.shared.metrics.wal_batch_records.observe((acks.len().max(1)) as f64);
+            if let Err(e) = self.sync_active() {
+                self.abandon(&e);
+                for ack in acks {
+                    let _ = ack.send(Err(clone_unavailable(&e, &self.shared)));
+                }
+                return;
+            }
+        }
+        for (id, p) in new_intents {
+            self.open_intents.insert(id, p);
+        }
+        for id in completed {
+            self.open_intents.remove(&id);
+        }
+        for ack in acks {
+            let _ = ack.send(Ok(()));
+        }
+    }
+
+    fn sync_active(&mut self) -> Result<(), AuditError> {
+        let Some(active) = self.active.as_mut() else { return Ok(()) };
+        let started = Instant::now();
+        let res = active.file.sync_data();
+        self.shared.metrics.wal_fsync_seconds.observe(started.elapsed().as_secs_f64());
+        match res {
+            Ok(()) => {
+                active.dirty = false;
+                active.last_sync = Instant::now();
+                self.durable_seq = self.next_seq;
+                self.durable_head = self.head;
+                Ok(())
+            }
+            Err(e) => Err(self.unavailable(&format!("fsync failed: {e}"))),
+        }
+    }
+
+    fn unavailable(&self, reason: &str) -> AuditError {
+        AuditError::WalUnavailable { dir: self.shared.dir.clone(), reason: reason.to_owned() }
+    }
+
+    /// Gives up the active segment after a failed write or fsync.
+    fn abandon(&mut self, err: &AuditError) {
+        self.shared.metrics.wal_failures.inc();
+        self.shared.set_failure(Some(err.to_string()));
+        tracing::error!(error = %err, "audit WAL segment abandoned; refusing records until a new segment can be written");
+        // Everything after the last successful fsync is treated as never written.
+        self.next_seq = self.durable_seq;
+        self.head = self.durable_head;
+        if let Some(active) = self.active.take() {
+            self.pending_seal.push(SealedSegment {
+                segno: active.segno,
+                path: active.path,
+                upto_seq: self.durable_seq,
+            });
+        }
+    }
+
+    /// Makes sure there is an active segment, creating one if needed (after a failure, at most
+    /// every [`REOPEN_INTERVAL`]).
+    fn ensure_active(&mut self) -> Result<(), AuditError> {
+        if self.active.is_some() {
+            return Ok(());
+        }
+        if let Some(t) = self.last_reopen_attempt
+            && t.elapsed() < REOPEN_INTERVAL
+            && let Some(reason) = self.shared.failure()
+        {
+            return Err(self.unavailable(&reason));
+        }
+        self.last_reopen_attempt = Some(Instant::now());
+        match self.create_segment() {
+            Ok(active) => {
+                self.active = Some(active);
+                self.shared.set_failure(None);
+                for sealed in std::mem::take(&mut self.pending_seal) {
+                    let _ = self.shipper.send(sealed);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                let err = self.unavailable(&e.to_string());
+                self.shared.set_failure(Some(err.to_string()));
+                Err(err)
+            }
+        }
+    }
+
+    fn wrap_key(&self, raw: &zeroize::Zeroizing<[u8; 32]>) -> Result<Vec<u8>, AuditError> {
+        let kek = self.kek.clone();
+        let raw = raw.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.rt.spawn(async move {
+            let _ = tx.send(kek.wrap(&raw).await);
+        });
+        rx.recv_timeout(Duration::from_secs(30)).map_err(|_| AuditError::Kek {
+            key_id: self.kek.key_id(),
+            reason: "wrapping a data key did not finish within 30s".into(),
+        })?
+    }
+
+    /// Creates, fills (carried intents) and fsyncs a new segment.
+    fn create_segment(&mut self) -> Result<Active, AuditError> {
+        let segno = self.next_segno;
+        let path = segment_path(&self.shared.dir, segno);
+        let (mut key, raw) = DataKey::generate()?;
+        let wrapped = self.wrap_key(&raw)?;
+        let header = SegmentHeader {
+            version: 1,
+            writer_id: self.cfg.writer_id.clone(),
+            segno,
+            first_seq: self.next_seq,
+            prev_hash: self.head,
+            kek_id: self.kek.key_id(),
+            wrapped_key: wrapped,
+            created_at_us: micros(SystemTime::now()),
+        };
+        let mut buf = Vec::new();
+        encode_header(&header, &mut buf)?;
+        let logged_at_us = micros(SystemTime::now());
+        for (id, p) in &self.open_intents {
+            let payload = key.seal(&intent_aad(&self.cfg.writer_id, segno, id), &p.compressed)?;
+            encode_intent(&WalIntent { logged_at_us, columns: p.columns.clone(), payload }, &mut buf)?;
+        }
+        let mut file = OpenOptions::new()
+            .create_new(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| AuditError::io("create WAL segment", &path, e))?;
+        // Whatever goes wrong from here, the partial file must not be mistaken for a segment.
+        let result = (|| {
+            file.write_all(&buf)?;
+            file.sync_all()?;
+            File::open(&self.shared.dir)?.sync_all()
+        })();
+        if let Err(e) = result {
+            let _ = std::fs::remove_file(&path);
+            return Err(AuditError::io("write WAL segment", &path, e));
+        }
+        self.next_segno += 1;
+        self.shared.add_bytes(buf.len() as u64);
+        Ok(Active {
+            file,
+            path,
+            segno,
+            first_seq: header.first_seq,
+            key,
+            bytes: buf.len() as u64,
+            first_row: None,
+            rows: 0,
+            dirty: false,
+            last_sync: Instant::now(),
+        })
+    }
+
+    fn roll_due(&self, active: &Active) -> bool {
+        let Some((since, hour)) = active.first_row else { return false };
+        active.bytes >= self.cfg.roll.max_bytes
+            || since.elapsed() >= self.cfg.roll.max_age
+            || micros(SystemTime::now()).div_euclid(HOUR_US) != hour
+    }
+
+    /// Seals the active segment when it is due, once its successor is durable. A failure to
+    /// create the successor (say, the KEK is unreachable) leaves the active segment in place.
+    fn maybe_roll(&mut self) {
+        let due = self.active.as_ref().is_some_and(|a| self.roll_due(a));
+        if !due {
+            return;
+        }
+        if let Err(e) = self.sync_active() {
+            self.abandon(&e);
+            return;
+        }
+        match self.create_segment() {
+            Ok(next) => {
+                if let Some(old) = self.active.replace(next) {
+                    let _ =
+                        self.shipper.send(SealedSegment { segno: old.segno, path: old.path, upto_seq: self.next_seq });
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not start a new WAL segment; the current one keeps growing");
+            }
+        }
+    }
+
+    /// Graceful end: open intents become `unknown` rows, the active segment is fsynced and, when
+    /// it holds rows, handed to the shipper.
+    fn finish(&mut self) -> Result<(), AuditError> {
+        let leftovers: Vec<Prepared> = self.open_intents.values().cloned().collect();
+        if !leftovers.is_empty() {
+            let cmds = leftovers
+                .into_iter()
+                .map(|mut p| {
+                    let id = p.columns.event_id;
+                    p.columns = unknown_outcome(p.columns, SystemTime::now());
+                    self.shared.metrics.unknown_outcomes.inc();
+                    Command::Row { prepared: p, intent: Some(id), ack: None }
+                })
+                .collect();
+            self.process(cmds);
+        }
+        if let Err(e) = self.sync_active() {
+            self.abandon(&e);
+        }
+        if let Some(active) = self.active.take() {
+            if active.rows > 0 {
+                let _ = self.shipper.send(SealedSegment {
+                    segno: active.segno,
+                    path: active.path,
+                    upto_seq: self.next_seq,
+                });
+            } else {
+                self.active = Some(active);
+            }
+        }
+        for sealed in std::mem::take(&mut self.pending_seal) {
+            let _ = self.shipper.send(sealed);
+        }
+        match self.shared.failure() {
+            Some(reason) => Err(self.unavailable(&reason)),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The same error for every caller of a failed batch (errors are not `Clone`).
+fn clone_unavailable(err: &AuditError, shared: &Shared) -> AuditError {
+    match err {
+        AuditError::QuotaExceeded { used, quota } => AuditError::QuotaExceeded { used: *used, quota: *quota },
+        AuditError::WalUnavailable { dir, reason } => {
+            AuditError::WalUnavailable { dir: dir.clone(), reason: reason.clone() }
+        }
+        other => AuditError::WalUnavailable { dir: shared.dir.clone(), reason: other.to_string() },
+    }
+}
