@@ -107,6 +107,9 @@ pub struct AwsConfig {
     pub endpoint_url: Option<String>,
     /// Shared-config profile name. Default: `AWS_PROFILE`, else `default`.
     pub profile: Option<String>,
+    /// A shared-credentials file to read instead of `~/.aws/credentials` (e.g. one mounted
+    /// from a Kubernetes secret). Default: none (the SDK's usual files).
+    pub credentials_file: Option<PathBuf>,
 }
 
 /// Cache timings.

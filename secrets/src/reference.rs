@@ -304,7 +304,10 @@ fn parse_aws_sm(input: &str, rest: &str) -> Result<SecretRef, RefError> {
                 "stage" => &mut stage,
                 "version" => &mut version,
                 other => {
-                    return Err(RefError::new(input, format!("unknown query key `{other}`: only `stage` or `version`")));
+                    return Err(RefError::new(
+                        input,
+                        format!("unknown query key `{other}`: only `stage` or `version`"),
+                    ));
                 }
             };
             if slot.replace(value.to_owned()).is_some() {

@@ -25,18 +25,29 @@ pub struct OpenBao {
     /// The dev root token (all permissions).
     pub root_token: String,
     log: PathBuf,
-    _dir: tempfile::TempDir,
+    tls: bool,
+    dir: tempfile::TempDir,
 }
 
 impl OpenBao {
     /// Starts OpenBao in dev mode (KV v2 at `secret/`) and waits until it is unsealed and answers.
     pub fn start() -> OpenBao {
+        OpenBao::start_with(false)
+    }
+
+    /// Like [`OpenBao::start`], but serving HTTPS with a certificate from a dev CA whose PEM is
+    /// at [`OpenBao::ca_cert`].
+    pub fn start_tls() -> OpenBao {
+        OpenBao::start_with(true)
+    }
+
+    fn start_with(tls: bool) -> OpenBao {
         let dir = tempfile::tempdir().expect("temp dir for OpenBao");
         let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
         let root_token = format!("kg-root-{}-{nanos}", std::process::id());
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let log = dir.path().join("bao.log");
-        let mut bao = OpenBao { child: None, addr, root_token, log, _dir: dir };
+        let mut bao = OpenBao { child: None, addr, root_token, log, tls, dir };
         bao.spawn();
         bao
     }
@@ -51,6 +62,11 @@ impl OpenBao {
             .arg(format!("-dev-root-token-id={}", self.root_token))
             .arg(format!("-dev-listen-address={}", self.addr))
             .arg("-dev-no-store-token")
+            .args(if self.tls {
+                vec!["-dev-tls".to_owned(), format!("-dev-tls-cert-dir={}", self.dir.path().display())]
+            } else {
+                Vec::new()
+            })
             .env_remove("BAO_ADDR")
             .env_remove("VAULT_ADDR")
             .stdin(Stdio::null())
@@ -83,7 +99,13 @@ impl OpenBao {
 
     /// The base URL, for keygate's `secrets.vault.address`.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// The dev CA's certificate (PEM) when started with [`OpenBao::start_tls`].
+    pub fn ca_cert(&self) -> PathBuf {
+        self.dir.path().join("vault-ca.pem")
     }
 
     /// Kills the server (an outage: connections are refused until [`OpenBao::restart`]).
@@ -113,6 +135,9 @@ impl OpenBao {
             .env_remove("VAULT_ADDR")
             .env_remove("VAULT_TOKEN")
             .stdin(Stdio::null());
+        if self.tls {
+            command.env("BAO_CACERT", self.ca_cert());
+        }
         command
     }
 

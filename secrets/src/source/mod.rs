@@ -35,7 +35,6 @@ pub(crate) fn non_empty(reference: &SecretRef, mut text: String) -> Result<Secre
     Ok(SecretValue::new(text))
 }
 
-#[allow(dead_code, reason = "used by the Vault and AWS sources, landing next")]
 /// Takes `field` out of a JSON object; the field must hold a string.
 pub(crate) fn take_field(
     reference: &SecretRef,
@@ -56,7 +55,6 @@ pub(crate) fn take_field(
     }
 }
 
-#[allow(dead_code, reason = "used by the AWS source, landing next")]
 /// Parses secret text as a JSON object (for `aws-sm://…#field`), without echoing content.
 pub(crate) fn json_object(
     reference: &SecretRef,
@@ -84,7 +82,6 @@ pub(crate) fn json_object(
     }
 }
 
-#[allow(dead_code, reason = "used by the AWS source, landing next")]
 fn json_kind(value: &serde_json::Value) -> &'static str {
     match value {
         serde_json::Value::Null => "null",
