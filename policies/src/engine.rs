@@ -10,7 +10,9 @@
 //! audit row); reasons never contain a request value other than amount, currency and the
 //! operation; `&self` everywhere, so one engine serves all tasks.
 
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, PoisonError};
+
+use arc_swap::ArcSwap;
 
 use crate::conditions::{self, Failure};
 use crate::limits::{EngineClock, ManualClock, ServiceState};
@@ -143,7 +145,8 @@ impl<'a> LazyParams<'a> {
 /// A policy set plus per-instance state (rate limiters, budgets). `Send + Sync`; share it.
 #[derive(Debug)]
 pub struct PolicyEngine {
-    current: RwLock<Arc<Snapshot>>,
+    /// Lock-free reads on the request path; `replace` swaps the whole snapshot.
+    current: ArcSwap<Snapshot>,
     /// Serialises `replace` so that two reloads cannot interleave their state carry-over.
     replacing: std::sync::Mutex<()>,
     clock: EngineClock,
@@ -182,7 +185,7 @@ impl PolicyEngine {
 
     fn with_clock_source(set: PolicySet, clock: EngineClock) -> PolicyEngine {
         let snapshot = Snapshot::build(set, None, &clock);
-        PolicyEngine { current: RwLock::new(Arc::new(snapshot)), replacing: std::sync::Mutex::new(()), clock }
+        PolicyEngine { current: ArcSwap::from_pointee(snapshot), replacing: std::sync::Mutex::new(()), clock }
     }
 
     /// Hot reload: decisions from now on use `set`. Services that still exist keep their rate
@@ -192,7 +195,7 @@ impl PolicyEngine {
         let _one_at_a_time = self.replacing.lock().unwrap_or_else(PoisonError::into_inner);
         let previous = self.snapshot();
         let next = Arc::new(Snapshot::build(set, Some(&previous), &self.clock));
-        *self.current.write().unwrap_or_else(PoisonError::into_inner) = next;
+        self.current.store(next);
     }
 
     /// The set in force.
@@ -209,12 +212,12 @@ impl PolicyEngine {
     }
 
     fn snapshot(&self) -> Arc<Snapshot> {
-        Arc::clone(&self.current.read().unwrap_or_else(PoisonError::into_inner))
+        self.current.load_full()
     }
 
     /// Decides one request of `service` (the authenticated service name).
     pub fn decide(&self, service: &str, facts: &RequestFacts<'_>) -> Decision {
-        let snapshot = self.snapshot();
+        let snapshot = self.current.load();
         let operation = match_operation(facts.method, facts.path);
         let Some(index) = snapshot.set.index_of(service) else {
             return unknown_service(service, operation);

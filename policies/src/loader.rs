@@ -401,8 +401,7 @@ fn compile_rate_limit(c: &mut Checker<'_>, raw: &Spanned<crate::schema::RawRateL
         Some(0) => {
             c.error(
                 at(raw),
-                "rate_limit.burst is 0 (use at least 1; it is how many requests may arrive at once)"
-                    .to_owned(),
+                "rate_limit.burst is 0 (use at least 1; it is how many requests may arrive at once)".to_owned(),
             );
             return None;
         }

@@ -85,23 +85,30 @@ pub fn operation_by_name(name: &str) -> Option<&'static Operation> {
 /// `rest` is the path after its leading `/`. Normal form: non-empty segments, none of them `.`
 /// or `..`, and no percent-encoded `/`, `\` or `.` that a server could decode into structure.
 pub(crate) fn is_normal_path(rest: &str) -> bool {
-    if rest.is_empty() {
-        return false;
+    let bytes = rest.as_bytes();
+    let mut segment_start = 0;
+    for i in 0..=bytes.len() {
+        match bytes.get(i) {
+            None | Some(b'/') => {
+                if matches!(&bytes[segment_start..i], b"" | b"." | b"..") {
+                    return false;
+                }
+                segment_start = i + 1;
+            }
+            Some(b'\\') => return false,
+            Some(b'%') if is_encoded_separator(bytes.get(i + 1..i + 3)) => return false,
+            Some(_) => {}
+        }
     }
-    rest.split('/').all(|segment| {
-        !segment.is_empty()
-            && segment != "."
-            && segment != ".."
-            && !segment.contains('\\')
-            && !contains_encoded_separator(segment)
-    })
+    true
 }
 
-fn contains_encoded_separator(segment: &str) -> bool {
-    let bytes = segment.as_bytes();
-    bytes.windows(3).any(|w| {
-        w[0] == b'%' && matches!((w[1], w[2].to_ascii_uppercase()), (b'2', b'F') | (b'2', b'E') | (b'5', b'C'))
-    })
+/// `%2F` (`/`), `%2E` (`.`) or `%5C` (`\`), any case.
+fn is_encoded_separator(hex: Option<&[u8]>) -> bool {
+    match hex {
+        Some([hi, lo]) => matches!((hi, lo.to_ascii_uppercase()), (b'2', b'F') | (b'2', b'E') | (b'5', b'C')),
+        _ => false,
+    }
 }
 
 struct Table {
@@ -145,7 +152,10 @@ impl Node {
         if rest.is_empty() {
             return self.ops.iter().find(|(m, _)| *m == method).map(|(_, id)| *id);
         }
-        let (segment, tail) = rest.split_once('/').unwrap_or((rest, ""));
+        let (segment, tail) = match rest.bytes().position(|b| b == b'/') {
+            Some(at) => (&rest[..at], &rest[at + 1..]),
+            None => (rest, ""),
+        };
         if let Ok(at) = self.literals.binary_search_by(|(l, _)| (*l).cmp(segment))
             && let Some(id) = self.literals[at].1.find(method, tail)
         {

@@ -88,19 +88,100 @@ impl<'a> RequestParams<'a> {
     }
 
     fn push(&mut self, name: Cow<'a, str>, value: Cow<'a, str>) {
+        self.push_normalized(normalize_name(name), value);
+    }
+
+    /// `name` is known to need no normalisation.
+    fn push_normalized(&mut self, name: Cow<'a, str>, value: Cow<'a, str>) {
         if self.entries.len() >= MAX_PARAMS {
             self.unreadable = true;
             return;
         }
-        self.entries.push((normalize_name(name), value));
+        self.entries.push((name, value));
     }
 
     fn add_form(&mut self, bytes: &'a [u8]) {
-        for pair in bytes.split(|b| *b == b'&') {
+        let pairs = memchr::memchr_iter(b'&', bytes).count() + 1;
+        self.entries.reserve(pairs.min(MAX_PARAMS));
+        match std::str::from_utf8(bytes) {
+            Ok(text) => self.add_form_text(text),
+            // Raw non-ASCII bytes (SDKs percent-encode everything): slower, per component.
+            Err(_) => self.add_form_bytes(bytes),
+        }
+    }
+
+    /// One pass over a UTF-8 form: `&` and `=` are ASCII, so every component is a `&str`
+    /// slice; only components with `%` or `+` are decoded (and re-validated).
+    fn add_form_text(&mut self, text: &'a str) {
+        let bytes = text.as_bytes();
+        let mut start = 0;
+        let mut equals = None;
+        let mut name_escaped = false;
+        let mut value_escaped = false;
+        for (i, b) in bytes.iter().enumerate() {
+            match b {
+                b'&' => {
+                    self.push_component_pair(text, start, equals, i, name_escaped, value_escaped);
+                    start = i + 1;
+                    equals = None;
+                    name_escaped = false;
+                    value_escaped = false;
+                }
+                b'=' if equals.is_none() => equals = Some(i),
+                // A `[` in the name means it may need normalising: flag it like an escape.
+                b'%' | b'+' | b'[' if equals.is_none() => name_escaped = true,
+                b'%' | b'+' => value_escaped = true,
+                _ => {}
+            }
+        }
+        self.push_component_pair(text, start, equals, bytes.len(), name_escaped, value_escaped);
+    }
+
+    fn push_component_pair(
+        &mut self,
+        text: &'a str,
+        start: usize,
+        equals: Option<usize>,
+        end: usize,
+        name_escaped: bool,
+        value_escaped: bool,
+    ) {
+        if start >= end {
+            return;
+        }
+        let (name, value) = match equals {
+            Some(at) => (&text[start..at], &text[at + 1..end]),
+            None => (&text[start..end], ""),
+        };
+        let decode = |part: &'a str, escaped: bool| {
+            if escaped && memchr::memchr2(b'%', b'+', part.as_bytes()).is_some() {
+                decode_component(part.as_bytes()).map(|c| Cow::Owned(c.into_owned()))
+            } else {
+                Some(Cow::Borrowed(part))
+            }
+        };
+        match (decode(name, name_escaped), decode(value, value_escaped)) {
+            (Some(name), Some(value)) if !name.is_empty() => {
+                if name_escaped {
+                    self.push(name, value);
+                } else {
+                    self.push_normalized(name, value);
+                }
+            }
+            (Some(_), Some(_)) => {}
+            _ => self.unreadable = true,
+        }
+    }
+
+    fn add_form_bytes(&mut self, bytes: &'a [u8]) {
+        let mut start = 0;
+        for end in memchr::memchr_iter(b'&', bytes).chain(std::iter::once(bytes.len())) {
+            let pair = &bytes[start..end];
+            start = end + 1;
             if pair.is_empty() {
                 continue;
             }
-            let (raw_name, raw_value) = match pair.iter().position(|b| *b == b'=') {
+            let (raw_name, raw_value) = match memchr::memchr(b'=', pair) {
                 Some(at) => (&pair[..at], &pair[at + 1..]),
                 None => (pair, &pair[pair.len()..]),
             };
@@ -185,18 +266,47 @@ fn body_kind(path: &str, content_type: Option<&str>) -> BodyKind {
 }
 
 /// `+` as space, then percent-decoding, then UTF-8. `None` if the result is not UTF-8.
+/// Borrows when there is nothing to decode (the common case for names and values); one pass.
 fn decode_component(raw: &[u8]) -> Option<Cow<'_, str>> {
-    if raw.contains(&b'+') {
-        let spaced: Vec<u8> = raw.iter().map(|b| if *b == b'+' { b' ' } else { *b }).collect();
-        let decoded: Vec<u8> = percent_encoding::percent_decode(&spaced).collect();
-        return String::from_utf8(decoded).ok().map(Cow::Owned);
+    if memchr::memchr2(b'%', b'+', raw).is_none() {
+        return std::str::from_utf8(raw).ok().map(Cow::Borrowed);
     }
-    percent_encoding::percent_decode(raw).decode_utf8().ok()
+    let mut out = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        match raw[i] {
+            b'+' => out.push(b' '),
+            b'%' => match (raw.get(i + 1).and_then(hex_value), raw.get(i + 2).and_then(hex_value)) {
+                (Some(hi), Some(lo)) => {
+                    out.push(hi << 4 | lo);
+                    i += 2;
+                }
+                // A `%` not followed by two hex digits stays as it is (as in WHATWG URL
+                // parsing and percent_encoding).
+                _ => out.push(b'%'),
+            },
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).ok().map(Cow::Owned)
+}
+
+fn hex_value(b: &u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
 }
 
 /// Array indices and empty brackets become `[]`; one trailing `[]` is dropped. Allocates only
 /// when an index has to be rewritten.
 pub fn normalize_name<'a>(name: Cow<'a, str>) -> Cow<'a, str> {
+    if !name.contains('[') {
+        return name;
+    }
     let name = if has_numeric_index(&name) { Cow::Owned(rewrite_indices(&name)) } else { name };
     match name {
         Cow::Borrowed(s) => Cow::Borrowed(s.strip_suffix("[]").unwrap_or(s)),
@@ -211,12 +321,16 @@ pub fn normalize_name<'a>(name: Cow<'a, str>) -> Cow<'a, str> {
 
 fn has_numeric_index(name: &str) -> bool {
     let bytes = name.as_bytes();
-    bytes.iter().enumerate().any(|(i, b)| {
-        *b == b'[' && bytes.get(i + 1).is_some_and(u8::is_ascii_digit) && {
-            let digits = bytes[i + 1..].iter().take_while(|c| c.is_ascii_digit()).count();
-            bytes.get(i + 1 + digits) == Some(&b']')
+    let mut i = 0;
+    while let Some(open) = bytes[i..].iter().position(|b| *b == b'[') {
+        let digits_start = i + open + 1;
+        let digits = bytes[digits_start..].iter().take_while(|c| c.is_ascii_digit()).count();
+        if digits > 0 && bytes.get(digits_start + digits) == Some(&b']') {
+            return true;
         }
-    })
+        i = digits_start;
+    }
+    false
 }
 
 fn rewrite_indices(name: &str) -> String {
@@ -300,6 +414,12 @@ mod tests {
             b"name=x",
         );
         assert_eq!(pairs(&params), vec![p("limit", "3"), p("email", "a@b.c"), p("name", "x")]);
+    }
+
+    #[test]
+    fn stray_percent_signs_stay() {
+        let params = RequestParams::parse_form(b"a=100%25&b=%zz&c=%4&d=%e2%82%ac");
+        assert_eq!(pairs(&params), vec![p("a", "100%"), p("b", "%zz"), p("c", "%4"), p("d", "€")]);
     }
 
     #[test]
