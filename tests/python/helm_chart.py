@@ -283,9 +283,28 @@ def cmd_materialize(args: argparse.Namespace) -> dict[str, Any]:
 
     config_file = root / "keygate-config-check.yaml"
     config_file.write_text(relocated, encoding="utf-8")
-    env = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+    workload = workloads[0]
+    suffix = "0" if workload["kind"] == "StatefulSet" else "7d9f8c6b5-x2x7q"
+    env = container_env(container, f"{workload['metadata']['name']}-{suffix}", args.namespace)
     return {"config": str(config_file), "env": env, "config_path_in_pod": config_path,
             "rendered_config": config_text}
+
+
+def container_env(container: dict[str, Any], pod_name: str, namespace: str) -> dict[str, str]:
+    """The container's environment as the kubelet builds it: literal values with `$(VAR)`
+    references to earlier variables expanded, and the pod's name and namespace from fieldRefs.
+    A keygate variable taken from a Secret or ConfigMap cannot be reproduced: refused."""
+    env: dict[str, str] = {}
+    fields = {"metadata.name": pod_name, "metadata.namespace": namespace}
+    for entry in container.get("env", []):
+        name = entry["name"]
+        if "value" in entry:
+            env[name] = re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), str(entry["value"]))
+        elif "fieldRef" in entry.get("valueFrom", {}) and entry["valueFrom"]["fieldRef"]["fieldPath"] in fields:
+            env[name] = fields[entry["valueFrom"]["fieldRef"]["fieldPath"]]
+        elif name.startswith("KEYGATE_"):
+            raise SystemExit(f"{name} comes from {sorted(entry.get('valueFrom', {}))}: not reproduced by this test")
+    return env
 
 
 def strings_in(tree: Any) -> list[str]:

@@ -645,7 +645,18 @@ fn a_statefulset_keeps_each_replicas_wal_on_its_own_claim_and_a_deployment_on_an
         "the claim, not a pod volume, backs the WAL"
     );
 
+    // Each replica is its own audit writer with a stable id: its pod name (unique per namespace).
+    let env = sts.container()["env"].as_array().unwrap();
+    let var = |name: &str| env.iter().find(|e| e["name"] == name).unwrap_or_else(|| panic!("no env {name}"));
+    assert_eq!(var("POD_NAME")["valueFrom"]["fieldRef"]["fieldPath"], "metadata.name");
+    assert_eq!(var("KEYGATE_AUDIT__WRITER_ID")["value"], "payments.$(POD_NAME)");
+
     let deploy = render(&value_set("vault-deployment-values.yaml"));
+    let deploy_env = deploy.container().get("env").and_then(Value::as_array).cloned().unwrap_or_default();
+    assert!(
+        deploy_env.iter().all(|e| e["name"] != "KEYGATE_AUDIT__WRITER_ID"),
+        "a Deployment's pods keep the writer id generated in their WAL folder"
+    );
     assert_eq!(deploy.workload()["kind"], "Deployment");
     assert!(deploy.volume("wal")["emptyDir"]["sizeLimit"].is_string());
     let wal_dir = deploy.config()["audit"]["wal_dir"].as_str().unwrap().to_owned();

@@ -58,9 +58,20 @@ spec:
         - name: admin
           containerPort: {{ .Values.ports.admin }}
           protocol: TCP
-      {{- with .Values.env }}
+      {{- if or .Values.env (eq .Values.workload.kind "StatefulSet") }}
       env:
+        {{- if eq .Values.workload.kind "StatefulSet" }}
+        # A stable writer id per replica (audit.writer_id), from the pod's stable name.
+        - name: POD_NAME
+          valueFrom:
+            fieldRef:
+              fieldPath: metadata.name
+        - name: KEYGATE_AUDIT__WRITER_ID
+          value: {{ printf "%s$(POD_NAME)" (default (printf "%s." .Release.Namespace) .Values.wal.writerIdPrefix) | quote }}
+        {{- end }}
+        {{- with .Values.env }}
         {{- toYaml . | nindent 8 }}
+        {{- end }}
       {{- end }}
       {{- with .Values.envFrom }}
       envFrom:
