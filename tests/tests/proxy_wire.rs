@@ -287,3 +287,28 @@ async fn sigterm_lets_in_flight_requests_finish_then_exits() {
     assert_eq!(keygate.wait_exit(Duration::from_secs(10)), Some(0));
     assert!(std::net::TcpStream::connect(addr).is_err(), "keygate still accepts connections after shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_too_slow_to_send_its_head_is_disconnected() {
+    use std::io::{Read, Write};
+    let fake = FakeStripe::start(Behavior::Ok).await;
+    let mut options = SetupOptions::new(&fake.url());
+    options.extra_config = "limits:\n  header_read_timeout: 1s\n".into();
+    let setup = ProxySetup::start(options);
+    let addr = setup.keygate.proxy;
+    let token = setup.token.clone();
+    blocking(move || {
+        let mut slow = std::net::TcpStream::connect(addr).unwrap();
+        slow.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        slow.write_all(b"GET /v1/customers HTTP/1.1\r\nHost: x\r\n").unwrap();
+        let started = std::time::Instant::now();
+        let mut rest = Vec::new();
+        let _ = slow.read_to_end(&mut rest);
+        assert!(started.elapsed() < Duration::from_secs(5), "the slow client was not cut off");
+        // Others are served meanwhile and after.
+        let ok = request(addr, "GET", "/v1/customers", &token, &[], "").unwrap();
+        assert_eq!(ok.status, 200);
+    })
+    .await;
+    assert_eq!(fake.received().len(), 1, "the slow client's request never reached Stripe");
+}
