@@ -73,7 +73,7 @@ impl VaultSource {
         let tls = super::tls::client_config(config.ca_cert.as_deref()).map_err(config_error)?;
         let timeout = config.request_timeout.min(fetch_timeout);
         let http = reqwest::Client::builder()
-            .tls_backend_preconfigured(tls)
+            .use_preconfigured_tls(tls)
             .timeout(timeout)
             .connect_timeout(timeout)
             .build()
@@ -106,7 +106,6 @@ impl VaultSource {
             version: 1,
             wrapping: false,
             namespace: self.namespace.clone(),
-            proxy: None,
         };
         let middle = EndpointMiddleware {
             token: token.to_owned(),
@@ -163,7 +162,7 @@ impl VaultSource {
                         auth_error(format!("looking up the token: {detail}"))
                     }
                 })?;
-                (token, Duration::from_secs(info.ttl), info.renewable.unwrap_or(false))
+                (token, Duration::from_secs(info.ttl), info.renewable)
             }
             VaultAuth::Approle { mount, role_id, secret_id } => {
                 let secret_id = credential(secret_id)
