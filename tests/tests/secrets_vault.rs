@@ -370,3 +370,114 @@ async fn concurrent_requests_for_a_cold_key_make_one_fetch() {
     let metrics = metrics_text(&store);
     assert!(metrics.contains(r#"keygate_secret_refreshes_total{source="vault",result="success"} 1"#), "{metrics}");
 }
+
+/// Makes an RSA key pair, a service-account JWT signed with it, and a CA certificate (OpenBao
+/// insists on one), with the venv's `cryptography`; writes them to `dir`.
+fn service_account_jwt(dir: &std::path::Path) {
+    const SCRIPT: &str = r#"
+import base64, datetime, json, sys
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+out = sys.argv[1]
+key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+open(out + "/sa.pub", "wb").write(key.public_key().public_bytes(
+    serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+b64 = lambda b: base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+claims = {"iss": "kubernetes/serviceaccount", "sub": "system:serviceaccount:keygate:keygate",
+          "kubernetes.io/serviceaccount/namespace": "keygate",
+          "kubernetes.io/serviceaccount/service-account.name": "keygate",
+          "kubernetes.io/serviceaccount/service-account.uid": "0b7c3b4e-1111-2222-3333-444455556666"}
+signing = b64(json.dumps({"alg": "RS256", "typ": "JWT"}).encode()) + "." + b64(json.dumps(claims).encode())
+signature = key.sign(signing.encode(), padding.PKCS1v15(), hashes.SHA256())
+open(out + "/sa.jwt", "w").write(signing + "." + b64(signature) + "\n")
+name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test-cluster-ca")])
+now = datetime.datetime.now(datetime.timezone.utc)
+cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True).sign(key, hashes.SHA256()))
+open(out + "/ca.pem", "wb").write(cert.public_bytes(serialization.Encoding.PEM))
+"#;
+    let status =
+        std::process::Command::new(keygate_tests::tool("python")).arg("-c").arg(SCRIPT).arg(dir).status().unwrap();
+    assert!(status.success(), "could not make the test service-account token");
+}
+
+/// The one Kubernetes API call OpenBao's Kubernetes auth makes: TokenReview, answering
+/// "authenticated" only for the token in `expected_file`.
+fn token_review_endpoint(expected_file: &std::path::Path) -> (keygate_tests::ChildGuard, u16) {
+    const SCRIPT: &str = r#"
+import http.server, json, sys
+expected = open(sys.argv[2]).read().strip()
+class TokenReview(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        review = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        ok = review["spec"]["token"] == expected
+        body = json.dumps({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "status": {
+            "authenticated": ok, "user": {"username": "system:serviceaccount:keygate:keygate",
+            "uid": "0b7c3b4e-1111-2222-3333-444455556666", "groups": ["system:serviceaccounts"]}}}).encode()
+        self.send_response(201)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), TokenReview).serve_forever()
+"#;
+    let port = keygate_tests::free_port();
+    let mut command = std::process::Command::new(keygate_tests::tool("python"));
+    command.arg("-c").arg(SCRIPT).arg(port.to_string()).arg(expected_file);
+    let child = keygate_tests::ChildGuard::spawn("TokenReview endpoint", &mut command);
+    keygate_tests::wait_for_tcp(([127, 0, 0, 1], port).into(), Duration::from_secs(30), "TokenReview endpoint");
+    (child, port)
+}
+
+#[tokio::test]
+async fn kubernetes_auth_exchanges_the_service_account_token() {
+    let logs = LogCapture::start();
+    let bao = OpenBao::start();
+    bao.write_policy("keygate", &documented_policy());
+    bao.kv_put_fields("secret", "keygate/payments", &[("api_key", "sk_test_kubernetes")]);
+    let dir = tempfile::tempdir().unwrap();
+    service_account_jwt(dir.path());
+    let jwt_file = dir.path().join("sa.jwt");
+    let (_review, port) = token_review_endpoint(&jwt_file);
+    bao.bao(&["auth", "enable", "kubernetes"]);
+    bao.bao(&[
+        "write",
+        "auth/kubernetes/config",
+        &format!("kubernetes_host=http://127.0.0.1:{port}"),
+        &format!("kubernetes_ca_cert=@{}", dir.path().join("ca.pem").display()),
+        &format!("pem_keys=@{}", dir.path().join("sa.pub").display()),
+        "disable_local_ca_jwt=true",
+    ]);
+    bao.bao(&[
+        "write",
+        "auth/kubernetes/role/keygate",
+        "bound_service_account_names=keygate",
+        "bound_service_account_namespaces=keygate",
+        "token_policies=keygate",
+        "token_ttl=1h",
+    ]);
+    let auth = VaultAuth::Kubernetes { mount: "kubernetes".into(), role: "keygate".into(), jwt_file: jwt_file.clone() };
+    let store = SecretStore::new(&vault_config(&bao, auth)).await.unwrap();
+    let r = reference("vault://secret/keygate/payments#api_key");
+    assert_eq!(store.get(&r).await.unwrap().value.expose(), "sk_test_kubernetes");
+
+    // A role the service account is not bound to is refused, with the method and mount named.
+    bao.bao(&[
+        "write",
+        "auth/kubernetes/role/other",
+        "bound_service_account_names=other",
+        "bound_service_account_namespaces=other",
+        "token_policies=keygate",
+    ]);
+    let other = VaultAuth::Kubernetes { mount: "kubernetes".into(), role: "other".into(), jwt_file: jwt_file.clone() };
+    let refused = SecretStore::new(&vault_config(&bao, other)).await.unwrap().get(&r).await.unwrap_err();
+    assert_eq!(refused.kind(), "auth", "{refused}");
+    assert!(refused.to_string().contains("Kubernetes login at auth/kubernetes was refused"), "{refused}");
+    let jwt = std::fs::read_to_string(&jwt_file).unwrap();
+    assert_no_canary(&[jwt.trim()], &[("logs", &logs.text()), ("error", &error_texts(&refused))]);
+}
