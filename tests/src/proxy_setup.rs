@@ -10,6 +10,9 @@ use crate::keygate::{Keygate, KeygateOptions};
 /// The Stripe key the tests inject: a canary that must never appear in any output.
 pub const CANARY_KEY: &str = "sk_test_51CANARYkeygateSecretKey0000000000000000000000000000";
 
+/// The default `stripe_key` reference: the canary key in keygate's environment.
+pub const DEFAULT_KEY_REF: &str = "env://KG_E2E_STRIPE_KEY";
+
 /// A started keygate with its folder, token and key.
 #[derive(Debug)]
 pub struct ProxySetup {
@@ -36,6 +39,8 @@ pub struct SetupOptions {
     pub env: Vec<(String, String)>,
     /// Lines added under `listen:` (e.g. `  tls: …`).
     pub listen_tls_yaml: String,
+    /// The service's `stripe_key` reference.
+    pub stripe_key: String,
 }
 
 impl SetupOptions {
@@ -50,6 +55,7 @@ impl SetupOptions {
             wait_ready: true,
             env: Vec::new(),
             listen_tls_yaml: String::new(),
+            stripe_key: DEFAULT_KEY_REF.to_owned(),
         }
     }
 }
@@ -67,6 +73,7 @@ impl ProxySetup {
             &policies,
             "checkout",
             &minted.hash,
+            &options.stripe_key,
             options.rules_yaml.as_deref().unwrap_or(ALLOW_ALL),
             &options.policy_extra,
         );
@@ -105,10 +112,13 @@ impl ProxySetup {
     }
 }
 
-/// Writes `<dir>/<service>.yaml`.
-pub fn write_policy(dir: &Path, service: &str, token_hash: &str, rules_yaml: &str, extra: &str) {
+/// Writes `<dir>/<service>.yaml` (written to a temporary name, then renamed, so that a reload
+/// never reads half a file).
+pub fn write_policy(dir: &Path, service: &str, token_hash: &str, stripe_key: &str, rules_yaml: &str, extra: &str) {
     let text = format!(
-        "service: {service}\ntoken_hashes:\n  - \"{token_hash}\"\nstripe_key: env://KG_E2E_STRIPE_KEY\n{extra}rules:\n{rules_yaml}"
+        "service: {service}\ntoken_hashes:\n  - \"{token_hash}\"\nstripe_key: {stripe_key}\n{extra}rules:\n{rules_yaml}"
     );
-    std::fs::write(dir.join(format!("{service}.yaml")), text).expect("write policy");
+    let temporary = dir.join(format!(".{service}.yaml.tmp"));
+    std::fs::write(&temporary, text).expect("write policy");
+    std::fs::rename(&temporary, dir.join(format!("{service}.yaml"))).expect("rename policy");
 }

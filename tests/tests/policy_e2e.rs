@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use keygate_tests::fake_stripe::{Behavior, FakeStripe};
 use keygate_tests::http::request;
 use keygate_tests::localstripe::Localstripe;
-use keygate_tests::proxy_setup::{ProxySetup, SetupOptions, write_policy};
+use keygate_tests::proxy_setup::{DEFAULT_KEY_REF, ProxySetup, SetupOptions, write_policy};
 use keygate_tests::tool;
 
 const CHECKOUT_RULES: &str = "  - id: small-intents
@@ -165,7 +165,7 @@ async fn hot_reload_takes_effect_without_dropping_in_flight_requests() {
     let in_flight = tokio::task::spawn_blocking(move || request(addr, "GET", "/v1/customers", &token, &[], ""));
     tokio::time::sleep(Duration::from_millis(300)).await;
     let new_rules = "  - id: read-balance\n    effect: allow\n    operation: GET /v1/balance\n";
-    write_policy(&policies, "checkout", &setup.token_hash, new_rules, "");
+    write_policy(&policies, "checkout", &setup.token_hash, DEFAULT_KEY_REF, new_rules, "");
 
     let token = setup.token.clone();
     let reloaded = tokio::task::spawn_blocking(move || {
