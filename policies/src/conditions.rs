@@ -73,9 +73,9 @@ fn holds_for_every_value(c: &ParamCondition, params: &crate::params::RequestPara
         return if params.has_under(&c.name) { Err(ParamFailure::Forbidden) } else { Ok(()) };
     }
     let mut seen = false;
-    for value in params.values(&c.name) {
+    for (value, number) in params.values_with_numbers(&c.name) {
         seen = true;
-        check_value(c, value)?;
+        check_value(c, value, number)?;
     }
     if !seen && c.needs_presence() {
         return Err(ParamFailure::Missing);
@@ -88,8 +88,8 @@ fn holds_for_some_value(c: &ParamCondition, params: &crate::params::RequestParam
         return if params.has_under(&c.name) { Err(ParamFailure::Forbidden) } else { Ok(()) };
     }
     let mut first_failure = None;
-    for value in params.values(&c.name) {
-        match check_value(c, value) {
+    for (value, number) in params.values_with_numbers(&c.name) {
+        match check_value(c, value, number) {
             Ok(()) => return Ok(()),
             Err(f) => {
                 first_failure.get_or_insert(f);
@@ -104,9 +104,9 @@ fn holds_for_some_value(c: &ParamCondition, params: &crate::params::RequestParam
     }
 }
 
-fn check_value(c: &ParamCondition, value: &str) -> Result<(), ParamFailure> {
+fn check_value(c: &ParamCondition, value: &str, number: Option<i64>) -> Result<(), ParamFailure> {
     if c.min.is_some() || c.max.is_some() {
-        let Ok(number) = value.parse::<i64>() else {
+        let Some(number) = number else {
             return Err(ParamFailure::NotANumber);
         };
         if c.min.is_some_and(|min| number < min) {

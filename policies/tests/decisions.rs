@@ -332,7 +332,7 @@ fn lookups_by_token_hash_and_identity() {
     assert_eq!(by_identity("dns:analytics.data.svc.cluster.local"), Some("analytics"));
     assert_eq!(by_identity("dns:checkout.shop.svc.cluster.local"), None);
     let checkout = set.service("checkout").unwrap();
-    assert_eq!(checkout.stripe_key, "vault://secret/data/stripe/checkout#api_key");
+    assert_eq!(checkout.stripe_key, "vault://secret/stripe/checkout#api_key");
     assert_eq!(checkout.file_name(), "checkout.yaml");
 }
 

@@ -11,7 +11,7 @@ use keygate_policies::{
 
 const PAYER: &str = r#"
 service: payer
-stripe_key: "vault://secret/data/stripe/payer#key"
+stripe_key: "vault://secret/stripe/payer#key"
 mode: MODE
 rate_limit: { per_second: RATE, burst: BURST }
 budgets:
