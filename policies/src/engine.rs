@@ -18,7 +18,7 @@ use crate::conditions::{self, Failure};
 use crate::limits::{EngineClock, ManualClock, ServiceState};
 use crate::model::{Effect, IdempotencyMode, Mode, ServicePolicy};
 use crate::operations::{Operation, is_normal_path, match_operation};
-use crate::params::RequestParams;
+use crate::params::{NameFilter, RequestParams};
 use crate::set::PolicySet;
 
 /// Operations whose `amount` counts against a service's budgets: creating a payment intent, a
@@ -124,17 +124,20 @@ pub struct Decision {
 /// The body, parsed on first use.
 pub(crate) struct LazyParams<'a> {
     facts: &'a RequestFacts<'a>,
+    names: &'a NameFilter,
     parsed: Option<RequestParams<'a>>,
 }
 
 impl<'a> LazyParams<'a> {
-    pub(crate) fn new(facts: &'a RequestFacts<'a>) -> LazyParams<'a> {
-        LazyParams { facts, parsed: None }
+    pub(crate) fn new(facts: &'a RequestFacts<'a>, names: &'a NameFilter) -> LazyParams<'a> {
+        LazyParams { facts, names, parsed: None }
     }
 
     pub(crate) fn get(&mut self) -> &RequestParams<'a> {
-        let facts = self.facts;
-        self.parsed.get_or_insert_with(|| RequestParams::parse(facts.path, facts.query, facts.content_type, facts.body))
+        let (facts, names) = (self.facts, self.names);
+        self.parsed.get_or_insert_with(|| {
+            RequestParams::parse_with(facts.path, facts.query, facts.content_type, facts.body, Some(names))
+        })
     }
 
     pub(crate) fn parsed(&self) -> Option<&RequestParams<'a>> {
@@ -224,7 +227,7 @@ impl PolicyEngine {
         };
         let policy = snapshot.set.service_at(index);
         let state = &snapshot.states[index];
-        let mut params = LazyParams::new(facts);
+        let mut params = LazyParams::new(facts, &policy.names);
         let mut ctx = Ctx { policy, facts, operation, denied: None };
 
         // 1. Rate limit: every request of the service takes a token.
@@ -563,7 +566,7 @@ pub struct RuleTrace {
 /// conditions hold. Ignores rate limits and budgets.
 pub(crate) fn trace_rules(policy: &ServicePolicy, facts: &RequestFacts<'_>) -> Vec<RuleTrace> {
     let operation = match_operation(facts.method, facts.path);
-    let mut params = LazyParams::new(facts);
+    let mut params = LazyParams::new(facts, &policy.names);
     let rule_indexes: Vec<usize> = match operation {
         Some(op) => policy
             .index

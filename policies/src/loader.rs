@@ -384,6 +384,7 @@ fn compile(file: &str, raw: RawPolicy) -> Result<ServicePolicy, Vec<Problem>> {
         budgets,
         rules,
         index: Default::default(),
+        names: Default::default(),
     }
     .with_index())
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::operations::operations;
+use crate::params::NameFilter;
 use crate::pattern::{OperationPattern, TemplateMatch};
 
 /// `enforce` (denials are returned to the client) or `report` (denials are recorded as
@@ -209,6 +210,8 @@ pub struct ServicePolicy {
     /// Ordered rules; the first that matches decides.
     pub rules: Vec<Rule>,
     pub(crate) index: RuleIndex,
+    /// The parameter names this policy's rules can look at.
+    pub(crate) names: NameFilter,
 }
 
 impl ServicePolicy {
@@ -228,6 +231,11 @@ impl ServicePolicy {
     /// Builds the per-operation rule index; call after `rules` is final.
     pub(crate) fn with_index(mut self) -> ServicePolicy {
         self.index = RuleIndex::build(&self.rules);
+        let conditions = self.rules.iter().flat_map(|r| r.params.iter());
+        self.names = NameFilter::new(
+            conditions.clone().map(|c| c.name.clone()),
+            conditions.filter(|c| c.forbidden).map(|c| c.name.clone()),
+        );
         self
     }
 }

@@ -7,6 +7,9 @@
 //! `expand[0]` → `expand`). JSON objects become brackets (`{"amount":{"value":5}}` →
 //! `amount[value]`).
 //!
+//! The engine parses with the service's [`NameFilter`]: only parameters that some condition
+//! names (plus amount and currency) are decoded and kept, so large bodies cost little.
+//!
 //! Invariants: parsing never panics on any input; whatever cannot be read (invalid UTF-8 after
 //! decoding, malformed JSON, an unknown body content type, too many parameters) marks the set
 //! `unreadable`, and the decider treats unreadable parameters as "could be anything": allow
@@ -49,20 +52,62 @@ struct Param<'a> {
 pub struct RequestParams<'a> {
     entries: Vec<Param<'a>>,
     unreadable: bool,
+    /// Reused buffer for decoding names that may turn out not to be wanted.
+    scratch: Vec<u8>,
+}
+
+/// The parameter names a policy can look at: the names of its conditions (exactly, or anything
+/// nested under a `forbidden` one) and the amount and currency. The engine keeps only those,
+/// so it neither decodes nor stores the rest of a body.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct NameFilter {
+    exact: Vec<String>,
+    under: Vec<String>,
+}
+
+impl NameFilter {
+    pub(crate) fn new(exact: impl IntoIterator<Item = String>, under: impl IntoIterator<Item = String>) -> NameFilter {
+        let mut exact: Vec<String> = exact
+            .into_iter()
+            .chain(["amount", "currency", "amount[value]", "amount[currency]"].map(String::from))
+            .collect();
+        exact.sort();
+        exact.dedup();
+        let mut under: Vec<String> = under.into_iter().collect();
+        under.sort();
+        under.dedup();
+        NameFilter { exact, under }
+    }
+
+    fn wants(&self, name: &str) -> bool {
+        // A handful of names: a length check rejects most without comparing bytes.
+        self.exact.iter().any(|n| n.len() == name.len() && n == name) || self.under.iter().any(|u| is_under(name, u))
+    }
 }
 
 impl<'a> RequestParams<'a> {
     /// Parses the query string and, according to `content_type` (form when absent on `/v1`,
     /// JSON when absent on `/v2`), the body.
     pub fn parse(path: &str, query: Option<&'a str>, content_type: Option<&str>, body: &'a [u8]) -> RequestParams<'a> {
+        RequestParams::parse_with(path, query, content_type, body, None)
+    }
+
+    /// Like [`RequestParams::parse`], keeping only the parameters `filter` wants.
+    pub(crate) fn parse_with(
+        path: &str,
+        query: Option<&'a str>,
+        content_type: Option<&str>,
+        body: &'a [u8],
+        filter: Option<&NameFilter>,
+    ) -> RequestParams<'a> {
         let mut params = RequestParams::default();
         if let Some(query) = query {
-            params.add_form(query.as_bytes());
+            params.add_form(query.as_bytes(), filter);
         }
         if !body.is_empty() {
             match body_kind(path, content_type) {
-                BodyKind::Form => params.add_form(body),
-                BodyKind::Json => params.add_json(body),
+                BodyKind::Form => params.add_form(body, filter),
+                BodyKind::Json => params.add_json(body, filter),
                 BodyKind::Other => params.unreadable = true,
             }
         }
@@ -72,7 +117,7 @@ impl<'a> RequestParams<'a> {
     /// Parses one `application/x-www-form-urlencoded` text (a body or a query string).
     pub fn parse_form(bytes: &'a [u8]) -> RequestParams<'a> {
         let mut params = RequestParams::default();
-        params.add_form(bytes);
+        params.add_form(bytes, None);
         params
     }
 
@@ -139,19 +184,23 @@ impl<'a> RequestParams<'a> {
         self.entries.push(Param { name, value, number });
     }
 
-    fn add_form(&mut self, bytes: &'a [u8]) {
+    fn add_form(&mut self, bytes: &'a [u8], filter: Option<&NameFilter>) {
         let pairs = memchr::memchr_iter(b'&', bytes).count() + 1;
-        self.entries.reserve(pairs.min(MAX_PARAMS));
+        if pairs > MAX_PARAMS {
+            self.unreadable = true;
+            return;
+        }
+        self.entries.reserve(pairs);
         match std::str::from_utf8(bytes) {
-            Ok(text) => self.add_form_text(text),
+            Ok(text) => self.add_form_text(text, filter),
             // Raw non-ASCII bytes (SDKs percent-encode everything): slower, per component.
-            Err(_) => self.add_form_bytes(bytes),
+            Err(_) => self.add_form_bytes(bytes, filter),
         }
     }
 
     /// One pass over a UTF-8 form: `&` and `=` are ASCII, so every component is a `&str`
     /// slice; only components with `%` or `+` are decoded (and re-validated).
-    fn add_form_text(&mut self, text: &'a str) {
+    fn add_form_text(&mut self, text: &'a str, filter: Option<&NameFilter>) {
         let bytes = text.as_bytes();
         let mut start = 0;
         let mut equals = None;
@@ -163,7 +212,12 @@ impl<'a> RequestParams<'a> {
                 PLAIN => {}
                 AMPERSAND => {
                     let needs_normalizing = name_escaped || name_bracketed;
-                    self.push_component_pair(text, start, equals, i, [name_escaped, needs_normalizing, value_escaped]);
+                    self.push_component_pair(
+                        text,
+                        (start, equals, i),
+                        [name_escaped, needs_normalizing, value_escaped],
+                        filter,
+                    );
                     start = i + 1;
                     equals = None;
                     name_escaped = false;
@@ -178,45 +232,68 @@ impl<'a> RequestParams<'a> {
             }
         }
         let needs_normalizing = name_escaped || name_bracketed;
-        self.push_component_pair(text, start, equals, bytes.len(), [name_escaped, needs_normalizing, value_escaped]);
+        self.push_component_pair(
+            text,
+            (start, equals, bytes.len()),
+            [name_escaped, needs_normalizing, value_escaped],
+            filter,
+        );
     }
 
     fn push_component_pair(
         &mut self,
         text: &'a str,
-        start: usize,
-        equals: Option<usize>,
-        end: usize,
+        (start, equals, end): (usize, Option<usize>, usize),
         [name_escaped, name_needs_normalizing, value_escaped]: [bool; 3],
+        filter: Option<&NameFilter>,
     ) {
         if start >= end {
             return;
         }
-        let (name, value) = match equals {
+        let (raw_name, raw_value) = match equals {
             Some(at) => (&text[start..at], &text[at + 1..end]),
             None => (&text[start..end], ""),
         };
-        let decode = |part: &'a str, escaped: bool| {
+        let value = |escaped: bool| {
             if escaped {
-                decode_component(part.as_bytes()).map(|c| Cow::Owned(c.into_owned()))
+                decode_component(raw_value.as_bytes()).map(|c| Cow::Owned(c.into_owned()))
             } else {
-                Some(Cow::Borrowed(part))
+                Some(Cow::Borrowed(raw_value))
             }
         };
-        match (decode(name, name_escaped), decode(value, value_escaped)) {
-            (Some(name), Some(value)) if !name.is_empty() => {
-                if name_needs_normalizing {
-                    self.push(name, value);
-                } else {
-                    self.push_normalized(name, value);
+        if !name_escaped {
+            let name =
+                if name_needs_normalizing { normalize_name(Cow::Borrowed(raw_name)) } else { Cow::Borrowed(raw_name) };
+            if name.is_empty() || filter.is_some_and(|f| !f.wants(&name)) {
+                return;
+            }
+            match value(value_escaped) {
+                Some(value) => self.push_normalized(name, value),
+                None => self.unreadable = true,
+            }
+            return;
+        }
+        // Decode the name into the scratch buffer first: most names a policy does not look at
+        // then cost no allocation.
+        let mut scratch = std::mem::take(&mut self.scratch);
+        decode_into(raw_name.as_bytes(), &mut scratch);
+        match std::str::from_utf8(&scratch) {
+            Ok(decoded) => {
+                let name = normalize_name(Cow::Borrowed(decoded));
+                let wanted = !name.is_empty() && filter.is_none_or(|f| f.wants(&name));
+                if wanted {
+                    match value(value_escaped) {
+                        Some(value) => self.push_normalized(Cow::Owned(name.into_owned()), value),
+                        None => self.unreadable = true,
+                    }
                 }
             }
-            (Some(_), Some(_)) => {}
-            _ => self.unreadable = true,
+            Err(_) => self.unreadable = true,
         }
+        self.scratch = scratch;
     }
 
-    fn add_form_bytes(&mut self, bytes: &'a [u8]) {
+    fn add_form_bytes(&mut self, bytes: &'a [u8], filter: Option<&NameFilter>) {
         let mut start = 0;
         for end in memchr::memchr_iter(b'&', bytes).chain(std::iter::once(bytes.len())) {
             let pair = &bytes[start..end];
@@ -229,18 +306,26 @@ impl<'a> RequestParams<'a> {
                 None => (pair, &pair[pair.len()..]),
             };
             match (decode_component(raw_name), decode_component(raw_value)) {
-                (Some(name), Some(value)) if !name.is_empty() => self.push(name, value),
+                (Some(name), Some(value)) if !name.is_empty() => {
+                    let name = normalize_name(name);
+                    if filter.is_none_or(|f| f.wants(&name)) {
+                        self.push_normalized(name, value);
+                    }
+                }
                 (Some(_), Some(_)) => {}
                 _ => self.unreadable = true,
             }
         }
     }
 
-    fn add_json(&mut self, bytes: &[u8]) {
+    fn add_json(&mut self, bytes: &[u8], filter: Option<&NameFilter>) {
         match serde_json::from_slice::<serde_json::Value>(bytes) {
             Ok(value) => {
                 let mut prefix = String::new();
                 self.flatten_json(&mut prefix, &value);
+                if let Some(filter) = filter {
+                    self.entries.retain(|p| filter.wants(&p.name));
+                }
             }
             Err(_) => self.unreadable = true,
         }
@@ -315,24 +400,35 @@ fn decode_component(raw: &[u8]) -> Option<Cow<'_, str>> {
         return std::str::from_utf8(raw).ok().map(Cow::Borrowed);
     }
     let mut out = Vec::with_capacity(raw.len());
-    let mut i = 0;
-    while i < raw.len() {
-        match raw[i] {
-            b'+' => out.push(b' '),
-            b'%' => match (raw.get(i + 1).and_then(hex_value), raw.get(i + 2).and_then(hex_value)) {
-                (Some(hi), Some(lo)) => {
-                    out.push(hi << 4 | lo);
-                    i += 2;
-                }
-                // A `%` not followed by two hex digits stays as it is (as in WHATWG URL
-                // parsing and percent_encoding).
-                _ => out.push(b'%'),
-            },
-            b => out.push(b),
-        }
-        i += 1;
-    }
+    decode_into(raw, &mut out);
     String::from_utf8(out).ok().map(Cow::Owned)
+}
+
+/// `+` as space and percent-decoding into `out` (cleared first); no UTF-8 check.
+fn decode_into(raw: &[u8], out: &mut Vec<u8>) {
+    out.clear();
+    out.reserve(raw.len());
+    let mut rest = raw;
+    while let Some(at) = memchr::memchr2(b'%', b'+', rest) {
+        out.extend_from_slice(&rest[..at]);
+        if rest[at] == b'+' {
+            out.push(b' ');
+            rest = &rest[at + 1..];
+            continue;
+        }
+        match (rest.get(at + 1).and_then(hex_value), rest.get(at + 2).and_then(hex_value)) {
+            (Some(hi), Some(lo)) => {
+                out.push(hi << 4 | lo);
+                rest = &rest[at + 3..];
+            }
+            // A `%` not followed by two hex digits stays as it is.
+            _ => {
+                out.push(b'%');
+                rest = &rest[at + 1..];
+            }
+        }
+    }
+    out.extend_from_slice(rest);
 }
 
 fn hex_value(b: &u8) -> Option<u8> {

@@ -60,6 +60,7 @@ impl PolicySet {
             budgets: Vec::new(),
             rules: vec![rule],
             index: Default::default(),
+            names: Default::default(),
         }
         .with_index();
         PolicySet::build(vec![policy])

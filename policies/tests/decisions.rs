@@ -143,6 +143,13 @@ fn decision_table() {
             Deny,
             "no-card-data-expansion",
         ),
+        // Only parameters the policy looks at are read: bad bytes elsewhere change nothing.
+        (
+            "checkout",
+            post("/v1/payment_intents", "amount=2000&currency=usd&metadata[order_id]=A-8&description=%FF"),
+            Allow,
+            "create-intents",
+        ),
         // Invalid UTF-8 after percent-decoding.
         (
             "checkout",
