@@ -4,7 +4,7 @@
 //! [`RequestFacts`] and asks a shared [`PolicyEngine`] for a [`Decision`]; the decision names
 //! the rule that made it, and for denials carries the Stripe-shaped error the client gets.
 //!
-//! - [`operations`]: the embedded Stripe operation table and [`match_operation`].
+//! - [`operations`](mod@operations): the embedded Stripe operation table and [`match_operation`].
 //! - [`PolicySet::load_dir`]: one YAML file per service, validated as a whole folder.
 //! - [`PolicyEngine`]: rules, rate limits, budgets and idempotency, per keygate instance.
 //! - [`check`], [`explain`], [`run_tests`]: the `keygate policy …` tools, as library functions.

@@ -7,7 +7,7 @@
 //! `expand[0]` → `expand`). JSON objects become brackets (`{"amount":{"value":5}}` →
 //! `amount[value]`).
 //!
-//! The engine parses with the service's [`NameFilter`]: only parameters that some condition
+//! The engine parses with the service's `NameFilter`: only parameters that some condition
 //! names (plus amount and currency) are decoded and kept, so large bodies cost little.
 //!
 //! Invariants: parsing never panics on any input; whatever cannot be read (invalid UTF-8 after
