@@ -146,6 +146,16 @@ impl AuditLog {
         })
     }
 
+    /// A log that records nothing (`audit.enabled: false`).
+    pub fn disabled() -> AuditLog {
+        AuditLog { inner: None }
+    }
+
+    /// Whether this log records anything.
+    pub fn is_enabled(&self) -> bool {
+        self.inner.is_some()
+    }
+
     /// This instance's writer id (`None` when disabled).
     pub fn writer_id(&self) -> Option<&str> {
         self.inner.as_ref().map(|i| i.writer_id.as_str())

@@ -47,7 +47,11 @@ async fn keygate_in_front_of(upstream: SocketAddr, token_hash: &str, key_file: &
     let env: Vec<(String, String)> = ["API", "FILES", "CONNECT", "METER_EVENTS"]
         .iter()
         .map(|host| (format!("KEYGATE_UPSTREAMS__{host}"), url.clone()))
-        .chain([("KEYGATE_LOG__LEVEL".to_owned(), "error".to_owned())])
+        .chain([
+            ("KEYGATE_LOG__LEVEL".to_owned(), "error".to_owned()),
+            // The audit-off cost (P0); the audit writer has its own bench in auditlog/benches.
+            ("KEYGATE_AUDIT__ENABLED".to_owned(), "false".to_owned()),
+        ])
         .collect();
     let config = keygate::config::load(None, &env).unwrap();
     let key_ref = format!("file://{}", key_file.display());

@@ -41,6 +41,9 @@ pub struct Config {
     /// Secret sources and their cache (see docs/secrets.md).
     #[serde(default)]
     pub secrets: keygate_secrets::SecretsConfig,
+    /// The audit lake (see docs/audit-lake.md).
+    #[serde(default)]
+    pub audit: keygate_auditlog::AuditConfig,
 }
 
 /// The proxy listener.
@@ -307,7 +310,7 @@ fn render_problems(source: &str, problems: &[String]) -> String {
 
 /// The top-level sections; a `KEYGATE_…` variable whose first segment is not one of these is
 /// not configuration (tools use the prefix too) and is left alone.
-const SECTIONS: [&str; 7] = ["listen", "admin", "upstreams", "limits", "policies", "log", "secrets"];
+const SECTIONS: [&str; 8] = ["listen", "admin", "upstreams", "limits", "policies", "log", "secrets", "audit"];
 
 /// Reads the YAML file (if any), applies `KEYGATE_…` overrides from `env`, and validates.
 pub fn load(path: Option<&Path>, env: &[(String, String)]) -> Result<Config, ConfigError> {
@@ -500,6 +503,13 @@ fn validate(config: &Config, from_file: bool) -> Vec<String> {
     }
     if let Err(error) = tracing_subscriber::EnvFilter::try_new(&config.log.level) {
         problems.push(format!("`log.level`: {error}"));
+    }
+    if let Err(error) = config.secrets.validate() {
+        problems.push(format!("`secrets`: {error}"));
+    }
+    // Without a file (the quick start) keygate generates the audit keys itself.
+    if from_file && let Err(error) = config.audit.validate() {
+        problems.push(format!("`audit`: {error}"));
     }
     problems
 }

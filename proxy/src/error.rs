@@ -74,6 +74,12 @@ pub enum ProxyError {
     )]
     AuditUnavailable { detail: String },
     #[error(
+        "keygate could not record this exchange in its audit log ({detail}), so it withholds \
+         Stripe's response. Stripe may have processed the request: retry it with the same \
+         Idempotency-Key once keygate is ready again."
+    )]
+    AuditUnrecorded { detail: String },
+    #[error(
         "keygate could not connect to the Stripe host {host}: {detail}. Nothing was received from \
          Stripe; it is safe to retry with the same Idempotency-Key."
     )]
@@ -95,6 +101,11 @@ pub enum ProxyError {
     ResponseTooLarge { host: String, limit: u64 },
     #[error("keygate is shutting down and accepts no new requests; retry against another instance.")]
     ShuttingDown,
+    #[error(
+        "keygate failed while handling this request (an internal error, logged with its event id). \
+         The request may or may not have reached Stripe: retry it with the same Idempotency-Key."
+    )]
+    Internal,
 }
 
 impl ProxyError {
@@ -108,12 +119,14 @@ impl ProxyError {
             ProxyError::PolicyDenied { status, .. } => *status,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            ProxyError::SecretUnavailable { .. } | ProxyError::AuditUnavailable { .. } | ProxyError::ShuttingDown => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ProxyError::SecretUnavailable { .. }
+            | ProxyError::AuditUnavailable { .. }
+            | ProxyError::AuditUnrecorded { .. }
+            | ProxyError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamConnect { .. }
             | ProxyError::UpstreamBroken { .. }
             | ProxyError::ResponseTooLarge { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -128,12 +141,13 @@ impl ProxyError {
             ProxyError::BodyTooLarge { .. } => "keygate_body_too_large",
             ProxyError::HeadersTooLarge { .. } => "keygate_headers_too_large",
             ProxyError::SecretUnavailable { .. } => "keygate_secret_unavailable",
-            ProxyError::AuditUnavailable { .. } => "keygate_audit_unavailable",
+            ProxyError::AuditUnavailable { .. } | ProxyError::AuditUnrecorded { .. } => "keygate_audit_unavailable",
             ProxyError::UpstreamConnect { .. } => "keygate_upstream_unreachable",
             ProxyError::UpstreamTimeout { .. } => "keygate_upstream_timeout",
             ProxyError::UpstreamBroken { .. } => "keygate_upstream_failed",
             ProxyError::ResponseTooLarge { .. } => "keygate_response_too_large",
             ProxyError::ShuttingDown => "keygate_shutting_down",
+            ProxyError::Internal => "keygate_internal_error",
         }
     }
 
@@ -147,6 +161,7 @@ impl ProxyError {
             ProxyError::UpstreamConnect { .. }
             | ProxyError::SecretUnavailable { .. }
             | ProxyError::AuditUnavailable { .. }
+            | ProxyError::AuditUnrecorded { .. }
             | ProxyError::ShuttingDown => Some("true"),
             ProxyError::PolicyDenied { status, .. } if *status == StatusCode::TOO_MANY_REQUESTS => Some("true"),
             _ if self.status().is_client_error() => Some("false"),

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use arc_swap::ArcSwap;
+use keygate_auditlog::AuditLog;
 use keygate_policies::{PolicyEngine, PolicySet};
 use keygate_secrets::{SecretRef, SecretStore};
 use prometheus_client::registry::Registry;
@@ -69,30 +70,37 @@ pub struct Gateway {
     pub directory: ArcSwap<ServiceDirectory>,
     pub secrets: SecretStore,
     pub upstream: Upstream,
+    pub audit: AuditLog,
     pub metrics: Arc<ProxyMetrics>,
     pub registry: Registry,
     shutting_down: AtomicBool,
 }
 
+/// The parts a gateway is assembled from.
+#[derive(Debug)]
+pub struct GatewayParts {
+    pub config: Config,
+    pub policies: PolicySet,
+    pub directory: ServiceDirectory,
+    pub secrets: SecretStore,
+    pub upstream: Upstream,
+    pub audit: AuditLog,
+    pub metrics: Arc<ProxyMetrics>,
+    pub registry: Registry,
+}
+
 impl Gateway {
-    /// Assembles a gateway. `registry` already holds the metrics of the other components.
-    pub fn new(
-        config: Config,
-        policies: PolicySet,
-        directory: ServiceDirectory,
-        secrets: SecretStore,
-        upstream: Upstream,
-        metrics: Arc<ProxyMetrics>,
-        registry: Registry,
-    ) -> Gateway {
+    /// Assembles a gateway. `parts.registry` already holds the metrics of every component.
+    pub fn new(parts: GatewayParts) -> Gateway {
         Gateway {
-            config,
-            engine: PolicyEngine::new(policies),
-            directory: ArcSwap::from_pointee(directory),
-            secrets,
-            upstream,
-            metrics,
-            registry,
+            config: parts.config,
+            engine: PolicyEngine::new(parts.policies),
+            directory: ArcSwap::from_pointee(parts.directory),
+            secrets: parts.secrets,
+            upstream: parts.upstream,
+            audit: parts.audit,
+            metrics: parts.metrics,
+            registry: parts.registry,
             shutting_down: AtomicBool::new(false),
         }
     }
@@ -126,6 +134,9 @@ impl Gateway {
         let mut reasons = Vec::new();
         if self.is_shutting_down() {
             reasons.push("shutting down".to_owned());
+        }
+        if let Err(reason) = self.audit.is_ready() {
+            reasons.push(reason);
         }
         for (service, reference) in &self.directory.load().keys {
             if !self.secrets.is_loaded(reference) {

@@ -1,15 +1,18 @@
 //! The request pipeline: named phases over one per-request context.
 //!
 //! ```text
-//! read head ─► authenticate ─► read body ─► inject (fetch key) ─► authorize ─► forward ─► respond
-//!                                                                                   │
-//!                                      finish (always runs: audit record, metrics, log line)
+//! read head ─► authenticate ─► read body ─► inject (fetch key) ─► authorize ─► intent ─► forward ─► respond
+//!                                                                                                │
+//!                                             finish (always runs: audit record, metrics, log line)
 //! ```
 //!
 //! Invariants:
 //! - a request reaches Stripe only with a policy decision that allows it and an injected key;
 //! - the client's `Authorization` never goes upstream; hop-by-hop headers never cross;
 //! - every phase error becomes a response in one place ([`ProxyError::to_response`]);
+//! - a mutation's intent is durable in the audit log before it is forwarded, and no response
+//!   leaves before its audit record is durable (under `durability: sync`); when either fails the
+//!   client gets 503 `keygate_audit_unavailable`;
 //! - the finishing phase runs for every request, whatever happened before.
 
 use std::net::SocketAddr;
@@ -21,6 +24,7 @@ use http::header::{AUTHORIZATION, CONTENT_LENGTH, HOST, HeaderName, HeaderValue}
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
+use keygate_auditlog::{Exchange, HttpMessage, IntentId, Outcome as AuditOutcome};
 use keygate_policies::{Decision, RequestFacts, Verdict};
 use keygate_secrets::{Secret, SecretRef};
 use uuid::Uuid;
@@ -68,6 +72,7 @@ pub struct RequestContext {
     pub started: Instant,
     pub peer: SocketAddr,
     pub method: Method,
+    pub version: http::Version,
     pub path: String,
     pub query: Option<String>,
     pub host: StripeHost,
@@ -82,6 +87,7 @@ pub struct RequestContext {
     pub request_id: Option<String>,
     pub outcome: Outcome,
     pub error_code: Option<&'static str>,
+    pub intent: Option<IntentId>,
 }
 
 impl RequestContext {
@@ -94,6 +100,7 @@ impl RequestContext {
             peer: connection.peer,
             host: route(request.method(), &path),
             method: request.method().clone(),
+            version: request.version(),
             query: request.uri().query().map(str::to_owned),
             path,
             request_headers: HeaderMap::new(),
@@ -107,6 +114,7 @@ impl RequestContext {
             request_id: None,
             outcome: Outcome::Rejected,
             error_code: None,
+            intent: None,
         }
     }
 
@@ -123,7 +131,7 @@ pub async fn handle(
     request: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
     let metrics = gateway.metrics.clone();
-    metrics.in_flight.inc();
+    let _in_flight = InFlight::new(&metrics);
     let mut ctx = RequestContext::new(&connection, &request);
     let reply = match run_phases(&gateway, &connection, &mut ctx, request).await {
         Ok(reply) => reply,
@@ -143,12 +151,27 @@ pub async fn handle(
             error.to_reply()
         }
     };
-    let mut reply = finish(&gateway, &ctx, reply);
-    metrics.in_flight.dec();
+    let mut reply = finish(&gateway, &mut ctx, reply).await;
     if let Ok(value) = HeaderValue::from_str(&ctx.event_id.to_string()) {
         reply.headers.insert("keygate-event-id", value);
     }
     reply.into_response()
+}
+
+/// Counts a request in flight for as long as its handler lives.
+struct InFlight(Arc<crate::telemetry::ProxyMetrics>);
+
+impl InFlight {
+    fn new(metrics: &Arc<crate::telemetry::ProxyMetrics>) -> InFlight {
+        metrics.in_flight.inc();
+        InFlight(metrics.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.dec();
+    }
 }
 
 async fn run_phases(
@@ -197,6 +220,16 @@ async fn run_phases(
         if let Ok(value) = HeaderValue::from_str(&key) {
             ctx.request_headers.insert("idempotency-key", value);
         }
+    }
+
+    if gateway.audit.is_enabled() && is_mutation(&ctx.method) {
+        let intent = exchange(ctx, None, 0, AuditOutcome::Unknown);
+        let id = gateway
+            .audit
+            .record_intent(&intent)
+            .await
+            .map_err(|error| ProxyError::AuditUnavailable { detail: error.to_string() })?;
+        ctx.intent = Some(id);
     }
 
     let upstream = forward(gateway, ctx, &key_ref, &secret).await?;
@@ -407,9 +440,92 @@ fn respond(ctx: &mut RequestContext, upstream: UpstreamResponse) -> Reply {
     reply
 }
 
-/// The phase that always runs: metrics and the canonical log line (and, with the audit lake, the
-/// audit record).
-fn finish(gateway: &Gateway, ctx: &RequestContext, reply: Reply) -> Reply {
+/// Whether a request changes something at Stripe (and so needs a durable intent first).
+fn is_mutation(method: &Method) -> bool {
+    !matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
+}
+
+fn as_audit_outcome(outcome: Outcome) -> AuditOutcome {
+    match outcome {
+        Outcome::Completed => AuditOutcome::Completed,
+        Outcome::Rejected => AuditOutcome::Rejected,
+        Outcome::UpstreamError => AuditOutcome::UpstreamError,
+    }
+}
+
+fn http_message(start_line: String, headers: &HeaderMap, body: &Bytes) -> HttpMessage {
+    HttpMessage {
+        start_line,
+        headers: headers.iter().map(|(name, value)| (name.as_str().to_owned(), value.as_bytes().to_vec())).collect(),
+        body: body.clone(),
+    }
+}
+
+/// The audit record of the exchange so far (`reply` is `None` for an intent). Redaction,
+/// compression and encryption are the audit log's job.
+fn exchange(ctx: &RequestContext, reply: Option<&Reply>, status: u16, outcome: AuditOutcome) -> Exchange {
+    let headers = &ctx.request_headers;
+    let decision = ctx.decision.as_ref();
+    let target = match &ctx.query {
+        Some(query) => format!("{}?{query}", ctx.path),
+        None => ctx.path.clone(),
+    };
+    let now = SystemTime::now();
+    Exchange {
+        event_id: ctx.event_id,
+        received_at: ctx.received_at,
+        completed_at: now,
+        duration_us: u64::try_from(ctx.started.elapsed().as_micros()).unwrap_or(u64::MAX),
+        upstream_us: ctx.upstream_us,
+        service: ctx.service.clone(),
+        peer: ctx.peer.to_string(),
+        method: ctx.method.to_string(),
+        path: ctx.path.clone(),
+        operation: decision.and_then(|d| d.operation).map(str::to_owned),
+        stripe_host: Some(ctx.host.as_str().to_owned()),
+        stripe_account: header_str(headers, "stripe-account").map(str::to_owned),
+        stripe_version: header_str(headers, "stripe-version").map(str::to_owned),
+        livemode: ctx.livemode,
+        idempotency_key: header_str(headers, "idempotency-key").map(str::to_owned),
+        request_id: ctx.request_id.clone(),
+        decision: decision.map_or("deny", |d| d.verdict.as_str()).to_owned(),
+        rule: decision.map(|d| d.rule.clone()),
+        reason: decision.map(|d| d.reason.clone()).or_else(|| ctx.error_code.map(str::to_owned)),
+        status,
+        outcome,
+        amount: decision.and_then(|d| d.amount),
+        currency: decision.and_then(|d| d.currency.clone()),
+        key_ref: ctx.key_ref.clone(),
+        key_version: ctx.key_version.clone(),
+        request: http_message(format!("{} {target} {:?}", ctx.method, ctx.version), headers, &ctx.request_body),
+        response: reply.map(|reply| {
+            http_message(
+                format!(
+                    "{:?} {} {}",
+                    ctx.version,
+                    reply.status.as_u16(),
+                    reply.status.canonical_reason().unwrap_or("")
+                ),
+                &reply.headers,
+                &reply.body,
+            )
+        }),
+    }
+}
+
+/// The phase that always runs: the audit record, metrics and the canonical log line. When the
+/// record cannot be made durable, the client gets 503 instead of the response.
+async fn finish(gateway: &Gateway, ctx: &mut RequestContext, mut reply: Reply) -> Reply {
+    if gateway.audit.is_enabled() {
+        let record = exchange(ctx, Some(&reply), reply.status.as_u16(), as_audit_outcome(ctx.outcome));
+        if let Err(error) = gateway.audit.record(record, ctx.intent.take()).await {
+            tracing::error!(event_id = %ctx.event_id, error = %error, "audit record failed; the response is withheld");
+            let refusal = ProxyError::AuditUnrecorded { detail: error.to_string() };
+            ctx.error_code = Some(refusal.code());
+            gateway.metrics.refused.get_or_create(&ReasonLabels { reason: refusal.code().to_owned() }).inc();
+            reply = refusal.to_reply();
+        }
+    }
     let duration = ctx.started.elapsed();
     let decision = ctx.decision.as_ref();
     let verdict = decision.map_or("none", |d| d.verdict.as_str());

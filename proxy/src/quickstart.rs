@@ -75,6 +75,29 @@ pub fn prepare(key: Option<&str>, data_dir: &Path, allow_live_key: bool) -> Resu
     Ok(Quickstart { policies, token_file, token, livemode })
 }
 
+/// Points the audit lake at the data folder, with a key-encryption key and a signing key
+/// generated once there (mode 0600), unless the operator configured the audit section already.
+pub fn prepare_audit(audit: &mut keygate_auditlog::AuditConfig, data_dir: &Path) -> Result<(), QuickstartError> {
+    if !audit.enabled || !audit.kek.trim().is_empty() {
+        return Ok(());
+    }
+    let data_error = |source| QuickstartError::DataDir { path: data_dir.display().to_string(), source };
+    let data_dir = std::fs::canonicalize(data_dir).map_err(data_error)?;
+    for name in ["audit-kek", "audit-signing-key"] {
+        let path = data_dir.join(name);
+        if !path.exists() {
+            let mut random = zeroize::Zeroizing::new([0u8; 32]);
+            rand::RngCore::fill_bytes(&mut rand::rng(), random.as_mut());
+            write_private(&path, &hex::encode(random.as_ref())).map_err(data_error)?;
+        }
+    }
+    audit.lake = data_dir.join("lake").display().to_string();
+    audit.wal_dir = data_dir.join("wal");
+    audit.kek = format!("file://{}", data_dir.join("audit-kek").display());
+    audit.signing_key = format!("file://{}", data_dir.join("audit-signing-key").display());
+    Ok(())
+}
+
 fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);
@@ -88,7 +111,7 @@ fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
 
 /// The banner printed on stdout at start: where keygate listens, the token, and the lines a
 /// developer pastes into the Python and Node SDKs.
-pub fn banner(quickstart: &Quickstart, proxy_url: &str, admin_url: &str) -> String {
+pub fn banner(quickstart: &Quickstart, proxy_url: &str, admin_url: &str, lake: &str) -> String {
     let token = quickstart.token.expose();
     let (host, port) = proxy_url.trim_start_matches("http://").rsplit_once(':').unwrap_or(("127.0.0.1", "8080"));
     format!(
@@ -96,6 +119,7 @@ pub fn banner(quickstart: &Quickstart, proxy_url: &str, admin_url: &str) -> Stri
          \x20 proxy     {proxy_url}   (admin: {admin_url}/healthz /readyz /metrics)\n\
          \x20 service   {SERVICE}: quick-start policy ALLOWS EVERY STRIPE OPERATION (write policies for production: docs/policies.md)\n\
          \x20 Stripe    key from ${KEY_VARIABLE} ({mode} mode), never given to the service\n\
+         \x20 audit     every exchange, encrypted, in {lake} (query it: auditlog query --lake {lake} \"SELECT …\")\n\
          \x20 token     {token}\n\
          \x20           (also in {token_file}; the service holds only this token)\n\
          \n\

@@ -14,9 +14,10 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::Config;
-use crate::gateway::{DirectoryError, Gateway, ServiceDirectory};
+use crate::gateway::{DirectoryError, Gateway, GatewayParts, ServiceDirectory};
 use crate::telemetry::ProxyMetrics;
 use crate::upstream::{Upstream, UpstreamSetupError};
+use keygate_auditlog::AuditLog;
 
 /// Why keygate could not start.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +32,8 @@ pub enum StartError {
     Directory(#[from] DirectoryError),
     #[error("secret store: {0}")]
     Secrets(#[from] keygate_secrets::SecretError),
+    #[error("audit log: {0}")]
+    Audit(#[from] keygate_auditlog::AuditError),
     #[error(transparent)]
     Upstream(#[from] UpstreamSetupError),
     #[error(transparent)]
@@ -55,7 +58,24 @@ pub async fn build_gateway(config: Config, policies: PolicySet) -> Result<Arc<Ga
     let secrets = SecretStore::new(&config.secrets).await?;
     secrets.register_metrics(&mut registry);
     let upstream = Upstream::new(&config.upstreams, config.limits.max_response_bytes)?;
-    Ok(Arc::new(Gateway::new(config, policies, directory, secrets, upstream, metrics, registry)))
+    let audit = if config.audit.enabled {
+        let (kek, signing_key) = keygate_auditlog::keys::resolve(&config.audit, &secrets).await?;
+        AuditLog::open(&config.audit, kek, signing_key).await?
+    } else {
+        tracing::warn!("audit lake disabled (`audit.enabled: false`): exchanges are not recorded");
+        AuditLog::disabled()
+    };
+    audit.register_metrics(&mut registry);
+    Ok(Arc::new(Gateway::new(GatewayParts {
+        config,
+        policies,
+        directory,
+        secrets,
+        upstream,
+        audit,
+        metrics,
+        registry,
+    })))
 }
 
 /// Fetches every service's key once, logging (by reference) those that fail; the cache retries.
@@ -78,7 +98,7 @@ pub struct ServeOptions {
 
 /// Runs `keygate serve` until SIGTERM or SIGINT.
 pub async fn serve(options: ServeOptions) -> Result<(), StartError> {
-    let config = crate::config::load(options.config_file.as_deref(), &crate::config::process_env())?;
+    let mut config = crate::config::load(options.config_file.as_deref(), &crate::config::process_env())?;
     crate::telemetry::init_logging(&config.log);
 
     let mut banner = None;
@@ -87,6 +107,7 @@ pub async fn serve(options: ServeOptions) -> Result<(), StartError> {
         None => {
             let key = std::env::var(crate::quickstart::KEY_VARIABLE).ok();
             let quickstart = crate::quickstart::prepare(key.as_deref(), &options.data_dir, options.allow_live_key)?;
+            crate::quickstart::prepare_audit(&mut config.audit, &options.data_dir)?;
             tracing::warn!(
                 service = crate::quickstart::SERVICE,
                 "quick start: no configuration file; the built-in policy allows every Stripe operation"
@@ -119,6 +140,8 @@ pub async fn serve(options: ServeOptions) -> Result<(), StartError> {
         source,
     })?;
 
+    let lake =
+        if config.audit.enabled { config.audit.lake.clone() } else { "nowhere (audit.enabled: false)".to_owned() };
     let gateway = build_gateway(config, policies).await?;
     let scheme = if tls.is_some() { "https" } else { "http" };
     tracing::info!(proxy = %proxy_address, admin = %admin_address, tls = tls.is_some(), "keygate listening");
@@ -130,7 +153,8 @@ pub async fn serve(options: ServeOptions) -> Result<(), StartError> {
                 crate::quickstart::banner(
                     quickstart,
                     &format!("{scheme}://{proxy_address}"),
-                    &format!("http://{admin_address}")
+                    &format!("http://{admin_address}"),
+                    &lake,
                 )
             );
         }
@@ -155,6 +179,16 @@ pub async fn serve(options: ServeOptions) -> Result<(), StartError> {
     crate::server::serve(proxy_listener, gateway.clone(), tls, stopped(stop_rx.clone())).await;
     preload.abort();
     reload.abort();
+    let audit = gateway.audit.clone();
+    if audit.is_enabled() {
+        tracing::info!("committing the audit WAL into the lake");
+        match audit.shutdown().await {
+            Ok(()) => tracing::info!("audit lake complete"),
+            Err(error) => {
+                tracing::error!(error = %error, "the audit WAL could not be fully committed; the rest is committed on the next start")
+            }
+        }
+    }
     let _ = admin.await;
     tracing::info!("keygate stopped");
     Ok(())

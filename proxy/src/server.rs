@@ -139,9 +139,15 @@ async fn serve_connection<I>(
 {
     let peer = info.peer;
     let service = service_fn(move |request| {
-        let gateway = gateway.clone();
-        let info = info.clone();
-        async move { Ok::<_, Infallible>(handle(gateway, info, request).await) }
+        // The pipeline runs in its own task so that a client that goes away mid-request does
+        // not cancel it: a request already forwarded still gets its audit record and log line.
+        let exchange = tokio::spawn(handle(gateway.clone(), info.clone(), request));
+        async move {
+            Ok::<_, Infallible>(match exchange.await {
+                Ok(response) => response,
+                Err(_) => crate::error::ProxyError::Internal.to_reply().into_response(),
+            })
+        }
     });
     let connection = builder.serve_connection(io, service);
     if let Err(error) = watcher.watch(connection.into_owned()).await {

@@ -41,6 +41,10 @@ pub struct SetupOptions {
     pub listen_tls_yaml: String,
     /// The service's `stripe_key` reference.
     pub stripe_key: String,
+    /// Whether the audit lake is on (a local lake under the setup's folder, keys generated there).
+    pub audit: bool,
+    /// Extra lines under `audit:` (indented by two spaces), e.g. `  durability: async`.
+    pub audit_extra: String,
 }
 
 impl SetupOptions {
@@ -56,6 +60,8 @@ impl SetupOptions {
             env: Vec::new(),
             listen_tls_yaml: String::new(),
             stripe_key: DEFAULT_KEY_REF.to_owned(),
+            audit: false,
+            audit_extra: String::new(),
         }
     }
 }
@@ -81,8 +87,13 @@ impl ProxySetup {
             let u = &options.upstream;
             format!("  api: {u}\n  files: {u}\n  connect: {u}\n  meter_events: {u}\n")
         });
+        let audit = if options.audit {
+            audit_yaml(dir.path(), &options.audit_extra)
+        } else {
+            "audit:\n  enabled: false\n".to_owned()
+        };
         let config = format!(
-            "listen:\n  address: 127.0.0.1:0\n{}admin:\n  address: 127.0.0.1:0\nupstreams:\n{hosts}policies:\n  dir: {}\n{}",
+            "listen:\n  address: 127.0.0.1:0\n{}admin:\n  address: 127.0.0.1:0\nupstreams:\n{hosts}policies:\n  dir: {}\n{audit}{}",
             options.listen_tls_yaml,
             policies.display(),
             options.extra_config
@@ -110,6 +121,32 @@ impl ProxySetup {
             assert!(!text.contains(&self.token), "the service token leaked into keygate's {name}");
         }
     }
+}
+
+/// The hex text of 32 random bytes (a key-encryption key, or an Ed25519 seed).
+pub fn random_key_hex() -> String {
+    let mut bytes = [0u8; 32];
+    let mut file = std::fs::File::open("/dev/urandom").expect("/dev/urandom");
+    std::io::Read::read_exact(&mut file, &mut bytes).expect("random bytes");
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// An `audit:` section for a local lake in `dir` (`dir/lake`, `dir/wal`), with a key-encryption
+/// key and a signing key written to `dir/audit-kek` and `dir/audit-signing-key` (kept if present).
+pub fn audit_yaml(dir: &Path, extra: &str) -> String {
+    for name in ["audit-kek", "audit-signing-key"] {
+        let path = dir.join(name);
+        if !path.exists() {
+            std::fs::write(&path, random_key_hex()).expect("write audit key");
+        }
+    }
+    format!(
+        "audit:\n  lake: {lake}\n  wal_dir: {wal}\n  kek: file://{kek}\n  signing_key: file://{signing}\n  writer_id: e2e-writer\n{extra}",
+        lake = dir.join("lake").display(),
+        wal = dir.join("wal").display(),
+        kek = dir.join("audit-kek").display(),
+        signing = dir.join("audit-signing-key").display(),
+    )
 }
 
 /// Writes `<dir>/<service>.yaml` (written to a temporary name, then renamed, so that a reload
