@@ -117,14 +117,15 @@ pub enum SecretError {
     /// The cached value is older than `ttl + max_stale` and the source still fails: keygate
     /// fails closed.
     #[error(
-        "secret `{reference}` is unavailable: the cached value is {} old, past ttl + max_stale ({}), and refreshing it fails: {cause}",
+        "secret `{reference}` is unavailable: the cached value is {} old, past ttl + max_stale ({}), and refreshing it fails: {}",
         humantime::format_duration(*age),
-        humantime::format_duration(*limit)
+        humantime::format_duration(*limit),
+        without_reference(cause, reference)
     )]
     Stale {
         /// The reference (its text).
         reference: String,
-        /// Age of the cached value (whole seconds).
+        /// Age of the cached value (millisecond precision).
         age: Duration,
         /// `ttl + max_stale`.
         limit: Duration,
@@ -149,6 +150,16 @@ pub enum SecretError {
         /// One error per failing reference.
         failures: Vec<SecretError>,
     },
+}
+
+/// The cause's message without its leading "secret `<reference>`:", which the outer message says.
+fn without_reference(cause: &SecretError, reference: &str) -> String {
+    let text = cause.to_string();
+    let prefix = format!("secret `{reference}`");
+    match text.strip_prefix(&prefix) {
+        Some(rest) => rest.trim_start_matches([':', ' ']).to_owned(),
+        None => text,
+    }
 }
 
 fn list_fields(available: &[String]) -> String {

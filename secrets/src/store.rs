@@ -243,16 +243,19 @@ impl Inner {
         let state = lock(&entry.state);
         let retry_allowed = state.retry_at.is_none_or(|at| now >= at);
         let next_fetch = state.last.as_ref().map_or(0, |(n, _)| *n) + 1;
+        // A fetch has started that has not completed yet.
+        let in_flight = state.started >= next_fetch;
         match &state.current {
             Some((secret, at)) => {
                 let age = now.saturating_duration_since(*at);
                 if age < self.cache.ttl {
                     let due = age + self.cache.refresh_ahead >= self.cache.ttl;
-                    Plan::Serve(secret.clone(), due && retry_allowed && !state.refreshing)
+                    Plan::Serve(secret.clone(), due && retry_allowed && !state.refreshing && !in_flight)
                 } else if age < self.cache.ttl + self.cache.max_stale {
-                    if state.failures > 0 {
-                        // Stale while error: serve now, retry in the background when allowed.
-                        Plan::Serve(secret.clone(), retry_allowed && !state.refreshing)
+                    if state.failures > 0 || in_flight {
+                        // Stale while error (or while a slow refresh runs): serve now, and retry in
+                        // the background when the back-off allows.
+                        Plan::Serve(secret.clone(), retry_allowed && !state.refreshing && !in_flight)
                     } else {
                         Plan::Fetch(next_fetch)
                     }
@@ -296,7 +299,7 @@ impl Inner {
         };
         SecretError::Stale {
             reference: entry.reference.to_string(),
-            age: Duration::from_secs(age.as_secs()),
+            age: Duration::from_millis(u64::try_from(age.as_millis()).unwrap_or(u64::MAX)),
             limit: self.cache.ttl + self.cache.max_stale,
             cause: Box::new(cause),
         }
@@ -416,7 +419,9 @@ impl Inner {
         let state = lock(&entry.state);
         let Some((_, at)) = &state.current else { return false };
         let retry_allowed = state.retry_at.is_none_or(|retry| now >= retry);
+        let in_flight = state.started > state.last.as_ref().map_or(0, |(n, _)| *n);
         !state.refreshing
+            && !in_flight
             && retry_allowed
             && now.saturating_duration_since(*at) + self.cache.refresh_ahead >= self.cache.ttl
     }

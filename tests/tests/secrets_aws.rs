@@ -106,6 +106,7 @@ async fn an_outage_serves_from_cache_until_max_stale_then_fails_closed_and_recov
     assert!(stopped.elapsed() >= Duration::from_secs(4), "failed closed before max_stale had passed");
     assert!(error.is_unavailable(), "{error}");
     let message = error.to_string();
+    eprintln!("fail-closed error: {message}");
     assert!(message.contains("aws-sm://keygate/outage"), "{message}");
     assert!(message.contains("AWS Secrets Manager is unavailable"), "{message}");
 
@@ -153,6 +154,7 @@ async fn bad_input_fails_with_an_error_naming_what_is_wrong() {
         let error = store.get(&reference(text)).await.unwrap_err();
         assert_eq!(error.kind(), *kind, "{text}: {error}");
         let message = error.to_string();
+        eprintln!("{text}: {message}");
         for part in *says {
             assert!(message.contains(part), "{text}: `{message}` should say {part:?}");
         }

@@ -188,6 +188,7 @@ async fn an_outage_serves_from_cache_until_max_stale_then_fails_closed_and_recov
     assert!(stopped.elapsed() >= Duration::from_secs(4), "failed closed before max_stale had passed");
     assert!(error.is_unavailable(), "{error}");
     let message = error.to_string();
+    eprintln!("fail-closed error: {message}");
     assert!(message.contains("vault://secret/keygate/payments#api_key"), "{message}");
     assert!(message.contains("past ttl + max_stale"), "{message}");
     assert!(message.contains("Vault is unavailable"), "{message}");
@@ -218,6 +219,7 @@ async fn bad_input_fails_with_an_error_naming_what_is_wrong() {
     let mut expect = |text: &str, kind: &str, says: &[&str], error: keygate_secrets::SecretError| {
         assert_eq!(error.kind(), kind, "{text}: {error}");
         let message = error.to_string();
+        eprintln!("{text}: {message}");
         for part in says {
             assert!(message.contains(part), "{text}: `{message}` should say {part:?}");
         }

@@ -122,7 +122,7 @@ fn classify(
         SdkError::ServiceError(context) => {
             let service_error = context.err();
             let code = service_error.code().unwrap_or("unknown error");
-            let message = service_error.message().unwrap_or("");
+            let message = service_error.message().unwrap_or("").trim_end_matches('.');
             let detail = if message.is_empty() { code.to_owned() } else { format!("{code}: {message}") };
             let status = context.raw().status().as_u16();
             match service_error {

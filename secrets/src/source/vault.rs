@@ -217,8 +217,9 @@ impl VaultSource {
         tokio::spawn(token_keeper(Arc::downgrade(self)));
     }
 
-    /// Renews the session's token, or logs in again when it cannot be renewed.
-    async fn renew_or_login(&self, session: &Session) {
+    /// Renews the session's token, or logs in again when it cannot be renewed. False when
+    /// neither worked.
+    async fn renew_or_login(&self, session: &Session) -> bool {
         let keeper_ref = SecretRef::Vault { mount: "auth".into(), path: "token".into(), field: "renewal".into() };
         if session.renewable {
             match vaultrs::token::renew_self(&session.client, None).await {
@@ -236,7 +237,7 @@ impl VaultSource {
                             tracing::debug!(lease = %humantime::format_duration(lease), "renewed the Vault token");
                         }
                         token.zeroize();
-                        return;
+                        return true;
                     }
                 }
                 Err(e) => tracing::warn!("renewing the Vault token failed: {}; logging in again", describe(&e)),
@@ -249,9 +250,16 @@ impl VaultSource {
         }
         let _gate = self.login_gate.lock().await;
         let still_current = lock(&self.session).as_ref().is_some_and(|s| s.generation == session.generation);
-        if still_current && let Err(e) = self.login(&keeper_ref).await {
-            // Keep the old session until it expires; the keeper tries again soon.
-            tracing::warn!("logging in to Vault again failed: {e}");
+        if !still_current {
+            return true;
+        }
+        match self.login(&keeper_ref).await {
+            Ok(_) => true,
+            Err(e) => {
+                // Keep the old session until it expires; the keeper tries again a little later.
+                tracing::warn!("logging in to Vault again failed: {e}");
+                false
+            }
         }
     }
 
@@ -413,9 +421,12 @@ async fn token_keeper(source: Weak<VaultSource>) {
             let session = lock(&source.session).clone();
             match session.and_then(|s| s.renew_at.map(|at| (s, at))) {
                 Some((session, at)) if Instant::now() >= at => {
-                    source.renew_or_login(&session).await;
-                    // If neither worked, try again shortly rather than at the old renew time.
-                    Duration::from_millis(500)
+                    if source.renew_or_login(&session).await {
+                        Duration::from_millis(100)
+                    } else {
+                        // Vault down or credentials refused: try again, without flooding the log.
+                        Duration::from_secs(5)
+                    }
                 }
                 Some((_, at)) => at.saturating_duration_since(Instant::now()).min(Duration::from_secs(5)),
                 None => Duration::from_secs(1),
