@@ -17,7 +17,11 @@ const KEY_V2: &str = "sk_test_51ROTATIONcanaryVersionTwo000000000000000000";
 const TTL_SECS: u64 = 2;
 
 /// Sends GET /v1/customers in a loop until stopped; returns (when sent, response) pairs.
-fn steady_stream(addr: std::net::SocketAddr, token: String, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Vec<(Instant, RawResponse)>> {
+fn steady_stream(
+    addr: std::net::SocketAddr,
+    token: String,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<Vec<(Instant, RawResponse)>> {
     std::thread::spawn(move || {
         let mut seen = Vec::new();
         while !stop.load(Ordering::SeqCst) {
@@ -44,9 +48,11 @@ async fn rotate_under_load(setup: &ProxySetup, fake: &FakeStripe, rotate: impl F
     let seen = tokio::task::spawn_blocking(move || stream.join().unwrap()).await.unwrap();
 
     assert!(seen.len() > 50, "the stream was not steady: {} requests", seen.len());
-    let after_ttl: Vec<_> = seen.iter().filter(|(sent, _)| *sent > rotated_at + Duration::from_secs(TTL_SECS)).collect();
+    let after_ttl: Vec<_> =
+        seen.iter().filter(|(sent, _)| *sent > rotated_at + Duration::from_secs(TTL_SECS)).collect();
     assert!(!after_ttl.is_empty());
-    let refused: Vec<_> = after_ttl.iter().filter(|(_, r)| r.status != 200).map(|(_, r)| (r.status, r.body.clone())).collect();
+    let refused: Vec<_> =
+        after_ttl.iter().filter(|(_, r)| r.status != 200).map(|(_, r)| (r.status, r.body.clone())).collect();
     assert!(refused.is_empty(), "requests refused after one TTL: {refused:?}");
     // Thanks to the refresh-and-retry on 401, GETs are not refused even within the TTL.
     let unauthorized = seen.iter().filter(|(_, r)| r.status == 401).count();
@@ -159,7 +165,10 @@ async fn an_openbao_outage_is_served_from_cache_until_max_stale_then_fails_close
     bao.stop();
     let forwarded_before = fake.received().len();
     let (refusal, after) = until_refused(&setup, Duration::from_secs(20)).await;
-    assert!(after >= Duration::from_secs(2), "the cache should serve through the outage for a while, refused after {after:?}");
+    assert!(
+        after >= Duration::from_secs(2),
+        "the cache should serve through the outage for a while, refused after {after:?}"
+    );
     assert_secret_unavailable(&refusal, "vault://secret/stripe/checkout#key");
     assert!(fake.received().len() > forwarded_before, "requests went on from cache during the outage");
     let forwarded = fake.received().len();
