@@ -131,13 +131,15 @@ impl Lake {
         &self.store
     }
 
-    /// URL of the `audit/` table folder, for query engines.
+    /// URL of the `audit/` table folder, for query engines: `s3://bucket/prefix/audit/` or
+    /// `file:///abs/lake/audit/`.
     pub fn table_url(&self) -> String {
         let p = self.prefix.as_ref();
-        if p.is_empty() {
-            format!("{}audit/", self.root_url.as_str().trim_end_matches('/').to_owned() + "/")
-        } else {
-            format!("{}/{}/audit/", self.root_url.as_str().trim_end_matches('/'), p)
+        match self.root_url.scheme() {
+            "file" if p.is_empty() => "file:///audit/".to_owned(),
+            "file" => format!("file:///{p}/audit/"),
+            _ if p.is_empty() => format!("{}/audit/", self.root_url.as_str().trim_end_matches('/')),
+            _ => format!("{}/{p}/audit/", self.root_url.as_str().trim_end_matches('/')),
         }
     }
 

@@ -1,1 +1,464 @@
-fn main() {}
+//! `auditlog`: SQL over keygate's audit lake, one exchange decrypted, and integrity verification.
+//!
+//! Reads only the `secrets` and `audit` sections of a keygate config (`--config`), or takes the
+//! lake and keys from flags. Keys are always secret references (never literal keys on the command
+//! line, where `ps` would show them). Exit codes: 0 success (verify: no finding), 1 verify found
+//! something, 2 error.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arrow::array::{Array, ArrayRef, BinaryArray, RecordBatch, StringArray};
+use arrow::datatypes::{DataType, Field, Schema};
+use base64::Engine as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use keygate_auditlog::crypto::KekRing;
+use keygate_auditlog::lake::Lake;
+use keygate_auditlog::query::{Decryptor, event_sql, run_sql};
+use keygate_auditlog::verify::{VerifyOptions, verify};
+use keygate_auditlog::{AuditConfig, AuditError, SigningKey, keys};
+use keygate_secrets::{SecretStore, SecretsConfig};
+use serde::Deserialize;
+
+#[derive(Parser, Debug)]
+#[command(name = "auditlog", version, about = "Query, show and verify keygate's audit lake")]
+struct Cli {
+    /// keygate config file; only its `secrets` and `audit` sections are read.
+    #[arg(long, global = true, env = "KEYGATE_CONFIG")]
+    config: Option<PathBuf>,
+    /// The lake: file:///path, a path, or s3://bucket/prefix. Default: audit.lake of --config.
+    #[arg(long, global = true)]
+    lake: Option<String>,
+    /// S3 endpoint override (MinIO, moto, …).
+    #[arg(long, global = true)]
+    s3_endpoint: Option<String>,
+    /// S3 region.
+    #[arg(long, global = true)]
+    s3_region: Option<String>,
+    /// Allow http:// S3 endpoints.
+    #[arg(long, global = true)]
+    s3_allow_http: bool,
+    /// Key-encryption key as a secret reference (env://, file://, vault://, aws-sm://,
+    /// vault-transit://); repeat for files written under rotated keys. Default: audit.kek.
+    #[arg(long = "kek", global = true)]
+    kek: Vec<String>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Runs SQL over table `audit` (partition columns `dt` = 'YYYY-MM-DD' and `hour` = 'HH' prune files).
+    Query {
+        /// The SQL, e.g. "SELECT service, count(*) FROM audit WHERE dt = '2026-11-29' GROUP BY 1".
+        sql: String,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+        /// Adds a `payload_json` column with the decrypted, redacted exchange (needs the KEK, and
+        /// writer_id, seq, event_id and payload in the result).
+        #[arg(long)]
+        decrypt: bool,
+    },
+    /// Shows one exchange, decrypted when the KEK is available.
+    Show {
+        /// The event_id (UUID).
+        event_id: String,
+    },
+    /// Checks signatures, manifests, files and the hash chain; exit code 1 on any finding.
+    Verify {
+        /// Only files with rows received at or after this time: RFC 3339 (2026-11-29T10:00:00Z),
+        /// a date (2026-11-29), or a duration before now (24h, 7days).
+        #[arg(long)]
+        since: Option<String>,
+        /// Trusted Ed25519 public key (64 hex characters, a PEM, or a secret reference to it or to
+        /// the private key); repeatable. Default: the public half of audit.signing_key.
+        #[arg(long = "public-key")]
+        public_keys: Vec<String>,
+        #[arg(long, value_enum, default_value_t = VerifyFormat::Text)]
+        format: VerifyFormat,
+    },
+    /// Prints a new key-encryption key (hex) and a new Ed25519 signing key (PEM) and its public key.
+    Keygen,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Format {
+    Table,
+    Csv,
+    Jsonl,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum VerifyFormat {
+    Text,
+    Json,
+}
+
+#[derive(Deserialize, Default)]
+struct ConfigFile {
+    #[serde(default)]
+    secrets: SecretsConfig,
+    #[serde(default)]
+    audit: Option<AuditConfig>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum CliError {
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+    #[error("{0}")]
+    Usage(String),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("AUDITLOG_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("auditlog: error: cannot start the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("auditlog: error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+struct Ctx {
+    audit: AuditConfig,
+    store: SecretStore,
+    kek_refs: Vec<String>,
+}
+
+async fn context(cli: &Cli) -> Result<Ctx, CliError> {
+    let file = match &cli.config {
+        None => ConfigFile::default(),
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| CliError::Usage(format!("cannot read --config {}: {e}", path.display())))?;
+            let value: serde_json::Value = if text.trim().is_empty() {
+                serde_json::Value::Object(Default::default())
+            } else {
+                serde_saphyr::from_str(&text)
+                    .map_err(|e| CliError::Usage(format!("--config {} is not valid YAML: {e}", path.display())))?
+            };
+            serde_json::from_value(value)
+                .map_err(|e| CliError::Usage(format!("--config {}: secrets/audit section: {e}", path.display())))?
+        }
+    };
+    let mut audit = file.audit.unwrap_or_default();
+    match (&cli.lake, &cli.config) {
+        (Some(lake), _) => audit.lake = lake.clone(),
+        (None, None) => {
+            return Err(CliError::Usage("say which lake: --lake URL, or --config keygate.yaml with audit.lake".into()));
+        }
+        (None, Some(_)) => {}
+    }
+    if cli.s3_endpoint.is_some() {
+        audit.s3.endpoint = cli.s3_endpoint.clone();
+    }
+    if cli.s3_region.is_some() {
+        audit.s3.region = cli.s3_region.clone();
+    }
+    if cli.s3_allow_http {
+        audit.s3.allow_http = true;
+    }
+    let store = SecretStore::new(&file.secrets).await.map_err(|e| CliError::Usage(format!("secrets section: {e}")))?;
+    let kek_refs = if cli.kek.is_empty() {
+        Some(audit.kek.clone()).filter(|k| !k.trim().is_empty()).into_iter().collect()
+    } else {
+        cli.kek.clone()
+    };
+    Ok(Ctx { audit, store, kek_refs })
+}
+
+impl Ctx {
+    fn lake(&self) -> Result<Lake, CliError> {
+        if !self.audit.lake.starts_with("s3://") {
+            let path = self.audit.lake.strip_prefix("file://").unwrap_or(&self.audit.lake);
+            if !std::path::Path::new(path).is_dir() {
+                return Err(CliError::Usage(format!("lake folder {path} does not exist")));
+            }
+        }
+        Ok(Lake::open(&self.audit.lake, &self.audit.s3, self.audit.multipart_threshold_bytes)?)
+    }
+
+    async fn ring(&self) -> Result<KekRing, CliError> {
+        let mut keys = Vec::new();
+        for r in &self.kek_refs {
+            keys.push(keys::kek_from_reference(&self.store, r).await?);
+        }
+        Ok(KekRing::new(keys))
+    }
+}
+
+async fn run(cli: Cli) -> Result<ExitCode, CliError> {
+    if matches!(cli.cmd, Cmd::Keygen) {
+        return keygen();
+    }
+    let ctx = context(&cli).await?;
+    let lake = ctx.lake()?;
+    match &cli.cmd {
+        Cmd::Query { sql, format, decrypt } => {
+            let spinner = spinner("running query");
+            let mut batches = run_sql(&lake, sql).await?;
+            if *decrypt {
+                let mut d = Decryptor::new(&lake, ctx.ring().await?).await?;
+                batches = d.add_payload_json(batches).await?;
+            }
+            spinner.finish_and_clear();
+            print_batches(&batches, *format)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Show { event_id } => {
+            let id = uuid::Uuid::parse_str(event_id)
+                .map_err(|_| CliError::Usage(format!("{event_id} is not an event_id (a UUID)")))?;
+            let batches = run_sql(&lake, &event_sql(&id)).await?;
+            let ring = ctx.ring().await?;
+            let mut decryptor = if ring.is_empty() { None } else { Some(Decryptor::new(&lake, ring).await?) };
+            let mut shown = 0;
+            for b in &batches {
+                for row in 0..b.num_rows() {
+                    let mut obj = row_json(b, row)?;
+                    let payload = match &mut decryptor {
+                        Some(d) => {
+                            let s = |n: &str| {
+                                b.column_by_name(n).and_then(|c| {
+                                    c.as_any().downcast_ref::<StringArray>().map(|a| a.value(row).to_owned())
+                                })
+                            };
+                            let seq = b.column_by_name("seq").and_then(|c| {
+                                c.as_any().downcast_ref::<arrow::array::UInt64Array>().map(|a| a.value(row))
+                            });
+                            let bytes = b
+                                .column_by_name("payload")
+                                .and_then(|c| c.as_any().downcast_ref::<BinaryArray>().map(|a| a.value(row).to_vec()));
+                            match (s("writer_id"), seq, bytes) {
+                                (Some(w), Some(seq), Some(p)) => d.decrypt(&w, seq, event_id, &p).await?,
+                                _ => serde_json::Value::Null,
+                            }
+                        }
+                        None => serde_json::Value::String(
+                            "not decrypted: pass --kek <secret reference> (or a config with audit.kek)".into(),
+                        ),
+                    };
+                    if let serde_json::Value::Object(m) = &mut obj {
+                        m.insert("payload".into(), payload);
+                    }
+                    let text = serde_json::to_string_pretty(&obj).map_err(|e| CliError::Usage(e.to_string()))?;
+                    out_line(&text)?;
+                    shown += 1;
+                }
+            }
+            if shown == 0 {
+                return Err(CliError::Usage(format!("no row with event_id {event_id} in {}", lake.display)));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Verify { since, public_keys, format } => {
+            let mut trusted = Vec::new();
+            for k in public_keys {
+                trusted.push(keys::verifying_key(&ctx.store, k).await?);
+            }
+            if trusted.is_empty() && !ctx.audit.signing_key.trim().is_empty() {
+                trusted.push(keys::verifying_key(&ctx.store, &ctx.audit.signing_key).await?);
+            }
+            if trusted.is_empty() {
+                eprintln!(
+                    "auditlog: warning: no trusted public key given (--public-key or audit.signing_key): signatures are checked against the keys the manifests name, which proves integrity against accidents but not against someone able to re-sign"
+                );
+            }
+            let since_us = since.as_deref().map(parse_since).transpose()?;
+            let bar = ProgressBar::new(0);
+            if !std::io::stderr().is_terminal() {
+                bar.set_draw_target(ProgressDrawTarget::hidden());
+            }
+            if let Ok(style) = ProgressStyle::with_template("{bar:40} {pos}/{len} files {elapsed}") {
+                bar.set_style(style);
+            }
+            let report = verify(&lake, &VerifyOptions { trusted_keys: trusted, since_us }, |done, total| {
+                bar.set_length(total);
+                bar.set_position(done);
+            })
+            .await?;
+            bar.finish_and_clear();
+            match format {
+                VerifyFormat::Json => {
+                    out_line(&serde_json::to_string_pretty(&report).map_err(|e| CliError::Usage(e.to_string()))?)?;
+                }
+                VerifyFormat::Text => {
+                    for f in &report.findings {
+                        out_line(&f.to_string())?;
+                    }
+                    out_line(&format!(
+                        "{} finding(s); {} writer(s), {} manifest(s), {} file(s), {} row(s) checked{}",
+                        report.findings.len(),
+                        report.writers,
+                        report.manifests,
+                        report.files,
+                        report.rows,
+                        if report.trusted_keys { "" } else { " (no trusted key)" }
+                    ))?;
+                }
+            }
+            Ok(if report.findings.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
+        Cmd::Keygen => keygen(),
+    }
+}
+
+fn keygen() -> Result<ExitCode, CliError> {
+    use ed25519_dalek::pkcs8::EncodePrivateKey;
+    let seed: [u8; 32] = rand::random();
+    let key = ed25519_dalek::SigningKey::from_bytes(&seed);
+    let pem = key
+        .to_pkcs8_pem(Default::default())
+        .map_err(|e| CliError::Usage(format!("cannot encode the signing key: {e}")))?;
+    let public = SigningKey::from_text(&hex::encode(seed))?.public_key_hex();
+    out_line(&format!(
+        "# Store each value in your secret store and point audit.kek / audit.signing_key at it.\nkek: {}\nsigning_key: |\n{}public_key: {public}",
+        hex::encode(rand::random::<[u8; 32]>()),
+        pem.lines().map(|l| format!("  {l}\n")).collect::<String>()
+    ))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn spinner(msg: &'static str) -> ProgressBar {
+    let s = ProgressBar::new_spinner();
+    if std::io::stderr().is_terminal() {
+        s.set_message(msg);
+        s.enable_steady_tick(Duration::from_millis(120));
+    } else {
+        s.set_draw_target(ProgressDrawTarget::hidden());
+    }
+    s
+}
+
+fn parse_since(text: &str) -> Result<i64, CliError> {
+    let t = text.trim();
+    let at = if let Ok(ts) = humantime::parse_rfc3339_weak(t) {
+        ts
+    } else if let Ok(ts) = humantime::parse_rfc3339_weak(&format!("{t}T00:00:00Z")) {
+        ts
+    } else if let Ok(d) = humantime::parse_duration(t) {
+        SystemTime::now() - d
+    } else {
+        return Err(CliError::Usage(format!(
+            "--since {t}: give an RFC 3339 time (2026-11-29T10:00:00Z), a date (2026-11-29) or a duration (24h)"
+        )));
+    };
+    Ok(keygate_auditlog::row::micros(at))
+}
+
+fn out_line(s: &str) -> Result<(), CliError> {
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{s}") {
+        Ok(()) => Ok(()),
+        // `auditlog … | head` closes the pipe early: not an error.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => Err(CliError::Usage(format!("cannot write output: {e}"))),
+    }
+}
+
+/// Binary columns as text: hashes in hex; the payload as `<N bytes>` in tables and base64 otherwise.
+fn printable(batches: &[RecordBatch], table: bool) -> Result<Vec<RecordBatch>, CliError> {
+    batches
+        .iter()
+        .map(|b| {
+            let mut fields = Vec::new();
+            let mut cols: Vec<ArrayRef> = Vec::new();
+            for (f, c) in b.schema().fields().iter().zip(b.columns()) {
+                if let Some(bin) = c.as_any().downcast_ref::<BinaryArray>() {
+                    let text: StringArray = (0..bin.len())
+                        .map(|i| {
+                            (!bin.is_null(i)).then(|| {
+                                let v = bin.value(i);
+                                if f.name() == "payload" {
+                                    if table {
+                                        format!("<{} bytes>", v.len())
+                                    } else {
+                                        base64::engine::general_purpose::STANDARD.encode(v)
+                                    }
+                                } else {
+                                    hex::encode(v)
+                                }
+                            })
+                        })
+                        .collect();
+                    fields.push(Arc::new(Field::new(f.name(), DataType::Utf8, true)));
+                    cols.push(Arc::new(text));
+                } else {
+                    fields.push(f.clone());
+                    cols.push(c.clone());
+                }
+            }
+            RecordBatch::try_new(Arc::new(Schema::new(fields)), cols).map_err(|e| CliError::Usage(e.to_string()))
+        })
+        .collect()
+}
+
+fn print_batches(batches: &[RecordBatch], format: Format) -> Result<(), CliError> {
+    let batches = printable(batches, format == Format::Table)?;
+    let err = |e: arrow::error::ArrowError| CliError::Usage(format!("cannot format the result: {e}"));
+    match format {
+        Format::Table => {
+            let table = arrow::util::pretty::pretty_format_batches(&batches).map_err(err)?;
+            out_line(&table.to_string())
+        }
+        Format::Csv => {
+            let mut buf = Vec::new();
+            {
+                let mut w = arrow::csv::WriterBuilder::new().with_header(true).build(&mut buf);
+                for b in &batches {
+                    w.write(b).map_err(err)?;
+                }
+            }
+            out_line(String::from_utf8_lossy(&buf).trim_end())
+        }
+        Format::Jsonl => {
+            let mut buf = Vec::new();
+            {
+                let mut w = arrow::json::LineDelimitedWriter::new(&mut buf);
+                let refs: Vec<&RecordBatch> = batches.iter().collect();
+                w.write_batches(&refs).map_err(err)?;
+                w.finish().map_err(err)?;
+            }
+            let text = String::from_utf8_lossy(&buf);
+            if text.trim().is_empty() { Ok(()) } else { out_line(text.trim_end()) }
+        }
+    }
+}
+
+/// One row as a JSON object (binary columns in hex).
+fn row_json(b: &RecordBatch, row: usize) -> Result<serde_json::Value, CliError> {
+    let slice = b.slice(row, 1);
+    let printable = printable(&[slice], false)?;
+    let mut buf = Vec::new();
+    {
+        let mut w = arrow::json::ArrayWriter::new(&mut buf);
+        let refs: Vec<&RecordBatch> = printable.iter().collect();
+        w.write_batches(&refs).map_err(|e| CliError::Usage(e.to_string()))?;
+        w.finish().map_err(|e| CliError::Usage(e.to_string()))?;
+    }
+    let mut v: serde_json::Value = serde_json::from_slice(&buf).map_err(|e| CliError::Usage(e.to_string()))?;
+    let mut obj = v.get_mut(0).map(serde_json::Value::take).unwrap_or_default();
+    if let serde_json::Value::Object(m) = &mut obj {
+        m.remove("payload");
+    }
+    Ok(obj)
+}

@@ -232,6 +232,11 @@ pub fn read_meta(bytes: &Bytes) -> Result<FileMeta, AuditError> {
     meta_from_kv(builder.metadata().file_metadata().key_value_metadata())
 }
 
+/// Reads [`FileMeta`] from a footer's key-value metadata.
+pub fn meta_from_kv_pub(kv: Option<&Vec<KeyValue>>) -> Result<FileMeta, AuditError> {
+    meta_from_kv(kv)
+}
+
 fn meta_from_kv(kv: Option<&Vec<KeyValue>>) -> Result<FileMeta, AuditError> {
     let map: HashMap<&str, &str> = kv
         .map(|v| v.iter().filter_map(|kv| Some((kv.key.as_str(), kv.value.as_deref()?))).collect())

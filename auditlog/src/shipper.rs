@@ -123,7 +123,11 @@ impl Shipper {
 
     /// Ships one segment (idempotent).
     pub async fn ship(&mut self, seg: &SealedSegment) -> Result<(), AuditError> {
-        let Some(contents) = read_segment(&seg.path).or_else(|e| match &e {
+        let path = seg.path.clone();
+        let read = tokio::task::spawn_blocking(move || read_segment(&path))
+            .await
+            .map_err(|e| AuditError::corrupt(seg.path.display().to_string(), e.to_string()))?;
+        let Some(contents) = read.or_else(|e| match &e {
             AuditError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => Ok(None),
             _ => Err(e),
         })?
@@ -179,7 +183,10 @@ impl Shipper {
             wrapped_key: header.wrapped_key.clone(),
             chain_head_in: first.prev_hash,
         };
-        let encoded = parquet_io::encode(&chained, &meta)?;
+        let (encoded, chained) =
+            tokio::task::spawn_blocking(move || parquet_io::encode(&chained, &meta).map(|e| (e, chained)))
+                .await
+                .map_err(|e| AuditError::corrupt("lake file", e.to_string()))??;
         let path = data_path(&self.writer_id, first.seq, first.logged_at_us)?;
         let bytes = Bytes::from(encoded);
         let file_bytes = match self.lake.put_create(&path, bytes.clone()).await? {

@@ -1,0 +1,106 @@
+//! The writer pipeline on one core: redact, compress, encrypt and Parquet-encode exchanges of
+//! about 2 KiB (request and response), and the lake bytes per raw byte.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use keygate_auditlog::crypto::{DataKey, row_aad};
+use keygate_auditlog::parquet_io::{FileMeta, encode};
+use keygate_auditlog::payload::prepare;
+use keygate_auditlog::row::{ChainedRow, row_hash};
+use keygate_auditlog::{Exchange, HttpMessage};
+
+const N: usize = 2000;
+
+fn exchange(i: usize) -> Exchange {
+    let mut ex = Exchange::new(uuid::Uuid::now_v7(), "POST", "/v1/payment_intents");
+    ex.completed_at = SystemTime::now() + Duration::from_millis(40);
+    ex.service = Some("checkout".into());
+    ex.peer = "10.0.3.7:51234".into();
+    ex.operation = Some("POST /v1/payment_intents".into());
+    ex.stripe_host = Some("api.stripe.com".into());
+    ex.idempotency_key = Some(format!("a3f1c2d4-{i:08}"));
+    ex.request_id = Some(format!("req_{i:014}"));
+    ex.status = 200;
+    ex.amount = Some(1999);
+    ex.currency = Some("usd".into());
+    let req = format!(
+        "amount=1999&currency=usd&customer=cus_{i:014}&payment_method=pm_card_visa&confirm=true&description=Order+{i}+for+customer&metadata[order_id]=ord_{i:010}&metadata[cart]=sku_1,sku_2,sku_3&receipt_email=buyer{i}%40example.com&payment_method_data[card][number]=4242424242424242&payment_method_data[card][cvc]=123"
+    );
+    let resp = format!(
+        r#"{{"id":"pi_{i:024}","object":"payment_intent","amount":1999,"amount_capturable":0,"amount_received":1999,"application":null,"capture_method":"automatic","client_secret":"pi_{i:024}_secret_abcdefghijklmnopqrstuvw","confirmation_method":"automatic","created":1732900000,"currency":"usd","customer":"cus_{i:014}","description":"Order {i} for customer","last_payment_error":null,"latest_charge":"ch_{i:024}","livemode":false,"metadata":{{"order_id":"ord_{i:010}","cart":"sku_1,sku_2,sku_3"}},"next_action":null,"payment_method":"pm_{i:024}","payment_method_options":{{"card":{{"installments":null,"mandate_options":null,"network":null,"request_three_d_secure":"automatic"}}}},"payment_method_types":["card"],"receipt_email":"buyer{i}@example.com","status":"succeeded","charges":{{"object":"list","data":[{{"id":"ch_{i:024}","object":"charge","amount":1999,"paid":true,"status":"succeeded","payment_method_details":{{"card":{{"brand":"visa","last4":"4242","exp_month":12,"exp_year":2030,"funding":"credit","checks":{{"cvc_check":"pass","address_line1_check":null,"address_postal_code_check":"pass"}}}}}}}}],"has_more":false}}}}"#
+    );
+    ex.request = HttpMessage {
+        start_line: "POST /v1/payment_intents HTTP/1.1".into(),
+        headers: vec![
+            ("authorization".into(), b"Bearer sk_kg_0123456789abcdefghij".to_vec()),
+            ("content-type".into(), b"application/x-www-form-urlencoded".to_vec()),
+            ("idempotency-key".into(), format!("a3f1c2d4-{i:08}").into_bytes()),
+            ("stripe-version".into(), b"2024-06-20".to_vec()),
+            ("user-agent".into(), b"Stripe/v1 PythonBindings/10.0.0".to_vec()),
+        ],
+        body: Bytes::from(req),
+    };
+    ex.response = Some(HttpMessage {
+        start_line: "HTTP/1.1 200 OK".into(),
+        headers: vec![
+            ("content-type".into(), b"application/json".to_vec()),
+            ("request-id".into(), format!("req_{i:014}").into_bytes()),
+            ("idempotency-key".into(), format!("a3f1c2d4-{i:08}").into_bytes()),
+        ],
+        body: Bytes::from(resp),
+    });
+    ex
+}
+
+fn raw_len(ex: &Exchange) -> usize {
+    let msg = |m: &HttpMessage| {
+        m.start_line.len() + m.headers.iter().map(|(n, v)| n.len() + v.len() + 4).sum::<usize>() + m.body.len()
+    };
+    msg(&ex.request) + ex.response.as_ref().map_or(0, msg)
+}
+
+/// The whole pipeline for `exchanges`; returns the Parquet file's bytes.
+fn pipeline(exchanges: &[Exchange]) -> Vec<u8> {
+    let (mut key, _) = DataKey::generate().unwrap();
+    let mut head = [0u8; 32];
+    let mut rows = Vec::with_capacity(exchanges.len());
+    for (i, ex) in exchanges.iter().enumerate() {
+        let p = prepare(ex, 3).unwrap();
+        let payload = key.seal(&row_aad("bench", 1, &p.columns.event_id), &p.compressed).unwrap();
+        let seq = i as u64 + 1;
+        let hash = row_hash(&head, "bench", seq, &p.columns, &payload);
+        rows.push(ChainedRow { writer_id: "bench".into(), seq, columns: p.columns, payload, prev_hash: head, hash });
+        head = hash;
+    }
+    let meta = FileMeta {
+        writer_id: "bench".into(),
+        first_seq: 1,
+        last_seq: rows.len() as u64,
+        kek_id: "local:bench".into(),
+        wrapped_key: vec![0; 60],
+        chain_head_in: [0; 32],
+    };
+    encode(&rows, &meta).unwrap()
+}
+
+fn bench(c: &mut Criterion) {
+    let exchanges: Vec<Exchange> = (0..N).map(exchange).collect();
+    let raw: usize = exchanges.iter().map(raw_len).sum();
+    let lake = pipeline(&exchanges).len();
+    eprintln!(
+        "audit writer pipeline: {N} exchanges, {:.0} raw bytes each, lake bytes / raw bytes = {:.3}",
+        raw as f64 / N as f64,
+        lake as f64 / raw as f64
+    );
+    let mut g = c.benchmark_group("audit_writer");
+    g.throughput(Throughput::Elements(N as u64));
+    g.sample_size(20);
+    g.bench_function("redact_compress_encrypt_parquet_2KiB", |b| b.iter(|| pipeline(&exchanges)));
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
