@@ -369,6 +369,7 @@ fn aggregate(scenario: Scenario, runs: &[RunRecord], plan: &Plan) -> ScenarioRes
                 p99_us: stat(&records, &|r| r.load.latency_us.p99),
                 p999_us: stat(&records, &|r| r.load.latency_us.p999),
                 send_lag_p99_us: stat(&records, &|r| r.load.send_lag_us.map_or(f64::NAN, |l| l.p99)),
+                generator_bound: generator_bound(&records),
                 errors: records.iter().map(|r| r.load.errors).sum(),
                 unsent: records.iter().map(|r| r.load.unsent).sum(),
                 proxy_cpu_us_per_req: opt_stat(&records, &|r| r.proxy_cpu_us_per_req),
@@ -378,6 +379,35 @@ fn aggregate(scenario: Scenario, runs: &[RunRecord], plan: &Plan) -> ScenarioRes
         })
         .collect();
     ScenarioResult { name: scenario.name().to_owned(), description: scenario.description().to_owned(), max, rates }
+}
+
+/// Whether the generator set the pace in the median repetition (see `RateResult::generator_bound`).
+pub fn generator_bound(records: &[&RunRecord]) -> bool {
+    let mut flags: Vec<bool> = records
+        .iter()
+        // Not send lag: requests also wait for a free connection while the proxy stalls, which is
+        // the proxy's latency. A saturated generator core is the generator's.
+        .map(|r| r.generator_core_busy_pct > 90.0)
+        .collect();
+    flags.sort();
+    flags.get(flags.len() / 2).copied().unwrap_or(false)
+}
+
+/// Recomputes what is derived from a results file's runs (generator-bound flags, added latency,
+/// ratios, targets) with this version's rules, so an older file can be rendered again.
+pub fn rederive(results: &mut report::Results) {
+    for scenario in &mut results.scenarios {
+        for rate in &mut scenario.rates {
+            let records: Vec<&RunRecord> = results
+                .runs
+                .iter()
+                .filter(|r| r.scenario == scenario.name && r.kind == "rate" && r.label == rate.label)
+                .collect();
+            rate.generator_bound = generator_bound(&records);
+        }
+    }
+    add_latency_over_direct(&mut results.scenarios);
+    results.targets = report::evaluate_targets(&results.scenarios, &results.fsync, results.setup.reference_rate);
 }
 
 /// Fills `added_over_direct` of every proxy scenario's rates from D's result at the same rate
@@ -463,18 +493,29 @@ pub fn profile(
     let _ = Command::new("kill").arg("-INT").arg(recorder.pid().to_string()).status();
     recorder.stop();
     stack.stop();
-    let report = Command::new("perf")
-        .args(["report", "--stdio", "--no-children", "--sort", "dso,symbol", "--percent-limit", "0.7", "-i"])
-        .arg(perf_data)
-        .output()
-        .map_err(|source| BenchError::Net { what: "run perf report".to_owned(), source })?;
+    let perf_report = |sort: &str, fields: &str, limit: &str| -> Result<String, BenchError> {
+        let output = Command::new("perf")
+            .args(["report", "--stdio", "--no-children", "--sort", sort, "-F", fields, "--percent-limit", limit, "-i"])
+            .arg(perf_data)
+            .output()
+            .map_err(|source| BenchError::Net { what: "run perf report".to_owned(), source })?;
+        // perf pads every line to a huge width and adds comment lines: keep the figures only.
+        let text = String::from_utf8_lossy(&output.stdout);
+        Ok(text
+            .lines()
+            .map(str::trim_end)
+            .filter(|line| !line.is_empty() && !line.starts_with('#'))
+            .collect::<Vec<_>>()
+            .join("\n"))
+    };
     Ok(format!(
-        "{} at {rate:.0} req/s: p50 {:.0} µs, p99 {:.0} µs, {} errors\n{}",
+        "{} at {rate:.0} req/s: p50 {:.0} µs, p99 {:.0} µs, {} errors\n\nCPU by object:\n{}\n\nCPU by symbol (self time):\n{}",
         scenario.name(),
         load.latency_us.p50,
         load.latency_us.p99,
         load.errors,
-        String::from_utf8_lossy(&report.stdout)
+        perf_report("dso", "overhead,dso", "0.1")?,
+        perf_report("dso,sym", "overhead,dso,sym", "0.4")?,
     ))
 }
 

@@ -49,6 +49,16 @@ enum Commands {
         #[command(flatten)]
         common: RunArgs,
     },
+    /// Render an existing results file again (derived figures recomputed): summary on stdout,
+    /// the file rewritten, and with --docs the Markdown block.
+    Render {
+        /// A results file written by `full` or `smoke`.
+        #[arg(long)]
+        results: PathBuf,
+        /// Rewrite the generated block of this Markdown file.
+        #[arg(long)]
+        docs: Option<PathBuf>,
+    },
     /// This machine's fsync latency (append + fdatasync) in a folder.
     Fsync {
         /// The folder (put it on the WAL's filesystem).
@@ -105,6 +115,7 @@ fn main() {
         Commands::Profile { scenario, rate, seconds, perf_data, call_graph, common } => {
             profile(&scenario, rate, seconds, &perf_data, call_graph, common)
         }
+        Commands::Render { results, docs } => render(&results, docs.as_deref()),
         Commands::Fsync { dir, samples } => keygate_bench::fsync::measure(&dir, samples, 4096).and_then(|stats| {
             serde_json::to_string_pretty(&stats)
                 .map(|json| println!("{json}"))
@@ -129,6 +140,22 @@ fn find_nginx() -> Result<PathBuf, BenchError> {
             )
         },
     )
+}
+
+fn render(path: &Path, docs: Option<&Path>) -> Result<(), BenchError> {
+    let text = std::fs::read_to_string(path).map_err(|e| BenchError::io("read the results", path, e))?;
+    let mut results: report::Results = serde_json::from_str(&text)
+        .map_err(|source| BenchError::Json { what: format!("parse {}", path.display()), source })?;
+    harness::rederive(&mut results);
+    let markdown = report::markdown(&results);
+    println!("{markdown}");
+    let json = serde_json::to_string_pretty(&results)
+        .map_err(|source| BenchError::Json { what: "write the results".to_owned(), source })?;
+    std::fs::write(path, json + "\n").map_err(|e| BenchError::io("write the results", path, e))?;
+    if let Some(docs) = docs {
+        report::update_docs(docs, &markdown)?;
+    }
+    Ok(())
 }
 
 fn profile(
