@@ -103,6 +103,7 @@ fn smoke_run_measures_every_scenario_and_writes_every_field() {
         assert_eq!(rates.len(), if proxied { 3 } else { 6 }, "{name}'s fixed-rate runs");
         for rate in rates {
             let label = rate["label"].as_str().expect("label");
+            assert!(rate["generator_bound"].is_boolean(), "{name} at {label}: no generator_bound flag");
             assert_eq!(rate["errors"], 0, "{name} at {label} had errors");
             assert_eq!(rate["unsent"], 0, "{name} at {label} could not keep up at a low rate");
             for path in ["achieved_rps", "p50_us", "p99_us", "p999_us", "send_lag_p99_us"] {
@@ -136,6 +137,8 @@ fn smoke_run_measures_every_scenario_and_writes_every_field() {
         "p1_added_p99",
         "p0_cpu_per_request",
         "p1_cpu_per_request",
+        "p0_cpu_per_request_at_max",
+        "p1_cpu_per_request_at_max",
         "p0_peak_rss",
         "p1_peak_rss",
         "p2_peak_rss",
