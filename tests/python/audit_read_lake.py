@@ -3,14 +3,20 @@
 Usage: audit_read_lake.py EXPECTATIONS_JSON
 
 EXPECTATIONS_JSON names the lake (a folder, or s3://bucket/prefix with an endpoint), the expected
-rows (event_id -> plaintext columns), and canary strings that must not appear. Prints one JSON
-line with what was found; exits 1 with a message on the first mismatch.
+rows (event_id -> plaintext columns), and canary strings that must not appear. Both pyarrow and
+DuckDB must see exactly the expected rows with exactly those column values. Prints one JSON line
+with what was found (row counts, files, the KEK ids in the files' footers, DuckDB's counts by
+service and outcome); exits 1 with a message on the first mismatch.
 """
 import json
+import os
 import sys
+import tempfile
 
+import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 
 def fail(msg):
@@ -63,34 +69,52 @@ def main():
             fail(f"row {eid}: payload is not opaque ciphertext")
         if len(r["hash"]) != 32 or len(r["prev_hash"]) != 32:
             fail(f"row {eid}: hashes are not 32 bytes")
+    kek_ids = set()
+    mirror = tempfile.TemporaryDirectory()
     for info in dataset.files:
         with fs.open_input_file(info) as f:
             data = f.read()
         for c in canaries:
             if c in data:
                 fail(f"canary {c!r} found in {info}")
+        footer = pq.read_metadata(pa.BufferReader(data)).metadata or {}
+        kek_ids.add(footer.get(b"keygate.kek_id", b"").decode())
+        # The exact bytes of the object, for DuckDB below (same relative layout).
+        local = os.path.join(mirror.name, "audit", os.path.relpath(info, root))
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        with open(local, "wb") as f:
+            f.write(data)
 
-    result = {"pyarrow_rows": table.num_rows, "files": len(dataset.files)}
+    result = {"pyarrow_rows": table.num_rows, "files": len(dataset.files), "kek_ids": sorted(kek_ids)}
 
-    # DuckDB (local lakes: its S3 support needs an extension download).
-    if not lake.startswith("s3://"):
-        import duckdb
+    # DuckDB, with its own Parquet reader. A local lake is read in place; an S3 lake through the
+    # byte-for-byte copies of its objects made above (DuckDB reads s3:// only with its httpfs
+    # extension, which it downloads from the internet at run time).
+    import duckdb
 
-        con = duckdb.connect()
-        glob = root + "/*/*/*.parquet"
-        n = con.execute(f"SELECT count(*) FROM read_parquet('{glob}', hive_partitioning = true)").fetchone()[0]
-        if n != len(expected):
-            fail(f"DuckDB sees {n} rows, expected {len(expected)}")
-        by_service = con.execute(
-            f"SELECT service, outcome, count(*) FROM read_parquet('{glob}', hive_partitioning = true) "
-            "GROUP BY ALL ORDER BY ALL"
-        ).fetchall()
-        dts = con.execute(
-            f"SELECT DISTINCT dt FROM read_parquet('{glob}', hive_partitioning = true)"
-        ).fetchall()
-        result["duckdb_rows"] = n
-        result["duckdb_by_service"] = [list(map(str, row)) for row in by_service]
-        result["dt"] = sorted(str(d[0]) for d in dts)
+    con = duckdb.connect()
+    glob = (root if not lake.startswith("s3://") else os.path.join(mirror.name, "audit")) + "/*/*/*.parquet"
+    source = f"read_parquet('{glob}', hive_partitioning = true)"
+    n = con.execute(f"SELECT count(*) FROM {source}").fetchone()[0]
+    if n != len(expected):
+        fail(f"DuckDB sees {n} rows, expected {len(expected)}")
+    columns = sorted({k for want in expected.values() for k in want})
+    if columns:
+        cursor = con.execute("SELECT event_id, " + ", ".join(f'"{c}"' for c in columns) + f" FROM {source}")
+        for row in cursor.fetchall():
+            want = expected.get(row[0])
+            if want is None:
+                fail(f"DuckDB: unexpected row {row[0]}")
+            got = dict(zip(columns, row[1:]))
+            for k, v in want.items():
+                if got[k] != v:
+                    fail(f"DuckDB: row {row[0]}: {k} = {got[k]!r}, expected {v!r}")
+    by_service = con.execute(f"SELECT service, outcome, count(*) FROM {source} GROUP BY ALL ORDER BY ALL").fetchall()
+    dts = con.execute(f"SELECT DISTINCT dt FROM {source}").fetchall()
+    result["duckdb_rows"] = n
+    result["duckdb_by_service"] = [list(map(str, row)) for row in by_service]
+    result["dt"] = sorted(str(d[0]) for d in dts)
+    mirror.cleanup()
     print(json.dumps(result))
 
 
