@@ -222,6 +222,14 @@ async fn run_phases(
         }
     }
 
+    // Fail closed before anything goes upstream when the audit log is known not to be writable:
+    // a read has no intent, so without this check it would reach Stripe and only its row would
+    // be refused.
+    if gateway.audit.is_enabled()
+        && let Err(reason) = gateway.audit.is_ready()
+    {
+        return Err(ProxyError::AuditUnavailable { detail: reason });
+    }
     if gateway.audit.is_enabled() && is_mutation(&ctx.method) {
         let intent = exchange(ctx, None, 0, AuditOutcome::Unknown);
         let id = gateway
@@ -520,9 +528,17 @@ async fn finish(gateway: &Gateway, ctx: &mut RequestContext, mut reply: Reply) -
         let record = exchange(ctx, Some(&reply), reply.status.as_u16(), as_audit_outcome(ctx.outcome));
         if let Err(error) = gateway.audit.record(record, ctx.intent.take()).await {
             tracing::error!(event_id = %ctx.event_id, error = %error, "audit record failed; the response is withheld");
-            let refusal = ProxyError::AuditUnrecorded { detail: error.to_string() };
+            // Only a request that went upstream may have been processed by Stripe; one refused
+            // before forwarding is told that nothing was sent.
+            let refusal = if ctx.upstream_us.is_some() {
+                ProxyError::AuditUnrecorded { detail: error.to_string() }
+            } else {
+                ProxyError::AuditUnavailable { detail: error.to_string() }
+            };
+            if ctx.error_code != Some(refusal.code()) {
+                gateway.metrics.refused.get_or_create(&ReasonLabels { reason: refusal.code().to_owned() }).inc();
+            }
             ctx.error_code = Some(refusal.code());
-            gateway.metrics.refused.get_or_create(&ReasonLabels { reason: refusal.code().to_owned() }).inc();
             reply = refusal.to_reply();
         }
     }
