@@ -13,9 +13,27 @@ use crate::wal::writer::Prepared;
 pub fn prepare(ex: &Exchange, zstd_level: i32) -> Result<Prepared, AuditError> {
     let (columns, doc) = redact_exchange(ex);
     let json = serde_json::to_vec(&doc).map_err(|e| AuditError::corrupt("payload", e.to_string()))?;
-    let compressed = zstd::bulk::compress(&json, zstd_level)
-        .map_err(|e| AuditError::corrupt("payload compression", e.to_string()))?;
+    let compressed = compress(&json, zstd_level)?;
     Ok(Prepared { columns, compressed })
+}
+
+thread_local! {
+    /// One zstd context per thread, kept across records: creating a context allocates and
+    /// clears about a megabyte of tables, which cost more than compressing a 2 KiB payload.
+    static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+fn compress(data: &[u8], level: i32) -> Result<Vec<u8>, AuditError> {
+    let fail = |e: std::io::Error| AuditError::corrupt("payload compression", e.to_string());
+    COMPRESSOR.with(|cell| {
+        let mut slot = cell.try_borrow_mut().map_err(|e| AuditError::corrupt("payload compression", e.to_string()))?;
+        let compressor = match &mut *slot {
+            Some((l, c)) if *l == level => c,
+            _ => &mut slot.insert((level, zstd::bulk::Compressor::new(level).map_err(fail)?)).1,
+        };
+        compressor.compress(data).map_err(fail)
+    })
 }
 
 /// Decrypts a file's data key with the ring; callers cache it per file.

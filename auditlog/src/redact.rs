@@ -15,6 +15,7 @@
 //! Bodies that are neither form-encoded, JSON nor UTF-8 text are not recorded (only their size
 //! and content type), since they cannot be inspected.
 
+use std::borrow::Cow;
 use std::sync::LazyLock;
 
 use regex::Regex;
@@ -79,25 +80,40 @@ pub const SECRET_PATTERNS: &[&str] = &[
 static SECRET_REGEXES: LazyLock<Vec<Regex>> =
     LazyLock::new(|| SECRET_PATTERNS.iter().filter_map(|p| Regex::new(p).ok()).collect());
 
+/// Literals that every [`SECRET_PATTERNS`] match contains. One literal search (a SIMD multi-
+/// substring scan) rules out the common case, a string with no secret, before any of the
+/// patterns runs. Keep in step with [`SECRET_PATTERNS`]; `secret_hint_covers_every_pattern`
+/// checks it.
+const SECRET_HINT_LITERALS: &str = "sk_|rk_|whsec_|ek_|_secret_";
+
+static SECRET_HINT: LazyLock<Option<Regex>> = LazyLock::new(|| Regex::new(SECRET_HINT_LITERALS).ok());
+
 /// Candidate card numbers: 13 to 19 digits, optionally grouped by single spaces or dashes.
 static PAN_CANDIDATE: LazyLock<Option<Regex>> = LazyLock::new(|| Regex::new(r"\b\d(?:[ -]?\d){12,18}\b").ok());
 
 /// Masks secret-shaped substrings and card numbers in free text.
 pub fn redact_text(text: &str) -> String {
-    let mut out = std::borrow::Cow::Borrowed(text);
-    for re in SECRET_REGEXES.iter() {
-        if re.is_match(&out) {
-            out = std::borrow::Cow::Owned(re.replace_all(&out, "${1}[redacted]").into_owned());
+    redact_text_cow(text).into_owned()
+}
+
+/// [`redact_text`] without a copy when nothing needs masking (the common case).
+pub fn redact_text_cow(text: &str) -> Cow<'_, str> {
+    let mut out = Cow::Borrowed(text);
+    // Fail closed: if the hint cannot be built, every pattern runs.
+    if SECRET_HINT.as_ref().is_none_or(|hint| hint.is_match(text)) {
+        for re in SECRET_REGEXES.iter() {
+            if re.is_match(&out) {
+                out = Cow::Owned(re.replace_all(&out, "${1}[redacted]").into_owned());
+            }
         }
     }
     if let Some(re) = PAN_CANDIDATE.as_ref()
         && out.bytes().filter(u8::is_ascii_digit).count() >= 13
         && re.is_match(&out)
     {
-        out =
-            std::borrow::Cow::Owned(re.replace_all(&out, |caps: &regex::Captures<'_>| mask_pan(&caps[0])).into_owned());
+        out = Cow::Owned(re.replace_all(&out, |caps: &regex::Captures<'_>| mask_pan(&caps[0])).into_owned());
     }
-    out.into_owned()
+    out
 }
 
 fn mask_pan(candidate: &str) -> String {
@@ -256,14 +272,15 @@ enum FieldRule {
 }
 
 fn field_rule(name: &str, value: Option<&str>, ctx: Context) -> FieldRule {
-    let lower = name.to_ascii_lowercase();
-    if DROPPED_FIELDS.contains(&lower.as_str()) {
+    let is = |list: &[&str]| list.iter().any(|f| f.eq_ignore_ascii_case(name));
+    if is(DROPPED_FIELDS) {
         return FieldRule::Drop;
     }
-    if MASKED_FIELDS.contains(&lower.as_str()) || (ctx.oauth && lower == "code") {
+    if is(MASKED_FIELDS) || (ctx.oauth && name.eq_ignore_ascii_case("code")) {
         return FieldRule::Mask;
     }
-    if lower.ends_with("url")
+    let ends_with_url = name.len() >= 3 && name.as_bytes()[name.len() - 3..].eq_ignore_ascii_case(b"url");
+    if ends_with_url
         && let Some(v) = value
         && SINGLE_USE_URL_PREFIXES.iter().any(|p| v.starts_with(p))
     {
@@ -278,7 +295,7 @@ fn redact_form_pairs(body: &[u8], ctx: Context) -> Vec<(String, String)> {
         match field_rule(field_name(&k), Some(&v), ctx) {
             FieldRule::Drop => {}
             FieldRule::Mask => out.push((redact_text(&k), MASK.to_owned())),
-            FieldRule::Keep => out.push((redact_text(&k), redact_text(&v))),
+            FieldRule::Keep => out.push((redact_text(&k), redact_text_cow(&v).into_owned())),
         }
     }
     out
@@ -306,8 +323,7 @@ pub fn redact_json(value: &mut Value, ctx: Context) {
         }
         Value::Array(items) => items.iter_mut().for_each(|v| redact_json(v, ctx)),
         Value::String(s) => {
-            let r = redact_text(s);
-            if r != *s {
+            if let Cow::Owned(r) = redact_text_cow(s) {
                 *s = r;
             }
         }
@@ -456,6 +472,19 @@ mod tests {
         assert!(r.body_omitted.is_some());
         assert!(!rendered(&r).contains("4242424242424242"));
         assert_eq!(r.body_bytes, 28);
+    }
+
+    #[test]
+    fn secret_hint_covers_every_pattern() {
+        let hint = Regex::new(SECRET_HINT_LITERALS).unwrap();
+        assert_eq!(SECRET_REGEXES.len(), SECRET_PATTERNS.len(), "every pattern compiles");
+        for sample in
+            ["sk_live_abcdef123", "rk_test_abcdef123", "whsec_abcdef123", "ek_test_abcdef123", "pi_1_secret_abc"]
+        {
+            assert!(SECRET_REGEXES.iter().any(|re| re.is_match(sample)), "{sample} is a secret");
+            assert!(hint.is_match(sample), "the hint misses {sample}");
+        }
+        assert!(matches!(redact_text_cow("payment_intent requires_confirmation"), Cow::Borrowed(_)));
     }
 
     #[test]

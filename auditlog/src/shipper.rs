@@ -134,60 +134,66 @@ impl Shipper {
         else {
             return self.remove_segment(seg, None).await;
         };
-        let header = &contents.header;
-        let rows: Vec<_> = contents.rows.iter().filter(|r| r.seq < seg.upto_seq).collect();
-        let chain_after = match rows.last() {
-            Some(r) => (r.seq + 1, r.hash),
-            None => (header.first_seq, header.prev_hash),
-        };
-        let Some(first) = rows.first() else {
-            return self.remove_segment(seg, Some(chain_after)).await;
-        };
-        let last = rows[rows.len() - 1];
-        let head = self.current_head().await?;
-        let committed = head.as_ref().map_or(0, |h| h.last_seq);
-        if last.seq <= committed {
-            return self.remove_segment(seg, Some(chain_after)).await;
-        }
-        if first.seq <= committed {
-            return Err(AuditError::corrupt(
-                seg.path.display().to_string(),
-                format!(
-                    "rows {}..={} overlap the lake, which already holds up to seq {committed} for writer {}: two keygate instances share this writer id",
-                    first.seq, last.seq, self.writer_id
-                ),
-            ));
-        }
-        if first.seq != header.first_seq {
-            return Err(AuditError::corrupt(seg.path.display().to_string(), "first row does not start the segment"));
-        }
-        if head.is_some() && first.seq != committed + 1 {
-            tracing::error!(writer = %self.writer_id, expected = committed + 1, found = first.seq, "gap in the audit chain: WAL segments were lost");
-        }
-        let chained: Vec<ChainedRow> = rows
-            .iter()
+        // The rows are moved, not copied, into the file's rows: a segment can be tens of
+        // megabytes, and each copy of it is peak memory of the process.
+        let header = contents.header;
+        let chain_start = (header.first_seq, header.prev_hash);
+        let logged_at_us = contents.rows.first().map(|r| r.logged_at_us);
+        let chained: Vec<ChainedRow> = contents
+            .rows
+            .into_iter()
+            .filter(|r| r.seq < seg.upto_seq)
             .map(|r| ChainedRow {
                 writer_id: self.writer_id.clone(),
                 seq: r.seq,
-                columns: r.columns.clone(),
-                payload: r.payload.clone(),
+                columns: r.columns,
+                payload: r.payload,
                 prev_hash: r.prev_hash,
                 hash: r.hash,
             })
             .collect();
+        let chain_after = match chained.last() {
+            Some(r) => (r.seq + 1, r.hash),
+            None => chain_start,
+        };
+        let (Some(first), Some(last), Some(first_logged_at_us)) = (chained.first(), chained.last(), logged_at_us)
+        else {
+            return self.remove_segment(seg, Some(chain_after)).await;
+        };
+        let (first_seq, first_prev_hash, last_seq, last_hash) = (first.seq, first.prev_hash, last.seq, last.hash);
+        let head = self.current_head().await?;
+        let committed = head.as_ref().map_or(0, |h| h.last_seq);
+        if last_seq <= committed {
+            return self.remove_segment(seg, Some(chain_after)).await;
+        }
+        if first_seq <= committed {
+            return Err(AuditError::corrupt(
+                seg.path.display().to_string(),
+                format!(
+                    "rows {first_seq}..={last_seq} overlap the lake, which already holds up to seq {committed} for writer {}: two keygate instances share this writer id",
+                    self.writer_id
+                ),
+            ));
+        }
+        if first_seq != header.first_seq {
+            return Err(AuditError::corrupt(seg.path.display().to_string(), "first row does not start the segment"));
+        }
+        if head.is_some() && first_seq != committed + 1 {
+            tracing::error!(writer = %self.writer_id, expected = committed + 1, found = first_seq, "gap in the audit chain: WAL segments were lost");
+        }
         let meta = FileMeta {
             writer_id: self.writer_id.clone(),
-            first_seq: first.seq,
-            last_seq: last.seq,
+            first_seq,
+            last_seq,
             kek_id: header.kek_id.clone(),
             wrapped_key: header.wrapped_key.clone(),
-            chain_head_in: first.prev_hash,
+            chain_head_in: first_prev_hash,
         };
         let (encoded, chained) =
             tokio::task::spawn_blocking(move || parquet_io::encode(&chained, &meta).map(|e| (e, chained)))
                 .await
                 .map_err(|e| AuditError::corrupt("lake file", e.to_string()))??;
-        let path = data_path(&self.writer_id, first.seq, first.logged_at_us)?;
+        let path = data_path(&self.writer_id, first_seq, first_logged_at_us)?;
         let bytes = Bytes::from(encoded);
         let file_bytes = match self.lake.put_create(&path, bytes.clone()).await? {
             Put::Created => bytes,
@@ -200,10 +206,10 @@ impl Shipper {
             file_sha256: sha256_hex(&file_bytes),
             file_bytes: file_bytes.len() as u64,
             row_count: chained.len() as u64,
-            first_seq: first.seq,
-            last_seq: last.seq,
-            chain_head_in: hex::encode(first.prev_hash),
-            chain_head_out: hex::encode(last.hash),
+            first_seq,
+            last_seq,
+            chain_head_in: hex::encode(first_prev_hash),
+            chain_head_out: hex::encode(last_hash),
             prev_manifest_sha256: head.as_ref().map(|h| h.manifest_sha256.clone()),
             received_at_min_us: chained.iter().map(|r| r.columns.received_at_us).min().unwrap_or(0),
             received_at_max_us: chained.iter().map(|r| r.columns.received_at_us).max().unwrap_or(0),
@@ -211,12 +217,12 @@ impl Shipper {
             signing_key: self.signing_key.public_key_hex(),
         };
         let manifest = Manifest::sign(body, &self.signing_key)?;
-        let mpath = manifest_path(&self.writer_id, first.seq);
+        let mpath = manifest_path(&self.writer_id, first_seq);
         let mut mbytes = Bytes::from(manifest.to_bytes()?);
         if self.lake.put_create(&mpath, mbytes.clone()).await? == Put::AlreadyExists {
             let existing = self.lake.get(&mpath).await?.unwrap_or_default();
             let parsed = Manifest::parse(&existing)?;
-            if parsed.body.file_sha256 != manifest.body.file_sha256 || parsed.body.last_seq != last.seq {
+            if parsed.body.file_sha256 != manifest.body.file_sha256 || parsed.body.last_seq != last_seq {
                 return Err(AuditError::corrupt(
                     mpath.to_string(),
                     "a different manifest already exists for this file",
@@ -225,8 +231,8 @@ impl Shipper {
             mbytes = existing;
         }
         self.head = Some(Some(LakeHead {
-            last_seq: last.seq,
-            chain_head_out: last.hash,
+            last_seq,
+            chain_head_out: last_hash,
             manifest_sha256: sha256_hex(&mbytes),
         }));
         self.shared.metrics.lake_commits.inc();

@@ -488,7 +488,7 @@ fn exchange(ctx: &RequestContext, reply: Option<&Reply>, status: u16, outcome: A
         service: ctx.service.clone(),
         peer: ctx.peer.to_string(),
         method: ctx.method.to_string(),
-        path: ctx.path.clone(),
+        path: target.clone(),
         operation: decision.and_then(|d| d.operation).map(str::to_owned),
         stripe_host: Some(ctx.host.as_str().to_owned()),
         stripe_account: header_str(headers, "stripe-account").map(str::to_owned),

@@ -99,7 +99,7 @@ pub struct ServeOptions {
 /// Runs `keygate serve` until SIGTERM or SIGINT.
 pub async fn serve(options: ServeOptions) -> Result<(), StartError> {
     let mut config = crate::config::load(options.config_file.as_deref(), &crate::config::process_env())?;
-    crate::telemetry::init_logging(&config.log);
+    let _log_guard = crate::telemetry::init_logging(&config.log);
 
     let mut banner = None;
     let policies = match &config.policies.dir {

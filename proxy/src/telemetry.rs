@@ -102,15 +102,34 @@ impl ProxyMetrics {
     }
 }
 
+/// Keeps the log writer thread alive; dropping it flushes every buffered line.
+#[must_use = "dropping the guard stops the log writer"]
+#[derive(Debug)]
+pub struct LogGuard {
+    _worker: Option<tracing_appender::non_blocking::WorkerGuard>,
+}
+
 /// Installs the global `tracing` subscriber. Logs go to stderr; stdout is kept for what a human
 /// asked for (the quick-start banner, command output).
-pub fn init_logging(config: &LogConfig) {
+///
+/// Lines are handed to a writer thread that writes them in batches through a buffer: one
+/// `write` per batch instead of one per request line, which on a busy proxy is a measurable
+/// share of its CPU (docs/benchmarks.md). The channel is not lossy: when it is full, the request
+/// path waits rather than drop a line. Hold the guard until exit so that the tail is flushed.
+pub fn init_logging(config: &LogConfig) -> LogGuard {
     let filter = EnvFilter::try_new(&config.level).unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .thread_name("keygate-log")
+        .finish(std::io::BufWriter::with_capacity(64 * 1024, std::io::stderr()));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
     let result = match config.format {
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
         LogFormat::Text => builder.try_init(),
     };
     // A second init (tests running servers in one process) keeps the first subscriber.
-    let _ = result;
+    match result {
+        Ok(()) => LogGuard { _worker: Some(guard) },
+        Err(_) => LogGuard { _worker: None },
+    }
 }

@@ -430,7 +430,7 @@ impl Writer {
     /// Gives up the active segment after a failed write or fsync.
     fn abandon(&mut self, err: &AuditError) {
         self.shared.metrics.wal_failures.inc();
-        self.shared.set_failure(Some(err.to_string()));
+        self.shared.set_failure(Some(bare_reason(err)));
         tracing::error!(error = %err, "audit WAL segment abandoned; refusing records until a new segment can be written");
         // Everything after the last successful fsync is treated as never written.
         self.next_seq = self.durable_seq;
@@ -467,9 +467,9 @@ impl Writer {
                 Ok(())
             }
             Err(e) => {
-                let err = self.unavailable(&e.to_string());
-                self.shared.set_failure(Some(err.to_string()));
-                Err(err)
+                let reason = e.to_string();
+                self.shared.set_failure(Some(reason.clone()));
+                Err(self.unavailable(&reason))
             }
         }
     }
@@ -609,6 +609,15 @@ impl Writer {
             Some(reason) => Err(self.unavailable(&reason)),
             None => Ok(()),
         }
+    }
+}
+
+/// What went wrong, without the "WAL cannot be written" frame that [`AuditError::WalUnavailable`]
+/// adds: the stored failure is wrapped in that frame again when it is reported.
+fn bare_reason(err: &AuditError) -> String {
+    match err {
+        AuditError::WalUnavailable { reason, .. } => reason.clone(),
+        other => other.to_string(),
     }
 }
 
