@@ -1,5 +1,7 @@
-//! The writer pipeline on one core: redact, compress, encrypt and Parquet-encode exchanges of
-//! about 2 KiB (request and response), and the lake bytes per raw byte.
+//! The audit writer's parts on one core, for exchanges of about 2 KiB (request and response):
+//! one record redacted, compressed and sealed; a batch Parquet-encoded; the whole pipeline; and
+//! the WAL's group commit (many concurrent `durability: sync` records sharing fsyncs). Prints
+//! the lake bytes per raw byte.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::{Duration, SystemTime};
@@ -10,7 +12,7 @@ use keygate_auditlog::crypto::{DataKey, row_aad};
 use keygate_auditlog::parquet_io::{FileMeta, encode};
 use keygate_auditlog::payload::prepare;
 use keygate_auditlog::row::{ChainedRow, row_hash};
-use keygate_auditlog::{Exchange, HttpMessage};
+use keygate_auditlog::{AuditConfig, AuditLog, Exchange, HttpMessage, LocalKek, SigningKey};
 
 const N: usize = 2000;
 
@@ -62,28 +64,39 @@ fn raw_len(ex: &Exchange) -> usize {
     msg(&ex.request) + ex.response.as_ref().map_or(0, msg)
 }
 
-/// The whole pipeline for `exchanges`; returns the Parquet file's bytes.
-fn pipeline(exchanges: &[Exchange]) -> Vec<u8> {
+fn chained_rows(exchanges: &[Exchange]) -> Vec<ChainedRow> {
     let (mut key, _) = DataKey::generate().unwrap();
     let mut head = [0u8; 32];
-    let mut rows = Vec::with_capacity(exchanges.len());
-    for (i, ex) in exchanges.iter().enumerate() {
-        let p = prepare(ex, 3).unwrap();
-        let payload = key.seal(&row_aad("bench", 1, &p.columns.event_id), &p.compressed).unwrap();
-        let seq = i as u64 + 1;
-        let hash = row_hash(&head, "bench", seq, &p.columns, &payload);
-        rows.push(ChainedRow { writer_id: "bench".into(), seq, columns: p.columns, payload, prev_hash: head, hash });
-        head = hash;
-    }
-    let meta = FileMeta {
+    exchanges
+        .iter()
+        .enumerate()
+        .map(|(i, ex)| {
+            let p = prepare(ex, 3).unwrap();
+            let payload = key.seal(&row_aad("bench", 1, &p.columns.event_id), &p.compressed).unwrap();
+            let seq = i as u64 + 1;
+            let hash = row_hash(&head, "bench", seq, &p.columns, &payload);
+            let row = ChainedRow { writer_id: "bench".into(), seq, columns: p.columns, payload, prev_hash: head, hash };
+            head = hash;
+            row
+        })
+        .collect()
+}
+
+/// The whole pipeline for `exchanges`; returns the Parquet file's bytes.
+fn pipeline(exchanges: &[Exchange]) -> Vec<u8> {
+    let rows = chained_rows(exchanges);
+    encode(&rows, &file_meta(rows.len())).unwrap()
+}
+
+fn file_meta(rows: usize) -> FileMeta {
+    FileMeta {
         writer_id: "bench".into(),
         first_seq: 1,
-        last_seq: rows.len() as u64,
+        last_seq: rows as u64,
         kek_id: "local:bench".into(),
         wrapped_key: vec![0; 60],
         chain_head_in: [0; 32],
-    };
-    encode(&rows, &meta).unwrap()
+    }
 }
 
 fn bench(c: &mut Criterion) {
@@ -96,10 +109,66 @@ fn bench(c: &mut Criterion) {
         lake as f64 / raw as f64
     );
     let mut g = c.benchmark_group("audit_writer");
-    g.throughput(Throughput::Elements(N as u64));
     g.sample_size(20);
+
+    g.throughput(Throughput::Elements(1));
+    let (mut key, _) = DataKey::generate().unwrap();
+    let one = &exchanges[0];
+    g.bench_function("one_record_redact_compress_seal", |b| {
+        b.iter(|| {
+            let p = prepare(one, 3).unwrap();
+            key.seal(&row_aad("bench", 1, &p.columns.event_id), &p.compressed).unwrap()
+        })
+    });
+
+    g.throughput(Throughput::Elements(N as u64));
+    let rows = chained_rows(&exchanges);
+    let meta = file_meta(N);
+    g.bench_function("parquet_encode_batch_of_2000", |b| b.iter(|| encode(&rows, &meta).unwrap()));
     g.bench_function("redact_compress_encrypt_parquet_2KiB", |b| b.iter(|| pipeline(&exchanges)));
     g.finish();
+
+    wal_group_commit(c, &exchanges);
+}
+
+/// `durability: sync` records from 256 concurrent callers on a one-thread runtime (the writer
+/// thread is the second thread, as in keygate): records per second through prepare, seal, WAL
+/// write and the shared fsyncs, on this machine's disk (the system's temporary folder).
+fn wal_group_commit(c: &mut Criterion, exchanges: &[Exchange]) {
+    const CONCURRENT: usize = 256;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kek = std::sync::Arc::new(LocalKek::from_text(&hex::encode([7u8; 32])).unwrap());
+    let cfg = AuditConfig {
+        wal_dir: dir.path().join("wal"),
+        lake: dir.path().join("lake").display().to_string(),
+        kek: "env://UNUSED".into(),
+        signing_key: "env://UNUSED".into(),
+        ..AuditConfig::default()
+    };
+    let log = rt.block_on(AuditLog::open(&cfg, kek, SigningKey::generate())).unwrap();
+    let batch: Vec<Exchange> = exchanges.iter().take(CONCURRENT).cloned().collect();
+    let mut g = c.benchmark_group("audit_wal");
+    g.sample_size(20);
+    g.throughput(Throughput::Elements(CONCURRENT as u64));
+    g.bench_function("group_commit_sync_256_concurrent", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                let mut set = tokio::task::JoinSet::new();
+                for ex in &batch {
+                    let log = log.clone();
+                    let mut ex = ex.clone();
+                    ex.event_id = uuid::Uuid::now_v7();
+                    set.spawn(async move { log.record(ex, None).await });
+                }
+                while let Some(done) = set.join_next().await {
+                    done.unwrap().unwrap();
+                }
+            })
+        })
+    });
+    g.finish();
+    rt.block_on(log.shutdown()).unwrap();
 }
 
 criterion_group!(benches, bench);
