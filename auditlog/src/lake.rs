@@ -75,7 +75,16 @@ impl Lake {
                 .with_conditional_put(object_store::aws::S3ConditionalPut::ETagMatch)
                 .with_copy_if_not_exists(object_store::aws::S3CopyIfNotExists::Multipart)
                 .with_allow_http(s3.allow_http)
-                .with_virtual_hosted_style_request(s3.virtual_hosted_style);
+                .with_virtual_hosted_style_request(s3.virtual_hosted_style)
+                // The shipper retries failed commits itself, with the configured back-off and a
+                // metric and a log line per failure; the client's own retries are kept short so
+                // that an outage shows there within seconds instead of after its default three
+                // minutes of silent retrying.
+                .with_retry(object_store::RetryConfig {
+                    max_retries: 2,
+                    retry_timeout: std::time::Duration::from_secs(10),
+                    ..object_store::RetryConfig::default()
+                });
             if let Some(e) = &s3.endpoint {
                 b = b.with_endpoint(e);
             }

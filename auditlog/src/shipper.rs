@@ -230,11 +230,7 @@ impl Shipper {
             }
             mbytes = existing;
         }
-        self.head = Some(Some(LakeHead {
-            last_seq,
-            chain_head_out: last_hash,
-            manifest_sha256: sha256_hex(&mbytes),
-        }));
+        self.head = Some(Some(LakeHead { last_seq, chain_head_out: last_hash, manifest_sha256: sha256_hex(&mbytes) }));
         self.shared.metrics.lake_commits.inc();
         self.shared.metrics.lake_rows.inc_by(chained.len() as u64);
         tracing::info!(file = %path, rows = chained.len(), "audit lake file committed");

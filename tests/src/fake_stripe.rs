@@ -44,6 +44,9 @@ pub enum Behavior {
     Delay(Duration),
     /// 401 unless the request carries `Authorization: Bearer <this key>`.
     OnlyKey(String),
+    /// 401 unless the request carries one of these keys (Stripe during a key roll, while the
+    /// old key has not expired yet).
+    AnyKeyOf(Vec<String>),
 }
 
 /// The fake upstream, running on a free loopback port until dropped.
@@ -143,6 +146,9 @@ async fn answer(
             json(200, r#"{"id":"cus_fake123","object":"customer","email":"jenny@example.com"}"#)
         }
         Behavior::OnlyKey(key) if authorization != format!("Bearer {key}") => {
+            json(401, r#"{"error":{"type":"invalid_request_error","message":"Invalid API Key provided"}}"#)
+        }
+        Behavior::AnyKeyOf(keys) if !keys.iter().any(|key| authorization == format!("Bearer {key}")) => {
             json(401, r#"{"error":{"type":"invalid_request_error","message":"Invalid API Key provided"}}"#)
         }
         _ => json(200, r#"{"id":"cus_fake123","object":"customer","email":"jenny@example.com"}"#),

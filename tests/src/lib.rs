@@ -5,6 +5,7 @@
 //! port is ever used; every child process is killed when its guard drops, even on panic.
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::print_stdout)]
 
+pub mod audit;
 pub mod fake_stripe;
 pub mod http;
 pub mod keygate;

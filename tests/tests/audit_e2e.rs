@@ -4,7 +4,7 @@
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -13,30 +13,15 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use keygate_tests::audit::{auditlog, files_under, jsonl};
 use keygate_tests::fake_stripe::{Behavior, FakeStripe};
 use keygate_tests::http::request;
-use keygate_tests::keygate::{Keygate, KeygateOptions, binary};
+use keygate_tests::keygate::{Keygate, KeygateOptions};
 use keygate_tests::localstripe::Localstripe;
 use keygate_tests::proxy_setup::{CANARY_KEY, DEFAULT_KEY_REF, ProxySetup, SetupOptions, audit_yaml, write_policy};
 use keygate_tests::tool;
 
 const CARD_NUMBER: &str = "4242424242424242";
-
-fn auditlog(args: &[&str]) -> (i32, String, String) {
-    let output = Command::new(binary("auditlog")).args(args).output().expect("run auditlog");
-    (
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
-}
-
-fn jsonl(text: &str) -> Vec<serde_json::Value> {
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
-        .collect()
-}
 
 fn access_lines(stderr: &str) -> Vec<serde_json::Value> {
     stderr
@@ -46,30 +31,10 @@ fn access_lines(stderr: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// Every byte of every file under `dir`.
-fn all_bytes(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(path) = stack.pop() {
-        if path.is_dir() {
-            for entry in std::fs::read_dir(&path).unwrap() {
-                stack.push(entry.unwrap().path());
-            }
-        } else if let Ok(bytes) = std::fs::read(&path) {
-            out.push((path, bytes));
-        }
-    }
-    out
-}
-
 fn assert_no_canary_in(dir: &Path, canaries: &[&str]) {
-    for (path, bytes) in all_bytes(dir) {
+    for (path, bytes) in files_under(dir) {
         for canary in canaries {
-            assert!(
-                !bytes.windows(canary.len()).any(|w| w == canary.as_bytes()),
-                "canary {canary:?} found in {}",
-                path.display()
-            );
+            assert!(!bytes.windows(canary.len()).any(|w| w == canary.as_bytes()), "canary {canary:?} found in {path}");
         }
     }
 }
@@ -141,30 +106,36 @@ fn an_sdk_flow_becomes_one_encrypted_row_per_request_readable_by_duckdb_pyarrow_
     // SQL over the lake with auditlog, and the payload decrypted with the key-encryption key.
     let lake_arg = lake.display().to_string();
     let kek = format!("file://{}", dir.join("audit-kek").display());
-    let (code, out, err) = auditlog(&[
-        "query",
-        "--lake",
-        &lake_arg,
-        "--format",
-        "jsonl",
-        "SELECT operation, status, decision FROM audit WHERE operation = 'POST /v1/payment_intents' ORDER BY received_at",
-    ]);
+    let (code, out, err) = auditlog(
+        &[
+            "query",
+            "--lake",
+            &lake_arg,
+            "--format",
+            "jsonl",
+            "SELECT operation, status, decision FROM audit WHERE operation = 'POST /v1/payment_intents' ORDER BY received_at",
+        ],
+        &[],
+    );
     assert_eq!(code, 0, "{err}");
     let intents = jsonl(&out);
     assert_eq!(intents.len(), 1, "{out}");
     assert_eq!(intents[0]["status"], 200);
     assert_eq!(intents[0]["decision"], "allow");
-    let (code, out, err) = auditlog(&[
-        "query",
-        "--lake",
-        &lake_arg,
-        "--kek",
-        &kek,
-        "--decrypt",
-        "--format",
-        "jsonl",
-        "SELECT writer_id, seq, event_id, payload FROM audit WHERE operation = 'POST /v1/payment_methods'",
-    ]);
+    let (code, out, err) = auditlog(
+        &[
+            "query",
+            "--lake",
+            &lake_arg,
+            "--kek",
+            &kek,
+            "--decrypt",
+            "--format",
+            "jsonl",
+            "SELECT writer_id, seq, event_id, payload FROM audit WHERE operation = 'POST /v1/payment_methods'",
+        ],
+        &[],
+    );
     assert_eq!(code, 0, "{err}");
     let methods = jsonl(&out);
     assert_eq!(methods.len(), 1, "{out}");
@@ -175,7 +146,7 @@ fn an_sdk_flow_becomes_one_encrypted_row_per_request_readable_by_duckdb_pyarrow_
     assert!(!payload.contains(CANARY_KEY) && !payload.contains(&token), "{payload}");
 
     let event_id = methods[0]["event_id"].as_str().unwrap();
-    let (code, out, err) = auditlog(&["show", "--lake", &lake_arg, "--kek", &kek, event_id]);
+    let (code, out, err) = auditlog(&["show", "--lake", &lake_arg, "--kek", &kek, event_id], &[]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("POST /v1/payment_methods"), "{out}");
 
@@ -184,10 +155,10 @@ fn an_sdk_flow_becomes_one_encrypted_row_per_request_readable_by_duckdb_pyarrow_
     let wrong = wrong_kek_dir.path().join("kek");
     std::fs::write(&wrong, keygate_tests::proxy_setup::random_key_hex()).unwrap();
     let (code, out, err) =
-        auditlog(&["show", "--lake", &lake_arg, "--kek", &format!("file://{}", wrong.display()), event_id]);
+        auditlog(&["show", "--lake", &lake_arg, "--kek", &format!("file://{}", wrong.display()), event_id], &[]);
     assert!(code != 0 || !out.contains("payment_methods"), "decrypted with the wrong key: {out}{err}");
 
-    let (code, out, err) = auditlog(&["verify", "--lake", &lake_arg]);
+    let (code, out, err) = auditlog(&["verify", "--lake", &lake_arg], &[]);
     assert_eq!(code, 0, "a clean lake verifies: {out}{err}");
 }
 
@@ -277,14 +248,17 @@ async fn kill_9_under_load_leaves_exactly_one_row_per_answer_and_no_gap() {
     assert_eq!(keygate.wait_exit(Duration::from_secs(60)), Some(0));
 
     let lake = dir.path().join("lake").display().to_string();
-    let (code, out, err) = auditlog(&[
-        "query",
-        "--lake",
-        &lake,
-        "--format",
-        "jsonl",
-        "SELECT event_id, idempotency_key, status, outcome FROM audit",
-    ]);
+    let (code, out, err) = auditlog(
+        &[
+            "query",
+            "--lake",
+            &lake,
+            "--format",
+            "jsonl",
+            "SELECT event_id, idempotency_key, status, outcome FROM audit",
+        ],
+        &[],
+    );
     assert_eq!(code, 0, "{err}");
     let rows = jsonl(&out);
     let mut by_event: HashMap<String, serde_json::Value> = HashMap::new();
@@ -325,6 +299,6 @@ async fn kill_9_under_load_leaves_exactly_one_row_per_answer_and_no_gap() {
         rows.len(),
         unknown
     );
-    let (code, out, err) = auditlog(&["verify", "--lake", &lake]);
+    let (code, out, err) = auditlog(&["verify", "--lake", &lake], &[]);
     assert_eq!(code, 0, "the lake verifies after crashes: {out}{err}");
 }

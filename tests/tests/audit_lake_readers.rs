@@ -26,6 +26,7 @@ use keygate_auditlog::{
     AuditConfig, AuditLog, Exchange, HttpMessage, KekRing, KeyEncryptionKey, LocalKek, S3Config, SigningKey, TransitKek,
 };
 use keygate_secrets::{SecretRef, SecretStore, SecretsConfig, VaultAuth, VaultConfig};
+use keygate_tests::audit::{auditlog, files_under, jsonl};
 use keygate_tests::moto::Moto;
 use keygate_tests::openbao::OpenBao;
 use keygate_tests::tool;
@@ -335,44 +336,6 @@ fn documented_vault_policy() -> String {
     let start = docs.find("```hcl\n").expect("docs/secrets.md has an ```hcl block") + "```hcl\n".len();
     let end = start + docs[start..].find("```").unwrap();
     docs[start..end].to_owned()
-}
-
-/// Runs the `auditlog` binary with extra environment; (exit code, stdout, stderr).
-fn auditlog(args: &[&str], env: &[(&str, String)]) -> (i32, String, String) {
-    let output = std::process::Command::new(keygate_tests::keygate::binary("auditlog"))
-        .args(args)
-        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .output()
-        .expect("run auditlog");
-    (
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
-}
-
-fn jsonl(text: &str) -> Vec<serde_json::Value> {
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
-        .collect()
-}
-
-/// Every file under `dir`, with its bytes.
-fn files_under(dir: &Path) -> Vec<(String, Vec<u8>)> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(path) = stack.pop() {
-        if path.is_dir() {
-            for entry in std::fs::read_dir(&path).unwrap() {
-                stack.push(entry.unwrap().path());
-            }
-        } else if let Ok(bytes) = std::fs::read(&path) {
-            out.push((path.display().to_string(), bytes));
-        }
-    }
-    out.sort();
-    out
 }
 
 fn assert_no_canary(what: &str, objects: &[(String, Vec<u8>)], canaries: &[String]) {

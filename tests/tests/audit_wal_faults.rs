@@ -18,9 +18,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use keygate_tests::audit::auditlog;
 use keygate_tests::fake_stripe::{Behavior, FakeStripe};
 use keygate_tests::http::{RawResponse, get, request};
-use keygate_tests::keygate::{Keygate, KeygateOptions, binary};
+use keygate_tests::keygate::{Keygate, KeygateOptions};
 use keygate_tests::proxy_setup::{CANARY_KEY, DEFAULT_KEY_REF, random_key_hex, write_policy};
 
 /// A tmpfs mounted for the test, lazily unmounted on drop (even on panic).
@@ -88,15 +89,6 @@ fn random_letters(n: usize) -> String {
     let mut file = std::fs::File::open("/dev/urandom").unwrap();
     std::io::Read::read_exact(&mut file, &mut bytes).unwrap();
     bytes.iter().map(|b| char::from(b'a' + b % 26)).collect()
-}
-
-fn auditlog(args: &[&str]) -> (i32, String, String) {
-    let output = Command::new(binary("auditlog")).args(args).output().expect("run auditlog");
-    (
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
 }
 
 /// The value of an unlabelled sample in Prometheus text, or `None` if absent.
@@ -362,14 +354,17 @@ async fn a_full_wal_disk_answers_503_forwards_nothing_and_recovers_when_space_re
     );
 
     let lake_arg = lake.display().to_string();
-    let (code, out, err) = auditlog(&[
-        "query",
-        "--lake",
-        &lake_arg,
-        "--format",
-        "jsonl",
-        "SELECT event_id, method, path, idempotency_key, status, outcome FROM audit",
-    ]);
+    let (code, out, err) = auditlog(
+        &[
+            "query",
+            "--lake",
+            &lake_arg,
+            "--format",
+            "jsonl",
+            "SELECT event_id, method, path, idempotency_key, status, outcome FROM audit",
+        ],
+        &[],
+    );
     assert_eq!(code, 0, "auditlog query: {err}");
     let rows: Vec<serde_json::Value> = out
         .lines()
@@ -403,7 +398,7 @@ async fn a_full_wal_disk_answers_503_forwards_nothing_and_recovers_when_space_re
         refused.len(),
         rows.len()
     );
-    let (code, out, err) = auditlog(&["verify", "--lake", &lake_arg]);
+    let (code, out, err) = auditlog(&["verify", "--lake", &lake_arg], &[]);
     assert_eq!(code, 0, "the lake verifies after the WAL outage: {out}{err}");
     drop(walfs);
 }

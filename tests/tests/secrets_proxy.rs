@@ -40,6 +40,10 @@ async fn rotate_under_load(setup: &ProxySetup, fake: &FakeStripe, rotate: impl F
     let stop = Arc::new(AtomicBool::new(false));
     let stream = steady_stream(setup.keygate.proxy, setup.token.clone(), stop.clone());
     tokio::time::sleep(Duration::from_millis(800)).await;
+    // As at Stripe: the new key works before keygate's source has it, then the old one stops
+    // working. Without the first step, a background refresh landing between the write to the
+    // source and the upstream's switch would send the new key to an upstream that refuses it.
+    fake.set_behavior(Behavior::AnyKeyOf(vec![KEY_V1.to_owned(), KEY_V2.to_owned()]));
     let rotated_at = Instant::now();
     rotate();
     fake.set_behavior(Behavior::OnlyKey(KEY_V2.to_owned()));
