@@ -88,15 +88,6 @@ pub async fn preload_keys(gateway: &Gateway) {
     }
 }
 
-/// Aborts a background task when the scope that started it ends.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 /// What `keygate serve` was asked to do.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
@@ -108,15 +99,7 @@ pub struct ServeOptions {
 /// Runs `keygate serve` until SIGTERM or SIGINT.
 pub async fn serve(options: ServeOptions) -> Result<(), StartError> {
     let mut config = crate::config::load(options.config_file.as_deref(), &crate::config::process_env())?;
-    let _log_guard = crate::telemetry::init_logging(&config.log);
-    let log_flusher = tokio::spawn(async {
-        let mut every = tokio::time::interval(crate::telemetry::LOG_FLUSH_INTERVAL);
-        loop {
-            every.tick().await;
-            crate::telemetry::flush_logs();
-        }
-    });
-    let _stop_log_flusher = AbortOnDrop(log_flusher);
+    crate::telemetry::init_logging(&config.log);
 
     let mut banner = None;
     let policies = match &config.policies.dir {

@@ -102,91 +102,15 @@ impl ProxyMetrics {
     }
 }
 
-/// Flushes the buffered log lines when dropped: hold it until the process exits.
-#[must_use = "dropping the guard is the final flush of the log buffer"]
-#[derive(Debug)]
-pub struct LogGuard(());
-
-impl Drop for LogGuard {
-    fn drop(&mut self) {
-        flush_logs();
-    }
-}
-
-/// How often buffered log lines reach stderr when traffic is light.
-pub const LOG_FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
-
-/// Buffered lines are written at once when they reach this size.
-const LOG_FLUSH_BYTES: usize = 32 * 1024;
-
-/// Log lines waiting for stderr.
-///
-/// Written here rather than with `tracing-appender`'s non-blocking writer: that hands every line
-/// to a writer thread, and on a proxy pinned to one core the wake-up and the two context switches
-/// per line cost more than the `write` they save (measured in docs/benchmarks.md). Appending to
-/// a buffer under a mutex and writing it out by size or every [`LOG_FLUSH_INTERVAL`] keeps one
-/// `write` per batch with no thread in between.
-static LOG_BUFFER: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
-
-fn write_to_stderr(bytes: &[u8]) {
-    use std::io::Write;
-    // Nowhere to report a failed write of the log itself.
-    let _ = std::io::stderr().lock().write_all(bytes);
-}
-
-/// Writes every buffered log line to stderr now.
-pub fn flush_logs() {
-    if let Ok(mut buffer) = LOG_BUFFER.lock()
-        && !buffer.is_empty()
-    {
-        write_to_stderr(&buffer);
-        buffer.clear();
-    }
-}
-
-/// The `tracing` writer: each formatted event arrives in one `write` call and is appended whole.
-struct BufferedStderr;
-
-impl std::io::Write for BufferedStderr {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        match LOG_BUFFER.lock() {
-            Ok(mut buffer) => {
-                buffer.extend_from_slice(bytes);
-                if buffer.len() >= LOG_FLUSH_BYTES {
-                    write_to_stderr(&buffer);
-                    buffer.clear();
-                }
-            }
-            Err(_) => write_to_stderr(bytes),
-        }
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 /// Installs the global `tracing` subscriber. Logs go to stderr; stdout is kept for what a human
 /// asked for (the quick-start banner, command output).
-///
-/// Lines are buffered and written in batches (see [`LOG_BUFFER`]); the caller flushes them every
-/// [`LOG_FLUSH_INTERVAL`] with [`flush_logs`], a panic flushes them before its message, and the
-/// returned guard flushes the tail on exit.
-pub fn init_logging(config: &LogConfig) -> LogGuard {
+pub fn init_logging(config: &LogConfig) {
     let filter = EnvFilter::try_new(&config.level).unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(|| BufferedStderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let result = match config.format {
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
         LogFormat::Text => builder.try_init(),
     };
     // A second init (tests running servers in one process) keeps the first subscriber.
-    if result.is_ok() {
-        let previous = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            flush_logs();
-            previous(info);
-        }));
-    }
-    LogGuard(())
+    let _ = result;
 }
