@@ -17,6 +17,15 @@ pub fn auditlog(args: &[&str], env: &[(&str, String)]) -> (i32, String, String) 
     )
 }
 
+/// The rows of `auditlog query --lake LAKE --format jsonl SQL`; panics with auditlog's stderr if
+/// the query fails.
+pub fn query_lake(lake: &Path, sql: &str) -> Vec<serde_json::Value> {
+    let lake = lake.display().to_string();
+    let (code, out, err) = auditlog(&["query", "--lake", &lake, "--format", "jsonl", sql], &[]);
+    assert_eq!(code, 0, "auditlog query {sql:?}: {err}");
+    jsonl(&out)
+}
+
 /// The JSON values of a JSON-lines text (blank lines skipped); panics on a line that is not JSON.
 pub fn jsonl(text: &str) -> Vec<serde_json::Value> {
     text.lines()

@@ -134,6 +134,11 @@ pub fn random_key_hex() -> String {
 /// An `audit:` section for a local lake in `dir` (`dir/lake`, `dir/wal`), with a key-encryption
 /// key and a signing key written to `dir/audit-kek` and `dir/audit-signing-key` (kept if present).
 pub fn audit_yaml(dir: &Path, extra: &str) -> String {
+    audit_yaml_with_wal(dir, &dir.join("wal"), extra)
+}
+
+/// [`audit_yaml`] with the write-ahead log in `wal` (a file system of the test's choosing).
+pub fn audit_yaml_with_wal(dir: &Path, wal: &Path, extra: &str) -> String {
     for name in ["audit-kek", "audit-signing-key"] {
         let path = dir.join(name);
         if !path.exists() {
@@ -143,10 +148,26 @@ pub fn audit_yaml(dir: &Path, extra: &str) -> String {
     format!(
         "audit:\n  lake: {lake}\n  wal_dir: {wal}\n  kek: file://{kek}\n  signing_key: file://{signing}\n  writer_id: e2e-writer\n{extra}",
         lake = dir.join("lake").display(),
-        wal = dir.join("wal").display(),
+        wal = wal.display(),
         kek = dir.join("audit-kek").display(),
         signing = dir.join("audit-signing-key").display(),
     )
+}
+
+/// Creates `dir` with one policy, service `checkout` allowed every operation with the default
+/// key reference, and returns the service's fresh token.
+pub fn allow_all_checkout_policy(dir: &Path) -> String {
+    std::fs::create_dir_all(dir).expect("create the policy folder");
+    let minted = keygate::auth::mint_token();
+    write_policy(
+        dir,
+        "checkout",
+        &minted.hash,
+        DEFAULT_KEY_REF,
+        "  - id: all\n    effect: allow\n    operation: \"* /**\"\n",
+        "",
+    );
+    minted.token.expose().to_owned()
 }
 
 /// Writes `<dir>/<service>.yaml` (written to a temporary name, then renamed, so that a reload

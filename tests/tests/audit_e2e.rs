@@ -13,12 +13,12 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use keygate_tests::audit::{auditlog, files_under, jsonl};
+use keygate_tests::audit::{auditlog, files_under, jsonl, query_lake};
 use keygate_tests::fake_stripe::{Behavior, FakeStripe};
 use keygate_tests::http::request;
 use keygate_tests::keygate::{Keygate, KeygateOptions};
 use keygate_tests::localstripe::Localstripe;
-use keygate_tests::proxy_setup::{CANARY_KEY, DEFAULT_KEY_REF, ProxySetup, SetupOptions, audit_yaml, write_policy};
+use keygate_tests::proxy_setup::{CANARY_KEY, ProxySetup, SetupOptions, allow_all_checkout_policy, audit_yaml};
 use keygate_tests::tool;
 
 const CARD_NUMBER: &str = "4242424242424242";
@@ -106,20 +106,11 @@ fn an_sdk_flow_becomes_one_encrypted_row_per_request_readable_by_duckdb_pyarrow_
     // SQL over the lake with auditlog, and the payload decrypted with the key-encryption key.
     let lake_arg = lake.display().to_string();
     let kek = format!("file://{}", dir.join("audit-kek").display());
-    let (code, out, err) = auditlog(
-        &[
-            "query",
-            "--lake",
-            &lake_arg,
-            "--format",
-            "jsonl",
-            "SELECT operation, status, decision FROM audit WHERE operation = 'POST /v1/payment_intents' ORDER BY received_at",
-        ],
-        &[],
+    let intents = query_lake(
+        &lake,
+        "SELECT operation, status, decision FROM audit WHERE operation = 'POST /v1/payment_intents' ORDER BY received_at",
     );
-    assert_eq!(code, 0, "{err}");
-    let intents = jsonl(&out);
-    assert_eq!(intents.len(), 1, "{out}");
+    assert_eq!(intents.len(), 1, "{intents:?}");
     assert_eq!(intents[0]["status"], 200);
     assert_eq!(intents[0]["decision"], "allow");
     let (code, out, err) = auditlog(
@@ -210,17 +201,7 @@ async fn kill_9_under_load_leaves_exactly_one_row_per_answer_and_no_gap() {
     let fake = FakeStripe::start(Behavior::Ok).await;
     let dir = tempfile::tempdir().unwrap();
     let policies = dir.path().join("policies");
-    std::fs::create_dir(&policies).unwrap();
-    let minted = keygate::auth::mint_token();
-    let token = minted.token.expose().to_owned();
-    write_policy(
-        &policies,
-        "checkout",
-        &minted.hash,
-        DEFAULT_KEY_REF,
-        "  - id: all\n    effect: allow\n    operation: \"* /**\"\n",
-        "",
-    );
+    let token = allow_all_checkout_policy(&policies);
     let config = format!(
         "listen:\n  address: 127.0.0.1:0\nadmin:\n  address: 127.0.0.1:0\nupstreams:\n  api: {}\npolicies:\n  dir: {}\nlog:\n  level: warn,keygate=info\n{}",
         fake.url(),
@@ -247,20 +228,8 @@ async fn kill_9_under_load_leaves_exactly_one_row_per_answer_and_no_gap() {
     keygate.signal("TERM");
     assert_eq!(keygate.wait_exit(Duration::from_secs(60)), Some(0));
 
-    let lake = dir.path().join("lake").display().to_string();
-    let (code, out, err) = auditlog(
-        &[
-            "query",
-            "--lake",
-            &lake,
-            "--format",
-            "jsonl",
-            "SELECT event_id, idempotency_key, status, outcome FROM audit",
-        ],
-        &[],
-    );
-    assert_eq!(code, 0, "{err}");
-    let rows = jsonl(&out);
+    let lake = dir.path().join("lake");
+    let rows = query_lake(&lake, "SELECT event_id, idempotency_key, status, outcome FROM audit");
     let mut by_event: HashMap<String, serde_json::Value> = HashMap::new();
     for row in &rows {
         let id = row["event_id"].as_str().unwrap().to_owned();
@@ -299,6 +268,6 @@ async fn kill_9_under_load_leaves_exactly_one_row_per_answer_and_no_gap() {
         rows.len(),
         unknown
     );
-    let (code, out, err) = auditlog(&["verify", "--lake", &lake], &[]);
+    let (code, out, err) = auditlog(&["verify", "--lake", &lake.display().to_string()], &[]);
     assert_eq!(code, 0, "the lake verifies after crashes: {out}{err}");
 }

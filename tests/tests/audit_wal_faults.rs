@@ -18,11 +18,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use keygate_tests::audit::auditlog;
+use keygate_tests::audit::{auditlog, query_lake};
 use keygate_tests::fake_stripe::{Behavior, FakeStripe};
 use keygate_tests::http::{RawResponse, get, request};
 use keygate_tests::keygate::{Keygate, KeygateOptions};
-use keygate_tests::proxy_setup::{CANARY_KEY, DEFAULT_KEY_REF, random_key_hex, write_policy};
+use keygate_tests::proxy_setup::{CANARY_KEY, allow_all_checkout_policy, audit_yaml_with_wal};
 
 /// A tmpfs mounted for the test, lazily unmounted on drop (even on panic).
 struct Tmpfs(PathBuf);
@@ -224,32 +224,14 @@ async fn a_full_wal_disk_answers_503_forwards_nothing_and_recovers_when_space_re
     let fake = FakeStripe::start(Behavior::Ok).await;
 
     let policies = dir.path().join("policies");
-    std::fs::create_dir(&policies).unwrap();
-    let minted = keygate::auth::mint_token();
-    let token = minted.token.expose().to_owned();
-    write_policy(
-        &policies,
-        "checkout",
-        &minted.hash,
-        DEFAULT_KEY_REF,
-        "  - id: all\n    effect: allow\n    operation: \"* /**\"\n",
-        "",
-    );
-    for name in ["audit-kek", "audit-signing-key"] {
-        std::fs::write(dir.path().join(name), random_key_hex()).unwrap();
-    }
+    let token = allow_all_checkout_policy(&policies);
     let lake = dir.path().join("lake");
     let config = format!(
         "listen:\n  address: 127.0.0.1:0\nadmin:\n  address: 127.0.0.1:0\nupstreams:\n  api: {upstream}\n\
-         policies:\n  dir: {policies}\nlog:\n  level: warn,keygate=info\n\
-         audit:\n  lake: {lake}\n  wal_dir: {wal}\n  kek: file://{kek}\n  signing_key: file://{signing}\n  \
-         writer_id: e2e-wal-faults\n  durability: sync\n",
+         policies:\n  dir: {policies}\nlog:\n  level: warn,keygate=info\n{audit}",
         upstream = fake.url(),
         policies = policies.display(),
-        lake = lake.display(),
-        wal = walfs.0.join("wal").display(),
-        kek = dir.path().join("audit-kek").display(),
-        signing = dir.path().join("audit-signing-key").display(),
+        audit = audit_yaml_with_wal(dir.path(), &walfs.0.join("wal"), "  durability: sync\n"),
     );
     let keygate = Keygate::start(
         dir.path(),
@@ -353,24 +335,7 @@ async fn a_full_wal_disk_answers_503_forwards_nothing_and_recovers_when_space_re
         std::fs::read_to_string(&stderr_path).unwrap_or_default()
     );
 
-    let lake_arg = lake.display().to_string();
-    let (code, out, err) = auditlog(
-        &[
-            "query",
-            "--lake",
-            &lake_arg,
-            "--format",
-            "jsonl",
-            "SELECT event_id, method, path, idempotency_key, status, outcome FROM audit",
-        ],
-        &[],
-    );
-    assert_eq!(code, 0, "auditlog query: {err}");
-    let rows: Vec<serde_json::Value> = out
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
-        .collect();
+    let rows = query_lake(&lake, "SELECT event_id, method, path, idempotency_key, status, outcome FROM audit");
     let mut seen = HashSet::new();
     for row in &rows {
         let id = row["event_id"].as_str().unwrap().to_owned();
@@ -398,6 +363,7 @@ async fn a_full_wal_disk_answers_503_forwards_nothing_and_recovers_when_space_re
         refused.len(),
         rows.len()
     );
+    let lake_arg = lake.display().to_string();
     let (code, out, err) = auditlog(&["verify", "--lake", &lake_arg], &[]);
     assert_eq!(code, 0, "the lake verifies after the WAL outage: {out}{err}");
     drop(walfs);
