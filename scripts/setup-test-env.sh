@@ -6,20 +6,27 @@
 #   - nginx from Debian's packages (bench/install-nginx.sh), the benchmark's reference proxy.
 # The cache folder is $KEYGATE_CACHE (default ~/.cache/keygate); a stamp of the requirement files
 # decides whether it is up to date, so a second run is a no-op.
-# Prints the line `export KEYGATE_TOOLS_BIN=…` and `export KEYGATE_NODE_MODULES=…` for the caller.
+# Prints the lines `export KEYGATE_TOOLS_BIN=…` and `export KEYGATE_NODE_MODULES=…` on stdout (and
+# nothing else there: progress goes to stderr) only once every step has succeeded. Run it as a
+# command and check its status (scripts/test.sh writes its output to a file), never inside a
+# command substitution, which would hide a failure.
 set -euo pipefail
+step="start"
+trap 'status=$?; [ $status -eq 0 ] || echo "setup-test-env: FAILED in step: $step (exit $status)" >&2' EXIT
 here="$(cd "$(dirname "$0")/.." && pwd)"
 cache="${KEYGATE_CACHE:-$HOME/.cache/keygate}"
 venv="$cache/venv"
 node_dir="$cache/node"
 mkdir -p "$cache" "$node_dir"
 
+step="check prerequisites"
 python="${PYTHON:-python3}"
 command -v "$python" >/dev/null || { echo "setup-test-env: python3 is required (apt-get install python3 python3-venv)" >&2; exit 1; }
 command -v npm >/dev/null || { echo "setup-test-env: npm is required (apt-get install nodejs npm)" >&2; exit 1; }
 
 stamp_of() { cat "$@" | sha256sum | cut -d' ' -f1; }
 
+step="Python test tools (tests/requirements.txt)"
 py_stamp="$(stamp_of "$here/tests/requirements.txt")"
 if [ ! -x "$venv/bin/python" ] || [ "$(cat "$venv/.stamp" 2>/dev/null)" != "$py_stamp" ]; then
   echo "setup-test-env: installing Python test tools into $venv" >&2
@@ -29,6 +36,7 @@ if [ ! -x "$venv/bin/python" ] || [ "$(cat "$venv/.stamp" 2>/dev/null)" != "$py_
   echo "$py_stamp" > "$venv/.stamp"
 fi
 
+step="stripe npm package (tests/node/package.json)"
 node_stamp="$(stamp_of "$here/tests/node/package.json")"
 if [ ! -d "$node_dir/node_modules/stripe" ] || [ "$(cat "$node_dir/.stamp" 2>/dev/null)" != "$node_stamp" ]; then
   echo "setup-test-env: installing the stripe npm package into $node_dir" >&2
@@ -38,7 +46,15 @@ if [ ! -d "$node_dir/node_modules/stripe" ] || [ "$(cat "$node_dir/.stamp" 2>/de
 fi
 
 # nginx is the benchmark's reference proxy (scenario N); its smoke test runs in the test command.
+step="nginx (bench/install-nginx.sh)"
 "$here/bench/install-nginx.sh" >&2
+
+step="check installed tools"
+for tool in bao moto_server localstripe python; do
+  [ -x "$venv/bin/$tool" ] || { echo "setup-test-env: $venv/bin/$tool is missing after the install" >&2; exit 1; }
+done
+[ -d "$node_dir/node_modules/stripe" ] || { echo "setup-test-env: $node_dir/node_modules/stripe is missing after the install" >&2; exit 1; }
+step="done"
 
 echo "export KEYGATE_TOOLS_BIN=$venv/bin"
 echo "export KEYGATE_NODE_MODULES=$node_dir/node_modules"
