@@ -14,7 +14,7 @@ use crate::error::AuditError;
 use crate::exchange::{Exchange, IntentId};
 use crate::lake::{Lake, check_writer_id};
 use crate::metrics::Metrics;
-use crate::payload::prepare;
+use crate::payload::prepare_reporting;
 use crate::shipper::{Backoff, Shipper, lake_head};
 use crate::wal::recovery::recover;
 use crate::wal::state::{DirLock, lock_dir, writer_id};
@@ -197,7 +197,7 @@ impl AuditLog {
     pub async fn record_intent(&self, intent: &Exchange) -> Result<IntentId, AuditError> {
         let id = IntentId(intent.event_id);
         let Some(i) = &self.inner else { return Ok(id) };
-        let prepared = prepare(intent, i.zstd_level)?;
+        let prepared = prepare_counted(i, intent)?;
         let (ack, done) = oneshot::channel();
         self.send(i, Command::Intent { prepared, ack })?;
         done.await.map_err(|_| AuditError::Closed)??;
@@ -208,7 +208,7 @@ impl AuditLog {
     /// fsynced; under `async` returns once queued.
     pub async fn record(&self, exchange: Exchange, intent: Option<IntentId>) -> Result<(), AuditError> {
         let Some(i) = &self.inner else { return Ok(()) };
-        let prepared = prepare(&exchange, i.zstd_level)?;
+        let prepared = prepare_counted(i, &exchange)?;
         let intent = intent.map(|IntentId(id)| id);
         match i.durability {
             Durability::Sync => {
@@ -258,4 +258,14 @@ impl AuditLog {
         }
         writer_result
     }
+}
+
+/// Prepares a record, counting (and logging, by event id only) rows whose redaction failed.
+fn prepare_counted(i: &Inner, ex: &Exchange) -> Result<crate::wal::writer::Prepared, AuditError> {
+    let (prepared, failed) = prepare_reporting(ex, i.zstd_level)?;
+    if failed {
+        i.shared.metrics.redaction_failures.inc();
+        tracing::error!(event_id = %ex.event_id, "audit redaction failed; the row records fixed fields only");
+    }
+    Ok(prepared)
 }

@@ -20,6 +20,7 @@ pub struct Metrics {
     pub lake_rows: Counter,
     pub lake_failures: Counter,
     pub unknown_outcomes: Counter,
+    pub redaction_failures: Counter,
 }
 
 impl Default for Metrics {
@@ -37,6 +38,7 @@ impl Default for Metrics {
             lake_rows: Counter::default(),
             lake_failures: Counter::default(),
             unknown_outcomes: Counter::default(),
+            redaction_failures: Counter::default(),
         }
     }
 }
@@ -61,5 +63,10 @@ impl Metrics {
         r.register("lake_rows", "Rows committed to the lake", self.lake_rows.clone());
         r.register("lake_failures", "Failed attempts to commit a lake file (retried)", self.lake_failures.clone());
         r.register("unknown_outcomes", "Rows written with outcome=unknown on recovery", self.unknown_outcomes.clone());
+        r.register(
+            "redaction_failures",
+            "Rows whose redaction failed (panicked) and that record fixed fields only",
+            self.redaction_failures.clone(),
+        );
     }
 }

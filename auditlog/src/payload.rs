@@ -5,16 +5,22 @@ use crate::crypto::{DataKey, KekRing, row_aad};
 use crate::error::AuditError;
 use crate::exchange::Exchange;
 use crate::parquet_io::FileMeta;
-use crate::row::{PayloadDoc, redact_exchange};
+use crate::row::{PayloadDoc, redact_exchange_reporting};
 use crate::wal::writer::Prepared;
 
 /// Redacts and compresses an exchange: everything but the sealing, which the WAL writer does
-/// under the segment's key.
+/// under the segment's key. Whatever the exchange holds, this produces a row (see
+/// [`crate::row::redact_exchange`]); it fails only if compression itself fails.
 pub fn prepare(ex: &Exchange, zstd_level: i32) -> Result<Prepared, AuditError> {
-    let (columns, doc) = redact_exchange(ex);
+    prepare_reporting(ex, zstd_level).map(|(prepared, _)| prepared)
+}
+
+/// [`prepare`], also saying whether redaction failed and the row holds fixed fields only.
+pub fn prepare_reporting(ex: &Exchange, zstd_level: i32) -> Result<(Prepared, bool), AuditError> {
+    let (columns, doc, failed) = redact_exchange_reporting(ex);
     let json = serde_json::to_vec(&doc).map_err(|e| AuditError::corrupt("payload", e.to_string()))?;
     let compressed = compress(&json, zstd_level)?;
-    Ok(Prepared { columns, compressed })
+    Ok((Prepared { columns, compressed }, failed))
 }
 
 thread_local! {

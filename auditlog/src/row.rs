@@ -74,7 +74,37 @@ pub fn micros(t: SystemTime) -> i64 {
 }
 
 /// Redacts an exchange into its plaintext columns and payload document.
+///
+/// Never panics and always returns a row: should redaction panic on some input (it is written
+/// not to), the panic is caught and the row is [`fallback_exchange`]'s, which records only
+/// fixed fields. See [`redact_exchange_reporting`] to know whether that happened.
 pub fn redact_exchange(ex: &Exchange) -> (RowColumns, PayloadDoc) {
+    let (columns, doc, _failed) = redact_exchange_reporting(ex);
+    (columns, doc)
+}
+
+/// [`redact_exchange`], also saying whether redaction failed and the fallback row was used.
+pub fn redact_exchange_reporting(ex: &Exchange) -> (RowColumns, PayloadDoc, bool) {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| redact_exchange_inner(ex))) {
+        Ok((columns, doc)) => (columns, doc, false),
+        Err(_) => {
+            let (columns, doc) = fallback_exchange(ex);
+            (columns, doc, true)
+        }
+    }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Makes redaction panic on this thread, to test the fallback.
+    static FORCE_PANIC: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+fn redact_exchange_inner(ex: &Exchange) -> (RowColumns, PayloadDoc) {
+    #[cfg(test)]
+    if FORCE_PANIC.with(std::cell::Cell::get) {
+        panic!("forced redaction panic");
+    }
     let ctx = Context::for_path(&ex.path);
     let request = redact::redact_message(&ex.request, ctx);
     let response = ex.response.as_ref().map(|r| redact::redact_message(r, ctx));
@@ -85,7 +115,7 @@ pub fn redact_exchange(ex: &Exchange) -> (RowColumns, PayloadDoc) {
         duration_us: ex.duration_us,
         upstream_us: ex.upstream_us,
         service: redact::redact_opt(&ex.service),
-        peer: redact::redact_text(&ex.peer),
+        peer: redact_peer(&ex.peer),
         method: redact::redact_text(&ex.method),
         path: redact::redact_path(&ex.path, ctx),
         operation: redact::redact_opt(&ex.operation),
@@ -108,6 +138,78 @@ pub fn redact_exchange(ex: &Exchange) -> (RowColumns, PayloadDoc) {
         response_bytes: ex.response.as_ref().map_or(0, |r| r.body.len() as u64),
     };
     (columns, PayloadDoc { request, response })
+}
+
+/// The client address: a socket address written by keygate is kept as it is (an IPv4 address
+/// can hold 12 digits, which the digit rule would mask); anything else goes through the text
+/// rules.
+fn redact_peer(peer: &str) -> String {
+    if peer.parse::<std::net::SocketAddr>().is_ok() || peer.parse::<std::net::IpAddr>().is_ok() {
+        peer.to_owned()
+    } else {
+        redact::redact_text(peer)
+    }
+}
+
+/// What [`fallback_exchange`] puts in place of the path and start lines.
+pub const REDACTION_FAILED: &str = "[redaction failed]";
+
+/// The row of an exchange whose redaction failed: only fixed fields that cannot hold request
+/// content (event id, times, sizes, status, outcome, the decision if it is one of keygate's, the
+/// method if it is one of Stripe's, the service if it is a plain name), the path replaced by
+/// [`REDACTION_FAILED`], and a payload without headers or bodies that says redaction failed.
+pub fn fallback_exchange(ex: &Exchange) -> (RowColumns, PayloadDoc) {
+    let method = ["GET", "POST", "DELETE"].into_iter().find(|m| *m == ex.method).unwrap_or("[other]");
+    let decision =
+        ["allow", "deny", "would_deny"].into_iter().find(|d| *d == ex.decision).unwrap_or("[other]").to_owned();
+    let plain_name = |s: &&String| {
+        !s.is_empty()
+            && s.len() <= 64
+            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+            && s.bytes().filter(u8::is_ascii_digit).count() < redact::MIN_CARD_DIGITS
+    };
+    let request_bytes = ex.request.body.len() as u64;
+    let response_bytes = ex.response.as_ref().map_or(0, |r| r.body.len() as u64);
+    let columns = RowColumns {
+        event_id: ex.event_id,
+        received_at_us: micros(ex.received_at),
+        completed_at_us: micros(ex.completed_at),
+        duration_us: ex.duration_us,
+        upstream_us: ex.upstream_us,
+        service: ex.service.as_ref().filter(plain_name).cloned(),
+        peer: String::new(),
+        method: method.to_owned(),
+        path: REDACTION_FAILED.to_owned(),
+        operation: None,
+        stripe_host: None,
+        stripe_account: None,
+        stripe_version: None,
+        livemode: ex.livemode,
+        idempotency_key: None,
+        request_id: None,
+        decision,
+        rule: None,
+        reason: Some("redaction failed: the row records fixed fields only".to_owned()),
+        status: ex.status,
+        outcome: ex.outcome.as_str().to_owned(),
+        amount: None,
+        currency: None,
+        key_ref: None,
+        key_version: None,
+        request_bytes,
+        response_bytes,
+    };
+    let message = |bytes: u64| RedactedMessage {
+        start_line: REDACTION_FAILED.to_owned(),
+        headers: Vec::new(),
+        body_json: None,
+        body_text: None,
+        body_omitted: Some(format!("redaction failed: body of {bytes} bytes and headers not recorded")),
+        body_bytes: bytes,
+    };
+    let doc =
+        PayloadDoc { request: message(request_bytes), response: ex.response.as_ref().map(|_| message(response_bytes)) };
+    (columns, doc)
 }
 
 /// Turns an intent's columns into the columns of its `outcome = unknown` row.
@@ -202,4 +304,69 @@ pub fn row_hash(prev_hash: &[u8; 32], writer_id: &str, seq: u64, c: &RowColumns,
     h.u64(c.response_bytes);
     h.bytes(payload);
     h.0.finalize().into()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use crate::exchange::HttpMessage;
+    use bytes::Bytes;
+
+    fn exchange() -> Exchange {
+        let mut ex = Exchange::new(uuid::Uuid::now_v7(), "POST", "/v1/charges?api_key=sk_kg_abcdefghijklmnop");
+        ex.service = Some("checkout".into());
+        ex.status = 402;
+        ex.decision = "allow".into();
+        ex.stripe_account = Some("acct_4242424242424242".into());
+        ex.request = HttpMessage {
+            start_line: "POST /v1/charges HTTP/1.1".into(),
+            headers: vec![("User-Agent".into(), b"sdk".to_vec())],
+            body: Bytes::from_static(b"card[number]=4242424242424242&card[cvc]=123"),
+        };
+        ex.response = Some(HttpMessage {
+            start_line: "HTTP/1.1 402 Payment Required".into(),
+            headers: vec![],
+            body: Bytes::from_static(b"{\"error\":{}}"),
+        });
+        ex
+    }
+
+    #[test]
+    fn a_panic_in_redaction_yields_a_fallback_row_with_fixed_fields_only() {
+        let ex = exchange();
+        FORCE_PANIC.with(|f| f.set(true));
+        let (columns, doc, failed) = redact_exchange_reporting(&ex);
+        FORCE_PANIC.with(|f| f.set(false));
+        assert!(failed);
+        assert_eq!(columns.event_id, ex.event_id);
+        assert_eq!(columns.method, "POST");
+        assert_eq!(columns.path, REDACTION_FAILED);
+        assert_eq!(columns.status, 402);
+        assert_eq!(columns.decision, "allow");
+        assert_eq!(columns.service.as_deref(), Some("checkout"));
+        assert_eq!(columns.stripe_account, None);
+        assert_eq!(columns.request_bytes, ex.request.body.len() as u64);
+        assert!(doc.request.headers.is_empty() && doc.request.body_json.is_none());
+        assert!(doc.request.body_omitted.as_deref().unwrap().contains("redaction failed"));
+        assert!(doc.response.is_some());
+        let text = format!("{}{}", serde_json::to_string(&columns).unwrap(), serde_json::to_string(&doc).unwrap());
+        assert!(!text.contains("4242424242") && !text.contains("sk_kg_") && !text.contains("sdk"), "{text}");
+        // Without the forced panic the same exchange redacts normally.
+        let (columns, _, failed) = redact_exchange_reporting(&ex);
+        assert!(!failed);
+        assert!(columns.path.starts_with("/v1/charges?"));
+    }
+
+    #[test]
+    fn the_fallback_keeps_only_known_methods_decisions_and_plain_service_names() {
+        let mut ex = exchange();
+        ex.method = "post".into();
+        ex.decision = "4242424242424242".into();
+        ex.service = Some("svc 4242".into());
+        let (columns, _) = fallback_exchange(&ex);
+        assert_eq!(columns.method, "[other]");
+        assert_eq!(columns.decision, "[other]");
+        assert_eq!(columns.service, None);
+    }
 }
