@@ -164,15 +164,41 @@ pub struct LimitsConfig {
     /// Largest response body keygate accepts from Stripe (it is buffered for the audit record).
     #[serde(default = "default_max_response_bytes")]
     pub max_response_bytes: u64,
-    /// A client must send its whole request head within this time (slow-client protection).
+    /// From accept, a client must finish its TLS handshake and send its first whole request head
+    /// within this time (slow-client protection); over HTTP/1.1 every later head too.
     #[serde(default = "default_header_read_timeout", with = "humantime_serde")]
     pub header_read_timeout: Duration,
     /// A client must send its whole request body within this time.
     #[serde(default = "default_body_read_timeout", with = "humantime_serde")]
     pub body_read_timeout: Duration,
+    /// A connection with no request in flight for this long is closed (HTTP/2: GOAWAY first).
+    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
     /// Most client connections open at once; more wait in the kernel's accept queue.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Most HTTP/2 streams (requests) open at once on one connection.
+    #[serde(default = "default_http2_max_concurrent_streams")]
+    pub http2_max_concurrent_streams: u32,
+    /// keygate pings an HTTP/2 client this often when the connection is otherwise silent…
+    #[serde(default = "default_http2_keep_alive_interval", with = "humantime_serde")]
+    pub http2_keep_alive_interval: Duration,
+    /// …and closes the connection when the ping is not answered within this time (a dead peer).
+    #[serde(default = "default_http2_keep_alive_timeout", with = "humantime_serde")]
+    pub http2_keep_alive_timeout: Duration,
+    /// Most request-body bytes buffered at once across every request (see `crate::budget`);
+    /// a request that cannot get its share in `buffer_wait` is answered 503 `keygate_overloaded`.
+    #[serde(default = "default_max_buffered_bytes")]
+    pub max_buffered_bytes: u64,
+    /// How long a request waits for its share of `max_buffered_bytes` before it is refused.
+    #[serde(default = "default_buffer_wait", with = "humantime_serde")]
+    pub buffer_wait: Duration,
+    /// The fraction of `max_buffered_bytes` that one connection may hold at once.
+    #[serde(default = "default_buffered_share_per_connection")]
+    pub buffered_share_per_connection: f64,
+    /// The fraction of `max_buffered_bytes` that one service (all its connections) may hold.
+    #[serde(default = "default_buffered_share_per_service")]
+    pub buffered_share_per_service: f64,
     /// On SIGTERM/SIGINT, in-flight requests get this long to finish.
     #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
     pub shutdown_grace: Duration,
@@ -188,7 +214,15 @@ impl Default for LimitsConfig {
             max_response_bytes: default_max_response_bytes(),
             header_read_timeout: default_header_read_timeout(),
             body_read_timeout: default_body_read_timeout(),
+            idle_timeout: default_idle_timeout(),
             max_connections: default_max_connections(),
+            http2_max_concurrent_streams: default_http2_max_concurrent_streams(),
+            http2_keep_alive_interval: default_http2_keep_alive_interval(),
+            http2_keep_alive_timeout: default_http2_keep_alive_timeout(),
+            max_buffered_bytes: default_max_buffered_bytes(),
+            buffer_wait: default_buffer_wait(),
+            buffered_share_per_connection: default_buffered_share_per_connection(),
+            buffered_share_per_service: default_buffered_share_per_service(),
             shutdown_grace: default_shutdown_grace(),
         }
     }
@@ -281,6 +315,30 @@ fn default_body_read_timeout() -> Duration {
 }
 fn default_max_connections() -> usize {
     10_000
+}
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_http2_max_concurrent_streams() -> u32 {
+    100
+}
+fn default_http2_keep_alive_interval() -> Duration {
+    Duration::from_secs(20)
+}
+fn default_http2_keep_alive_timeout() -> Duration {
+    Duration::from_secs(20)
+}
+fn default_max_buffered_bytes() -> u64 {
+    256 * 1024 * 1024
+}
+fn default_buffer_wait() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_buffered_share_per_connection() -> f64 {
+    0.125
+}
+fn default_buffered_share_per_service() -> f64 {
+    0.5
 }
 fn default_shutdown_grace() -> Duration {
     Duration::from_secs(30)
@@ -447,6 +505,10 @@ fn validate(config: &Config, from_file: bool) -> Vec<String> {
         ("upstreams.connect_timeout", config.upstreams.connect_timeout),
         ("limits.header_read_timeout", config.limits.header_read_timeout),
         ("limits.body_read_timeout", config.limits.body_read_timeout),
+        ("limits.idle_timeout", config.limits.idle_timeout),
+        ("limits.http2_keep_alive_interval", config.limits.http2_keep_alive_interval),
+        ("limits.http2_keep_alive_timeout", config.limits.http2_keep_alive_timeout),
+        ("limits.buffer_wait", config.limits.buffer_wait),
     ] {
         if value.is_zero() {
             problems.push(format!("`{key}` must be longer than 0s"));
@@ -459,11 +521,14 @@ fn validate(config: &Config, from_file: bool) -> Vec<String> {
         ("limits.max_file_body_bytes", config.limits.max_file_body_bytes),
         ("limits.max_response_bytes", config.limits.max_response_bytes),
         ("limits.max_connections", config.limits.max_connections as u64),
+        ("limits.http2_max_concurrent_streams", u64::from(config.limits.http2_max_concurrent_streams)),
+        ("limits.max_buffered_bytes", config.limits.max_buffered_bytes),
     ] {
         if value == 0 {
             problems.push(format!("`{key}` must be at least 1"));
         }
     }
+    problems.extend(validate_buffer_shares(&config.limits));
     if config.limits.max_header_bytes < 1024 {
         problems.push("`limits.max_header_bytes` must be at least 1024: Stripe SDKs send about 1 KiB".into());
     }
@@ -512,6 +577,57 @@ fn validate(config: &Config, from_file: bool) -> Vec<String> {
         problems.push(format!("`audit`: {error}"));
     }
     problems
+}
+
+/// The buffer budget's shares: fractions in (0, 1], large enough for the largest body one request
+/// may send (else such a request could never be served), a service's at least a connection's.
+fn validate_buffer_shares(limits: &LimitsConfig) -> Vec<String> {
+    let mut problems = Vec::new();
+    let shares = [
+        ("limits.buffered_share_per_connection", limits.buffered_share_per_connection),
+        ("limits.buffered_share_per_service", limits.buffered_share_per_service),
+    ];
+    for (key, share) in shares {
+        if !(share > 0.0 && share <= 1.0) {
+            problems.push(format!("`{key}` must be a fraction above 0 and at most 1 (0.125 is one eighth)"));
+        }
+    }
+    if !problems.is_empty() {
+        return problems;
+    }
+    let largest_body = limits.max_file_body_bytes.max(limits.max_body_bytes);
+    if limits.connection_buffer_bytes() < largest_body {
+        problems.push(format!(
+            "`limits.max_buffered_bytes` × `limits.buffered_share_per_connection` ({} bytes) must be at least the \
+             largest body a request may send (`limits.max_file_body_bytes`, {largest_body}): raise either, or lower \
+             `max_file_body_bytes`",
+            limits.connection_buffer_bytes()
+        ));
+    }
+    if limits.buffered_share_per_service < limits.buffered_share_per_connection {
+        problems
+            .push("`limits.buffered_share_per_service` must be at least `limits.buffered_share_per_connection`".into());
+    }
+    problems
+}
+
+impl LimitsConfig {
+    /// The bytes of the buffer budget one connection may hold (`max_buffered_bytes` × its share).
+    pub fn connection_buffer_bytes(&self) -> u64 {
+        share_of(self.max_buffered_bytes, self.buffered_share_per_connection)
+    }
+
+    /// The bytes of the buffer budget one service may hold (`max_buffered_bytes` × its share).
+    pub fn service_buffer_bytes(&self) -> u64 {
+        share_of(self.max_buffered_bytes, self.buffered_share_per_service)
+    }
+}
+
+/// `total × share`, rounded down, never above `total`.
+fn share_of(total: u64, share: f64) -> u64 {
+    // Budgets are far below 2^53 bytes, so the f64 product is exact enough; `as` saturates.
+    let bytes = (total as f64 * share.clamp(0.0, 1.0)).floor() as u64;
+    bytes.min(total)
 }
 
 /// Checks an upstream base URL: `http` or `https`, a host, no query, no path beyond `/`.

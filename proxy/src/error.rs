@@ -99,6 +99,11 @@ pub enum ProxyError {
          raise `limits.max_response_bytes` in keygate's configuration."
     )]
     ResponseTooLarge { host: String, limit: u64 },
+    #[error(
+        "keygate is overloaded: {what} is used up (`limits.{setting}`) and this request's body could \
+         not be buffered within {wait_ms} ms. Nothing was sent to Stripe; retry in a moment."
+    )]
+    Overloaded { what: &'static str, setting: &'static str, wait_ms: u64 },
     #[error("keygate is shutting down and accepts no new requests; retry against another instance.")]
     ShuttingDown,
     #[error(
@@ -122,6 +127,7 @@ impl ProxyError {
             ProxyError::SecretUnavailable { .. }
             | ProxyError::AuditUnavailable { .. }
             | ProxyError::AuditUnrecorded { .. }
+            | ProxyError::Overloaded { .. }
             | ProxyError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamConnect { .. }
             | ProxyError::UpstreamBroken { .. }
@@ -146,6 +152,7 @@ impl ProxyError {
             ProxyError::UpstreamTimeout { .. } => "keygate_upstream_timeout",
             ProxyError::UpstreamBroken { .. } => "keygate_upstream_failed",
             ProxyError::ResponseTooLarge { .. } => "keygate_response_too_large",
+            ProxyError::Overloaded { .. } => "keygate_overloaded",
             ProxyError::ShuttingDown => "keygate_shutting_down",
             ProxyError::Internal => "keygate_internal_error",
         }
@@ -162,6 +169,7 @@ impl ProxyError {
             | ProxyError::SecretUnavailable { .. }
             | ProxyError::AuditUnavailable { .. }
             | ProxyError::AuditUnrecorded { .. }
+            | ProxyError::Overloaded { .. }
             | ProxyError::ShuttingDown => Some("true"),
             ProxyError::PolicyDenied { status, .. } if *status == StatusCode::TOO_MANY_REQUESTS => Some("true"),
             _ if self.status().is_client_error() => Some("false"),
@@ -222,6 +230,12 @@ mod tests {
                 503,
                 "api_error",
                 "keygate_secret_unavailable",
+            ),
+            (
+                ProxyError::Overloaded { what: "the request buffer", setting: "max_buffered_bytes", wait_ms: 1000 },
+                503,
+                "api_error",
+                "keygate_overloaded",
             ),
         ];
         for (error, status, kind, code) in cases {

@@ -5,12 +5,13 @@
 //! forwards the call to the right Stripe host and records the exchange.
 //!
 //! Modules: [`config`] (typed configuration), [`server`] and [`admin`] (listeners),
-//! [`pipeline`] (the request phases), [`auth`], [`upstream`], [`routing`], [`headers`],
-//! [`error`] (the one place errors become responses), [`telemetry`], [`quickstart`], [`run`]
-//! (assembling and running everything).
+//! [`pipeline`] (the request phases), [`budget`] (the bound on buffered request bytes), [`auth`],
+//! [`upstream`], [`routing`], [`headers`], [`error`] (the one place errors become responses),
+//! [`telemetry`], [`quickstart`], [`run`] (assembling and running everything).
 
 pub mod admin;
 pub mod auth;
+pub mod budget;
 pub mod config;
 pub mod error;
 pub mod gateway;

@@ -190,7 +190,8 @@ async fn run_phases(
     let service = authenticate(gateway, connection, &ctx.request_headers)?;
     ctx.service = Some(service.clone());
 
-    ctx.request_body = read_body(gateway, ctx.host, &ctx.request_headers, body).await?;
+    ctx.request_body =
+        read_body(gateway, head.extensions.get(), &service, ctx.host, &ctx.request_headers, body).await?;
 
     let (key_ref, secret) = fetch_key(gateway, &service).await?;
     ctx.key_ref = Some(key_ref.to_string());
@@ -296,39 +297,95 @@ fn authenticate(gateway: &Gateway, connection: &ConnectionInfo, headers: &Header
     }
 }
 
-/// Reads the whole body under the host's size limit and the body read timeout.
+/// Reads the whole body under the host's size limit, the body read timeout and the buffer budget
+/// ([`crate::budget`]): the declared `Content-Length` is reserved before the first byte is read
+/// and a body without one grows its reservation as it arrives; the reservation lives as long as
+/// the returned bytes. Only an authenticated request (`service`) gets a share. `share` is the
+/// connection's, which [`crate::server::serve`] puts in every request's extensions.
 async fn read_body(
     gateway: &Gateway,
+    share: Option<&crate::budget::ConnectionShare>,
+    service: &str,
     host: StripeHost,
     headers: &HeaderMap,
     body: Incoming,
 ) -> Result<Bytes, ProxyError> {
+    use hyper::body::Body as _;
+    /// A body without a declared length grows its reservation at least this much at a time.
+    const GROW_STEP: u64 = 64 * 1024;
     let limits = &gateway.config.limits;
     let (limit, setting) = match host {
         StripeHost::Files => (limits.max_file_body_bytes, "max_file_body_bytes"),
         _ => (limits.max_body_bytes, "max_body_bytes"),
     };
-    let too_large = ProxyError::BodyTooLarge { limit, host: host.as_str(), setting };
+    let too_large = || ProxyError::BodyTooLarge { limit, host: host.as_str(), setting };
     let declared = header_str(headers, CONTENT_LENGTH.as_str()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|length| length > limit) {
-        return Err(too_large);
+        return Err(too_large());
     }
-    let limited = Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX));
-    match tokio::time::timeout(limits.body_read_timeout, limited.collect()).await {
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
-        Ok(Err(error)) if error.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(too_large),
-        Ok(Err(_)) => Err(ProxyError::BadRequest {
-            code: "keygate_body_read_failed",
-            message: "The request body could not be read (the client closed the connection or sent malformed framing)."
-                .into(),
-        }),
-        Err(_) => Err(ProxyError::BadRequest {
-            code: "keygate_body_timeout",
-            message: format!(
-                "The request body did not arrive within {} s (`limits.body_read_timeout`).",
-                limits.body_read_timeout.as_secs()
+    if declared == Some(0) || body.is_end_stream() {
+        return Ok(Bytes::new());
+    }
+    let wait = limits.buffer_wait;
+    let overloaded = |limit: crate::budget::BudgetLimit| ProxyError::Overloaded {
+        what: limit.what(),
+        setting: limit.setting(),
+        wait_ms: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+    };
+    let read_failed = || ProxyError::BadRequest {
+        code: "keygate_body_read_failed",
+        message: "The request body could not be read (the client closed the connection or sent malformed framing)."
+            .into(),
+    };
+    let read = async {
+        let mut reservation = match share {
+            Some(share) => Some(
+                share
+                    .reserve(service, declared.unwrap_or(0), tokio::time::Instant::now() + wait)
+                    .await
+                    .map_err(overloaded)?,
             ),
-        }),
+            None => None,
+        };
+        let capacity = usize::try_from(declared.unwrap_or(0)).unwrap_or(0);
+        let mut buffer = bytes::BytesMut::with_capacity(capacity);
+        let mut limited = Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX));
+        while let Some(frame) = limited.frame().await {
+            let frame = match frame {
+                Ok(frame) => frame,
+                Err(error) if error.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+                    return Err(too_large());
+                }
+                Err(_) => return Err(read_failed()),
+            };
+            let Ok(data) = frame.into_data() else { continue };
+            let total = (buffer.len() as u64).saturating_add(data.len() as u64);
+            if let Some(reservation) = reservation.as_mut()
+                && total > reservation.bytes()
+            {
+                let step = (total - reservation.bytes()).max(GROW_STEP).min(limit.saturating_sub(reservation.bytes()));
+                reservation.grow(step, tokio::time::Instant::now() + wait).await.map_err(overloaded)?;
+            }
+            buffer.extend_from_slice(&data);
+        }
+        let body = buffer.freeze();
+        Ok(match reservation {
+            Some(reservation) => reservation.attach(body),
+            None => body,
+        })
+    };
+    match tokio::time::timeout(limits.body_read_timeout, read).await {
+        Ok(result) => result,
+        Err(_) => {
+            gateway.metrics.limit_hits.get_or_create(&crate::telemetry::LimitLabels { limit: "body_deadline" }).inc();
+            Err(ProxyError::BadRequest {
+                code: "keygate_body_timeout",
+                message: format!(
+                    "The request body did not arrive within {} s (`limits.body_read_timeout`).",
+                    limits.body_read_timeout.as_secs()
+                ),
+            })
+        }
     }
 }
 

@@ -1,36 +1,68 @@
 //! The proxy listener: HTTP/1.1 and HTTP/2 on one socket, optional TLS and mTLS, connection and
-//! header limits, and graceful shutdown.
+//! header limits, per-connection deadlines, and graceful shutdown.
 //!
 //! [`serve`] takes a bound listener and a shutdown future (the mini-redis shape), so tests bind
-//! port 0. Invariants: at most `limits.max_connections` connections are served at once (more wait
-//! in the accept queue); a client must finish its TLS handshake and request head within
-//! `limits.header_read_timeout`; on shutdown no new connection is accepted and in-flight requests
-//! get `limits.shutdown_grace` to finish.
+//! port 0. Invariants:
+//! - at most `limits.max_connections` connections are served at once (more wait in the accept
+//!   queue);
+//! - from accept, a client must finish its TLS handshake and send a whole first request head
+//!   within `limits.header_read_timeout`, over HTTP/1.1 and HTTP/2 alike: a connection that sends
+//!   nothing, or only the HTTP/2 preface and SETTINGS, or a head byte by byte, is closed at that
+//!   deadline (a per-connection watchdog; hyper's own header timer only starts once the first
+//!   bytes have been read and the protocol is known);
+//! - a connection with no request in flight for `limits.idle_timeout` is closed (HTTP/2: GOAWAY
+//!   first); over HTTP/1.1, hyper's header timer also bounds the wait for each later head;
+//! - an HTTP/2 peer that stops answering keep-alive pings is dropped;
+//! - a connection asked to close (deadline or shutdown) with no request in flight is dropped
+//!   [`CLOSE_GRACE`] later even if the peer does not cooperate;
+//! - every request carries its connection's share of the buffer budget ([`crate::budget`]);
+//! - on shutdown no new connection is accepted and in-flight requests get
+//!   `limits.shutdown_grace` to finish.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore, watch};
+use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
+use crate::budget::{BufferBudget, ConnectionShare};
+use crate::config::LimitsConfig;
 use crate::gateway::Gateway;
 use crate::pipeline::{ConnectionInfo, handle};
+use crate::telemetry::{LimitLabels, ProxyMetrics};
 use crate::tls::certificate_identities;
 
+/// How long a connection asked to close (GOAWAY sent, keep-alive off) may take to do so once it
+/// has no request in flight, before it is dropped.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// HTTP/2 flow-control window of one stream: the most body bytes a client may send on a stream
+/// before keygate reads them.
+pub const HTTP2_STREAM_WINDOW: u32 = 256 * 1024;
+
+/// HTTP/2 flow-control window of a connection: the most unread body bytes one connection can
+/// make keygate hold outside the buffer budget.
+pub const HTTP2_CONNECTION_WINDOW: u32 = 1024 * 1024;
+
+/// Most bytes queued for sending per HTTP/2 stream (hyper's default, set explicitly).
+pub const HTTP2_MAX_SEND_BUF: usize = 400 * 1024;
+
 /// hyper's own head buffer: larger than our limit so that oversized heads reach our check (and get
-/// a Stripe JSON 431); beyond it hyper answers a bare 431 itself.
-fn hyper_buffer_size(max_header_bytes: usize) -> usize {
+/// a Stripe JSON 431); beyond it hyper answers a bare 431 itself. Also the HTTP/2 header-list
+/// size announced to clients.
+pub fn hyper_buffer_size(max_header_bytes: usize) -> usize {
     (max_header_bytes.saturating_mul(2)).max(16 * 1024)
 }
 
-fn connection_builder(gateway: &Gateway) -> auto::Builder<TokioExecutor> {
-    let limits = &gateway.config.limits;
+fn connection_builder(limits: &LimitsConfig) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -43,8 +75,19 @@ fn connection_builder(gateway: &Gateway) -> auto::Builder<TokioExecutor> {
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(hyper_buffer_size(limits.max_header_bytes)).unwrap_or(u32::MAX))
-        .max_concurrent_streams(256);
+        .max_concurrent_streams(limits.http2_max_concurrent_streams)
+        .initial_stream_window_size(HTTP2_STREAM_WINDOW)
+        .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
+        .adaptive_window(false)
+        .max_send_buf_size(HTTP2_MAX_SEND_BUF)
+        .keep_alive_interval(limits.http2_keep_alive_interval)
+        .keep_alive_timeout(limits.http2_keep_alive_timeout);
     builder
+}
+
+/// Counts a hit of one of the bounds.
+fn hit(metrics: &ProxyMetrics, limit: &'static str) {
+    metrics.limit_hits.get_or_create(&LimitLabels { limit }).inc();
 }
 
 /// Serves the proxy on `listener` until `shutdown` completes, then drains.
@@ -54,12 +97,17 @@ pub async fn serve(
     tls: Option<Arc<rustls::ServerConfig>>,
     shutdown: impl Future<Output = ()>,
 ) {
-    let builder = Arc::new(connection_builder(&gateway));
+    let builder = Arc::new(connection_builder(&gateway.config.limits));
+    let budget = BufferBudget::new(&gateway.config.limits, gateway.metrics.clone());
     let acceptor = tls.map(TlsAcceptor::from);
     let permits = Arc::new(Semaphore::new(gateway.config.limits.max_connections));
-    let graceful = GracefulShutdown::new();
+    // Every connection task holds a receiver; the drain is over when the last one is dropped.
+    let (drain_tx, drain_rx) = watch::channel(false);
     tokio::pin!(shutdown);
     loop {
+        if permits.available_permits() == 0 {
+            hit(&gateway.metrics, "max_connections");
+        }
         let permit = tokio::select! {
             permit = permits.clone().acquire_owned() => match permit {
                 Ok(permit) => permit,
@@ -73,85 +121,219 @@ pub async fn serve(
                 Err(error) => {
                     // Out of file descriptors and the like: back off instead of spinning.
                     tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
             () = &mut shutdown => break,
         };
+        let activity = Arc::new(Activity::new());
         let _ = stream.set_nodelay(true);
         let gateway = gateway.clone();
         let builder = builder.clone();
         let acceptor = acceptor.clone();
-        let watcher = graceful.watcher();
+        let share = budget.connection();
+        let drain = drain_rx.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let _open = OpenConnection::new(&gateway);
-            let identities = match acceptor {
-                None => Vec::new(),
-                Some(acceptor) => {
-                    let handshake_timeout = gateway.config.limits.header_read_timeout;
-                    let tls_stream = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                        Ok(Ok(tls_stream)) => tls_stream,
-                        Ok(Err(error)) => {
-                            tracing::info!(%peer, error = %error, "TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => {
-                            tracing::info!(%peer, "TLS handshake timed out");
-                            return;
-                        }
-                    };
-                    let identities = tls_stream
-                        .get_ref()
-                        .1
-                        .peer_certificates()
-                        .and_then(|chain| chain.first())
-                        .map(certificate_identities)
-                        .unwrap_or_default();
-                    let info = ConnectionInfo { peer, identities: Arc::new(identities) };
-                    serve_connection(&builder, watcher, gateway.clone(), info, TokioIo::new(tls_stream)).await;
+            let connection = Connection { builder, gateway: gateway.clone(), activity, share, drain };
+            let Some(acceptor) = acceptor else {
+                let info = ConnectionInfo { peer, identities: Arc::new(Vec::new()) };
+                connection.serve(info, TokioIo::new(stream)).await;
+                return;
+            };
+            // The handshake counts against the head deadline, which runs from accept.
+            let deadline = connection.activity.accepted + gateway.config.limits.header_read_timeout;
+            let tls_stream = match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+                Ok(Ok(tls_stream)) => tls_stream,
+                Ok(Err(error)) => {
+                    tracing::info!(%peer, error = %error, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    hit(&gateway.metrics, "header_deadline");
+                    tracing::info!(%peer, "TLS handshake timed out");
                     return;
                 }
             };
+            let identities = tls_stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .map(certificate_identities)
+                .unwrap_or_default();
             let info = ConnectionInfo { peer, identities: Arc::new(identities) };
-            serve_connection(&builder, watcher, gateway.clone(), info, TokioIo::new(stream)).await;
+            connection.serve(info, TokioIo::new(tls_stream)).await;
         });
     }
     drop(listener);
+    drop(drain_rx);
     let grace = gateway.config.limits.shutdown_grace;
     gateway.begin_shutdown();
+    let _ = drain_tx.send(true);
     tokio::select! {
-        () = graceful.shutdown() => tracing::info!("all connections drained"),
+        () = drain_tx.closed() => tracing::info!("all connections drained"),
         () = tokio::time::sleep(grace) => tracing::warn!(grace_s = grace.as_secs(), "shutdown grace period over; closing remaining connections"),
     }
 }
 
-/// Runs hyper over one accepted connection (plain or TLS) until it closes or shutdown drains it.
-async fn serve_connection<I>(
-    builder: &auto::Builder<TokioExecutor>,
-    watcher: hyper_util::server::graceful::Watcher,
-    gateway: Arc<Gateway>,
-    info: ConnectionInfo,
-    io: I,
-) where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-{
-    let peer = info.peer;
-    let service = service_fn(move |request| {
-        // The pipeline runs in its own task so that a client that goes away mid-request does
-        // not cancel it: a request already forwarded still gets its audit record and log line.
-        let exchange = tokio::spawn(handle(gateway.clone(), info.clone(), request));
-        async move {
-            Ok::<_, Infallible>(match exchange.await {
-                Ok(response) => response,
-                Err(_) => crate::error::ProxyError::Internal.to_reply().into_response(),
-            })
+/// What the watchdog of one connection knows: when it was accepted, how many requests it has
+/// started, how many are in flight, and since when it has been idle.
+#[derive(Debug)]
+struct Activity {
+    accepted: Instant,
+    requests: AtomicU64,
+    in_flight: AtomicUsize,
+    /// Milliseconds from `accepted` to the end of the last request.
+    idle_since_ms: AtomicU64,
+    /// Woken when a request ends, so the watchdog arms the idle deadline.
+    request_ended: Notify,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            accepted: Instant::now(),
+            requests: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+            idle_since_ms: AtomicU64::new(0),
+            request_ended: Notify::new(),
         }
-    });
-    let connection = builder.serve_connection(io, service);
-    if let Err(error) = watcher.watch(connection.into_owned()).await {
-        tracing::debug!(%peer, error = %error, "connection ended with an error");
+    }
+
+    fn begin(self: &Arc<Activity>) -> InRequest {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        self.requests.fetch_add(1, Ordering::SeqCst);
+        InRequest(self.clone())
+    }
+
+    fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// The next deadline and the bound it enforces; none while a request is in flight (the body
+    /// read timeout and the upstream timeout bound those).
+    fn deadline(&self, limits: &LimitsConfig) -> Option<(Instant, &'static str)> {
+        if self.in_flight() > 0 {
+            return None;
+        }
+        if self.requests.load(Ordering::SeqCst) == 0 {
+            return Some((self.accepted + limits.header_read_timeout, "header_deadline"));
+        }
+        let idle_since = self.accepted + Duration::from_millis(self.idle_since_ms.load(Ordering::SeqCst));
+        Some((idle_since + limits.idle_timeout, "idle"))
+    }
+}
+
+/// A request in flight on a connection, for as long as hyper waits for its response.
+struct InRequest(Arc<Activity>);
+
+impl Drop for InRequest {
+    fn drop(&mut self) {
+        let elapsed = u64::try_from(self.0.accepted.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.0.idle_since_ms.store(elapsed, Ordering::SeqCst);
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+        self.0.request_ended.notify_one();
+    }
+}
+
+/// One accepted connection and what serving it needs.
+struct Connection {
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    gateway: Arc<Gateway>,
+    activity: Arc<Activity>,
+    share: ConnectionShare,
+    drain: watch::Receiver<bool>,
+}
+
+impl Connection {
+    /// Runs hyper over the connection (plain or TLS) until it closes, its watchdog closes it, or
+    /// shutdown drains it.
+    async fn serve<I>(self, info: ConnectionInfo, io: I)
+    where
+        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
+        let Connection { builder, gateway, activity, share, mut drain } = self;
+        let peer = info.peer;
+        let service = service_fn({
+            let gateway = gateway.clone();
+            let activity = activity.clone();
+            move |mut request: http::Request<hyper::body::Incoming>| {
+                let in_request = activity.begin();
+                request.extensions_mut().insert(share.clone());
+                // The pipeline runs in its own task so that a client that goes away mid-request
+                // does not cancel it: a request already forwarded still gets its audit record and
+                // log line.
+                let exchange = tokio::spawn(handle(gateway.clone(), info.clone(), request));
+                async move {
+                    let _in_request = in_request;
+                    Ok::<_, Infallible>(match exchange.await {
+                        Ok(response) => response,
+                        Err(_) => crate::error::ProxyError::Internal.to_reply().into_response(),
+                    })
+                }
+            }
+        });
+        let connection = builder.serve_connection(io, service);
+        tokio::pin!(connection);
+        let limits = &gateway.config.limits;
+        let mut draining = false;
+        // When the connection was asked to close (deadline or shutdown).
+        let mut closing: Option<Instant> = None;
+        loop {
+            let timer = match closing {
+                None => activity.deadline(limits),
+                Some(_) if activity.in_flight() > 0 => None,
+                Some(at) => Some((at + CLOSE_GRACE, "close_grace")),
+            };
+            let sleep = async {
+                match timer {
+                    Some((at, _)) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                result = connection.as_mut() => {
+                    if let Err(error) = result {
+                        let timed_out = error.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_timeout);
+                        if timed_out {
+                            // hyper's header timer on a later HTTP/1.1 head, or an unanswered
+                            // HTTP/2 keep-alive ping.
+                            hit(&gateway.metrics, "connection_timeout");
+                        }
+                        tracing::debug!(%peer, error = %error, "connection ended with an error");
+                    }
+                    return;
+                }
+                changed = drain.changed(), if !draining => {
+                    draining = true;
+                    if changed.is_err() || *drain.borrow() {
+                        connection.as_mut().graceful_shutdown();
+                        closing.get_or_insert_with(Instant::now);
+                    }
+                }
+                () = activity.request_ended.notified() => {}
+                () = sleep => {
+                    let Some((at, limit)) = timer else { continue };
+                    if Instant::now() < at {
+                        continue;
+                    }
+                    if closing.is_some() {
+                        tracing::debug!(%peer, "connection did not close in time; dropped");
+                        return;
+                    }
+                    // Re-read: a request may have started since the timer was armed.
+                    if activity.deadline(limits).is_some_and(|(now_at, _)| now_at <= Instant::now()) {
+                        hit(&gateway.metrics, limit);
+                        tracing::debug!(%peer, limit, "closing the connection at its deadline");
+                        connection.as_mut().graceful_shutdown();
+                        closing = Some(Instant::now());
+                    }
+                }
+            }
+        }
     }
 }
 

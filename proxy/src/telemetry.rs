@@ -39,6 +39,14 @@ pub struct ReasonLabels {
     pub reason: String,
 }
 
+/// Labels of the bound-hit counter: which bound (`header_deadline`, `idle`, `max_connections`,
+/// `connection_timeout`, `body_deadline`, `buffered_bytes`, `buffered_connection_share`,
+/// `buffered_service_share`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    pub limit: &'static str,
+}
+
 /// Every metric the proxy itself owns.
 #[derive(Debug)]
 pub struct ProxyMetrics {
@@ -50,6 +58,10 @@ pub struct ProxyMetrics {
     pub refused: Family<ReasonLabels, Counter>,
     pub policy_reloads: Family<ReasonLabels, Counter>,
     pub upstream_retries: Counter<u64, AtomicU64>,
+    /// Each time a bound on what clients may hold (time, connections, buffered bytes) is hit.
+    pub limit_hits: Family<LimitLabels, Counter>,
+    /// Request-body bytes reserved in the buffer budget now (see `crate::budget`).
+    pub buffered_bytes: Gauge<i64, std::sync::atomic::AtomicI64>,
 }
 
 impl ProxyMetrics {
@@ -65,6 +77,8 @@ impl ProxyMetrics {
             refused: Family::default(),
             policy_reloads: Family::default(),
             upstream_retries: Counter::default(),
+            limit_hits: Family::default(),
+            buffered_bytes: Gauge::default(),
         };
         registry.register(
             "keygate_requests",
@@ -97,6 +111,17 @@ impl ProxyMetrics {
             "keygate_upstream_retries",
             "Requests retried once after Stripe refused a rotated key",
             metrics.upstream_retries.clone(),
+        );
+        registry.register(
+            "keygate_limit_hits",
+            "Times a bound on clients was hit, by bound (header_deadline, idle, max_connections, \
+             connection_timeout, body_deadline, buffered_bytes, buffered_connection_share, buffered_service_share)",
+            metrics.limit_hits.clone(),
+        );
+        registry.register(
+            "keygate_buffered_bytes",
+            "Request-body bytes held in the buffer budget now (limits.max_buffered_bytes)",
+            metrics.buffered_bytes.clone(),
         );
         Arc::new(metrics)
     }
