@@ -51,6 +51,9 @@ pub enum ProxyError {
     IdentityMismatch { cert_service: String },
     #[error("{message}")]
     BadRequest { code: &'static str, message: String },
+    /// The request cannot be made canonical without guessing (see `keygate_wire`): 400.
+    #[error("{0} Nothing was sent to Stripe.")]
+    Ambiguous(#[from] keygate_wire::Refusal),
     #[error("{message}")]
     PolicyDenied { status: StatusCode, code: &'static str, message: String },
     #[error(
@@ -120,7 +123,7 @@ impl ProxyError {
             ProxyError::MissingCredentials
             | ProxyError::InvalidCredentials { .. }
             | ProxyError::IdentityMismatch { .. } => StatusCode::UNAUTHORIZED,
-            ProxyError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            ProxyError::BadRequest { .. } | ProxyError::Ambiguous(_) => StatusCode::BAD_REQUEST,
             ProxyError::PolicyDenied { status, .. } => *status,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -144,6 +147,7 @@ impl ProxyError {
             ProxyError::InvalidCredentials { .. } => "keygate_invalid_credentials",
             ProxyError::IdentityMismatch { .. } => "keygate_identity_mismatch",
             ProxyError::BadRequest { code, .. } | ProxyError::PolicyDenied { code, .. } => code,
+            ProxyError::Ambiguous(refusal) => refusal.code(),
             ProxyError::BodyTooLarge { .. } => "keygate_body_too_large",
             ProxyError::HeadersTooLarge { .. } => "keygate_headers_too_large",
             ProxyError::SecretUnavailable { .. } => "keygate_secret_unavailable",

@@ -1,14 +1,22 @@
 //! The request pipeline: named phases over one per-request context.
 //!
 //! ```text
-//! read head ─► authenticate ─► read body ─► inject (fetch key) ─► authorize ─► intent ─► forward ─► respond
-//!                                                                                                │
-//!                                             finish (always runs: audit record, metrics, log line)
+//! read head ─► canonical head ─► authenticate ─► read body ─► canonical body ─► inject (fetch key)
+//!   ─► authorize ─► intent ─► forward ─► respond
+//!                                  │
+//!            finish (always runs: audit record, metrics, log line)
 //! ```
+//!
+//! The canonical phases (`keygate_wire`) parse the method, headers, path, query and body once,
+//! refuse what is ambiguous (400 `keygate_ambiguous_request`), and replace each part with its
+//! canonical re-serialisation: authorize decides on that form, forward sends exactly it, and the
+//! audit records it.
 //!
 //! Invariants:
 //! - a request reaches Stripe only with a policy decision that allows it and an injected key;
-//! - the client's `Authorization` never goes upstream; hop-by-hop headers never cross;
+//! - the client's `Authorization` never goes upstream; only allowlisted client headers cross;
+//! - the request authorized is byte for byte the request forwarded (method, path, query,
+//!   allowlisted headers, body);
 //! - every phase error becomes a response in one place ([`ProxyError::to_response`]);
 //! - a mutation's intent is durable in the audit log before it is forwarded, and no response
 //!   leaves before its audit record is durable (under `durability: sync`); when either fails the
@@ -186,12 +194,30 @@ async fn run_phases(
     let (head, body) = request.into_parts();
     check_head(gateway, &head.headers)?;
     ctx.request_headers = head.headers;
+    // The canonical request, part one: method, headers, path and query, all refused before
+    // authentication when ambiguous (nothing about them depends on who asks).
+    ctx.method = keygate_wire::check_head(head.method.as_str(), &ctx.request_headers)?;
+    let (path, query) = keygate_wire::canonical_location(&ctx.path, ctx.query.as_deref())?;
+    refuse_case_variants(&ctx.method, &path)?;
+    ctx.path = path;
+    ctx.query = query;
+    ctx.host = route(&ctx.method, &ctx.path);
 
     let service = authenticate(gateway, connection, &ctx.request_headers)?;
     ctx.service = Some(service.clone());
 
     ctx.request_body =
         read_body(gateway, head.extensions.get(), &service, ctx.host, &ctx.request_headers, body).await?;
+    // Part two: the body, re-serialised in its one encoding; from here on the headers are the
+    // allowlisted ones keygate forwards, with the canonical Content-Type.
+    let body = keygate_wire::canonical_body(
+        &ctx.method,
+        &ctx.path,
+        header_str(&ctx.request_headers, "content-type"),
+        &ctx.request_body,
+    )?;
+    ctx.request_headers = keygate_wire::canonical_headers(&ctx.request_headers, body.content_type.as_ref());
+    ctx.request_body = body.bytes;
 
     let (key_ref, secret) = fetch_key(gateway, &service).await?;
     ctx.key_ref = Some(key_ref.to_string());
@@ -268,6 +294,21 @@ fn check_head(gateway: &Gateway, headers: &HeaderMap) -> Result<(), ProxyError> 
     // A request with both Content-Length and Transfer-Encoding never gets here with both: hyper
     // reads it by Transfer-Encoding alone, drops Content-Length and closes the connection after
     // the response (RFC 9112 §6.1), and every body keygate forwards is framed anew.
+    Ok(())
+}
+
+/// Refuses a path that names no Stripe operation as written but does once lower-cased
+/// (`/v1/Refunds`): a server that ignores case would run an operation the policy never matched.
+fn refuse_case_variants(method: &Method, path: &str) -> Result<(), ProxyError> {
+    let method = method.as_str();
+    if path.bytes().any(|b| b.is_ascii_uppercase())
+        && keygate_policies::match_operation(method, path).is_none()
+        && keygate_policies::match_operation(method, &path.to_ascii_lowercase()).is_some()
+    {
+        return Err(ProxyError::Ambiguous(keygate_wire::Refusal::Path(
+            "it differs from a Stripe operation only in letter case (Stripe's paths are lower-case)",
+        )));
+    }
     Ok(())
 }
 

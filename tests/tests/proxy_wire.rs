@@ -19,13 +19,15 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_sees_the_injected_key_stripe_headers_and_no_hop_by_hop_header() {
+    // `Connection` may only name hop-by-hop headers (naming others is refused: see
+    // proxy_canonical.rs); headers outside the forwarded allowlist never cross.
     let fake = FakeStripe::start(Behavior::Ok).await;
     let setup = ProxySetup::start(SetupOptions::new(&fake.url()));
     let addr = setup.keygate.proxy;
     let basic = base64::engine::general_purpose::STANDARD.encode(format!("{}:", setup.token));
     let request_text = format!(
         "POST /v1/customers?expand[]=sources HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Basic {basic}\r\n\
-         Connection: close, X-Hop-Secret\r\nX-Hop-Secret: 1\r\nKeep-Alive: timeout=5\r\nProxy-Authorization: Basic Zm9vOmJhcg==\r\n\
+         Connection: close, keep-alive\r\nX-Hop-Secret: 1\r\nKeep-Alive: timeout=5\r\nProxy-Authorization: Basic Zm9vOmJhcg==\r\n\
          TE: trailers\r\nUpgrade: h2c\r\nStripe-Version: 2025-07-30.basil\r\nStripe-Account: acct_1Connected\r\n\
          Stripe-Context: ctx_123\r\nIdempotency-Key: idem-abc-123\r\nUser-Agent: Stripe/v1 PythonBindings/16.1.0\r\n\
          X-Stripe-Client-User-Agent: {{\"bindings_version\":\"16.1.0\"}}\r\nContent-Type: application/x-www-form-urlencoded\r\n\
@@ -48,7 +50,8 @@ async fn upstream_sees_the_injected_key_stripe_headers_and_no_hop_by_hop_header(
     let upstream = &received[0];
     assert_eq!(upstream.method, "POST");
     assert_eq!(upstream.path_and_query, "/v1/customers?expand[]=sources");
-    assert_eq!(upstream.body.as_ref(), b"email=jenny%40example.com&x");
+    // Re-serialised in the canonical form encoding: the valueless `x` gets its `=`.
+    assert_eq!(upstream.body.as_ref(), b"email=jenny%40example.com&x=");
     assert_eq!(upstream.header("authorization"), Some(format!("Bearer {CANARY_KEY}").as_str()));
     for (name, value) in [
         ("stripe-version", "2025-07-30.basil"),
@@ -136,6 +139,21 @@ async fn each_request_goes_to_its_stripe_host() {
     assert_eq!(paths(&api), ["/v1/customers"]);
 }
 
+/// `POST /v1/files` as the SDKs send it: `multipart/form-data` with a purpose and a file.
+fn multipart_upload(addr: std::net::SocketAddr, token: &str, file: &str) -> Vec<u8> {
+    let body = format!(
+        "--kgb\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\ndispute_evidence\r\n\
+         --kgb\r\nContent-Disposition: form-data; name=\"file\"; filename=\"evidence.pdf\"\r\n\
+         Content-Type: application/pdf\r\n\r\n{file}\r\n--kgb--\r\n"
+    );
+    format!(
+        "POST /v1/files HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\
+         Content-Type: multipart/form-data; boundary=kgb\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
 fn assert_keygate_error(response: &keygate_tests::http::RawResponse, status: u16, code: &str) {
     assert_eq!(response.status, status, "{response:?}");
     let json = response.json();
@@ -184,7 +202,7 @@ async fn bad_input_gets_the_documented_status_and_keygate_keeps_serving() {
         let too_big = request(addr, "POST", "/v1/customers", &token, &[], &big_body).unwrap();
         assert_keygate_error(&too_big, 413, "keygate_body_too_large");
         // The files host allows more.
-        let upload = request(addr, "POST", "/v1/files", &token, &[], &big_body).unwrap();
+        let upload = raw(addr, &multipart_upload(addr, &token, &"b".repeat(2000))).unwrap();
         assert_eq!(upload.status, 200, "{upload:?}");
         // A chunked body over the limit, with no Content-Length to refuse early.
         let chunk = "c".repeat(1500);
@@ -254,7 +272,7 @@ async fn upstream_down_is_502_and_upstream_hanging_is_504() {
         let refused = request(addr, "GET", "/v1/customers", &token, &[], "").unwrap();
         assert_keygate_error(&refused, 502, "keygate_upstream_unreachable");
         assert_eq!(refused.header("stripe-should-retry"), Some("true"));
-        let timed_out = request(addr, "POST", "/v1/files", &token, &[], "purpose=dispute_evidence").unwrap();
+        let timed_out = raw(addr, &multipart_upload(addr, &token, "%PDF-1.4")).unwrap();
         assert_keygate_error(&timed_out, 504, "keygate_upstream_timeout");
         let again = request(addr, "GET", "/v1/customers", &token, &[], "").unwrap();
         assert_keygate_error(&again, 502, "keygate_upstream_unreachable");
