@@ -14,7 +14,8 @@
 //!   first); over HTTP/1.1, hyper's header timer also bounds the wait for each later head;
 //! - an HTTP/2 peer that stops answering keep-alive pings is dropped;
 //! - a connection asked to close (deadline or shutdown) with no request in flight is dropped
-//!   [`CLOSE_GRACE`] later even if the peer does not cooperate;
+//!   [`CLOSE_GRACE`] after that (or after its last request ended, whichever is later) even if
+//!   the peer does not cooperate;
 //! - every request carries its connection's share of the buffer budget ([`crate::budget`]);
 //! - on shutdown no new connection is accepted and in-flight requests get
 //!   `limits.shutdown_grace` to finish.
@@ -222,8 +223,12 @@ impl Activity {
         if self.requests.load(Ordering::SeqCst) == 0 {
             return Some((self.accepted + limits.header_read_timeout, "header_deadline"));
         }
-        let idle_since = self.accepted + Duration::from_millis(self.idle_since_ms.load(Ordering::SeqCst));
-        Some((idle_since + limits.idle_timeout, "idle"))
+        Some((self.idle_since() + limits.idle_timeout, "idle"))
+    }
+
+    /// When the last request ended (accept, before the first).
+    fn idle_since(&self) -> Instant {
+        self.accepted + Duration::from_millis(self.idle_since_ms.load(Ordering::SeqCst))
     }
 }
 
@@ -286,7 +291,8 @@ impl Connection {
             let timer = match closing {
                 None => activity.deadline(limits),
                 Some(_) if activity.in_flight() > 0 => None,
-                Some(at) => Some((at + CLOSE_GRACE, "close_grace")),
+                // From the request, if one ended since: hyper may still be writing its response.
+                Some(at) => Some((at.max(activity.idle_since()) + CLOSE_GRACE, "close_grace")),
             };
             let sleep = async {
                 match timer {
@@ -295,6 +301,8 @@ impl Connection {
                 }
             };
             tokio::select! {
+                // The connection first: what it has to write goes out before a timer can drop it.
+                biased;
                 result = connection.as_mut() => {
                     if let Err(error) = result {
                         let timed_out = error.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_timeout);

@@ -400,6 +400,27 @@ async fn an_idle_http2_connection_is_closed_after_the_idle_timeout() {
     assert!(limit_hits(&setup, "idle") >= 1, "{}", setup.keygate.metrics());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_http1_keep_alive_connection_is_closed_at_the_next_heads_deadline() {
+    let fake = FakeStripe::start(Behavior::Ok).await;
+    let setup = start(&fake, "  header_read_timeout: 2s\n  idle_timeout: 60s\n");
+    let addr = setup.keygate.proxy;
+    let token = setup.token.clone();
+    blocking(move || {
+        let mut stream = TcpStream::connect(addr).unwrap();
+        let request = format!("GET /v1/customers HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n");
+        stream.write_all(request.as_bytes()).unwrap();
+        let answered = Instant::now();
+        let (bytes, closed) = read_until_closed(&mut stream, answered, Duration::from_millis(500));
+        assert!(closed.is_none(), "keep-alive connection closed after its first response");
+        assert!(String::from_utf8_lossy(&bytes).starts_with("HTTP/1.1 200"), "{:?}", String::from_utf8_lossy(&bytes));
+        let (_, closed) = read_until_closed(&mut stream, answered, Duration::from_secs(10));
+        // The wait for the next head is bounded by `header_read_timeout`, not `idle_timeout`.
+        assert_closed_at_deadline("idle HTTP/1.1 keep-alive connection", closed, Duration::from_secs(2));
+    })
+    .await;
+}
+
 /// keygate's resident memory and its peak, in bytes, from /proc.
 fn rss(pid: u32) -> (u64, u64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/<pid>/status");
