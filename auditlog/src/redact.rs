@@ -312,7 +312,8 @@ pub fn redact_text_cow(text: &str) -> Cow<'_, str> {
         return plain;
     }
     // Percent-encoding must not hide anything: look at up to 3 decoded levels.
-    let mut level = plain.clone().into_owned();
+    // Cheap while `plain` is borrowed (nothing was masked, the common case).
+    let mut level: Cow<'_, str> = plain.clone();
     for _ in 0..3 {
         let Cow::Owned(decoded) = percent_decode_lossy(&level) else { break };
         let revealed = match redact_plain(&decoded) {
@@ -322,7 +323,7 @@ pub fn redact_text_cow(text: &str) -> Cow<'_, str> {
         if let Some(r) = revealed {
             return Cow::Owned(r);
         }
-        level = decoded;
+        level = Cow::Owned(decoded);
     }
     plain
 }
@@ -587,7 +588,11 @@ pub fn redact_message(msg: &HttpMessage, ctx: Context) -> RedactedMessage {
             content_types.push(value.trim().to_ascii_lowercase());
         }
         let recorded = if RECORDED_HEADERS.contains(&lower.as_str()) { redact_text(&value) } else { MASK.to_owned() };
-        headers.push((redact_text(&lower), recorded));
+        let name = match redact_text_cow(&lower) {
+            Cow::Borrowed(_) => None,
+            Cow::Owned(masked) => Some(masked),
+        };
+        headers.push((name.unwrap_or(lower), recorded));
     }
     let mut out = RedactedMessage {
         start_line: redact_start_line(&msg.start_line, ctx),
