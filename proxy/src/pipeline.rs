@@ -141,7 +141,19 @@ pub async fn handle(
     let metrics = gateway.metrics.clone();
     let _in_flight = InFlight::new(&metrics);
     let mut ctx = RequestContext::new(&connection, &request);
-    let reply = match run_phases(&gateway, &connection, &mut ctx, request).await {
+    // A panic in any phase (a bug) becomes a 500 with this request's event id, and the finishing
+    // phase still runs: the audit row (completing the intent of a forwarded mutation) and the
+    // log line are never skipped.
+    let phases = std::panic::AssertUnwindSafe(run_phases(&gateway, &connection, &mut ctx, request));
+    let result = match futures::FutureExt::catch_unwind(phases).await {
+        Ok(result) => result,
+        Err(_) => {
+            gateway.metrics.panics.inc();
+            tracing::error!(event_id = %ctx.event_id, "a request phase panicked (a bug in keygate); answered 500 and recorded");
+            Err(ProxyError::Internal)
+        }
+    };
+    let reply = match result {
         Ok(reply) => reply,
         Err(error) => {
             ctx.error_code = Some(error.code());
@@ -192,6 +204,8 @@ async fn run_phases(
         return Err(ProxyError::ShuttingDown);
     }
     let (head, body) = request.into_parts();
+    #[cfg(debug_assertions)]
+    let panic_hook = test_hooks::requested(&head.headers);
     check_head(gateway, &head.headers)?;
     ctx.request_headers = head.headers;
     // The canonical request, part one: method, headers, path and query, all refused before
@@ -268,6 +282,8 @@ async fn run_phases(
     }
 
     let upstream = forward(gateway, ctx, &key_ref, &secret).await?;
+    #[cfg(debug_assertions)]
+    test_hooks::panic_after_forward(&panic_hook);
     ctx.outcome = Outcome::Completed;
     Ok(respond(ctx, upstream))
 }
@@ -675,4 +691,24 @@ async fn finish(gateway: &Gateway, ctx: &mut RequestContext, mut reply: Reply) -
         "request"
     );
     reply
+}
+
+/// Test-only fault injection, compiled into debug builds only and active only when keygate runs
+/// with `KEYGATE_TEST_HOOKS=1`: a request with `x-keygate-test-panic: after-forward` panics
+/// once it has been forwarded (tests/tests/proxy_faults.rs).
+#[cfg(debug_assertions)]
+mod test_hooks {
+    use http::HeaderMap;
+
+    pub(super) fn requested(headers: &HeaderMap) -> bool {
+        std::env::var_os("KEYGATE_TEST_HOOKS").is_some_and(|v| v == "1")
+            && headers.get("x-keygate-test-panic").is_some_and(|v| v == "after-forward")
+    }
+
+    #[allow(clippy::panic)]
+    pub(super) fn panic_after_forward(requested: &bool) {
+        if *requested {
+            panic!("test hook: panic after forwarding");
+        }
+    }
 }

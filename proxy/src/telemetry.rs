@@ -58,6 +58,8 @@ pub struct ProxyMetrics {
     pub refused: Family<ReasonLabels, Counter>,
     pub policy_reloads: Family<ReasonLabels, Counter>,
     pub upstream_retries: Counter<u64, AtomicU64>,
+    /// Request phases that panicked (a bug): each was answered 500 and recorded.
+    pub panics: Counter<u64, AtomicU64>,
     /// Each time a bound on what clients may hold (time, connections, buffered bytes) is hit.
     pub limit_hits: Family<LimitLabels, Counter>,
     /// Request-body bytes reserved in the buffer budget now (see `crate::budget`).
@@ -77,6 +79,7 @@ impl ProxyMetrics {
             refused: Family::default(),
             policy_reloads: Family::default(),
             upstream_retries: Counter::default(),
+            panics: Counter::default(),
             limit_hits: Family::default(),
             buffered_bytes: Gauge::default(),
         };
@@ -119,6 +122,16 @@ impl ProxyMetrics {
             metrics.limit_hits.clone(),
         );
         registry.register(
+            "keygate_request_panics",
+            "Request phases that panicked (a bug in keygate); each was answered 500 with its event id and recorded",
+            metrics.panics.clone(),
+        );
+        registry.register(
+            "keygate_log_lines_dropped",
+            "Log lines that could not be written to stderr (a closed or full log sink) and were dropped",
+            LOG_LINES_DROPPED.clone(),
+        );
+        registry.register(
             "keygate_buffered_bytes",
             "Request-body bytes held in the buffer budget now (limits.max_buffered_bytes)",
             metrics.buffered_bytes.clone(),
@@ -127,11 +140,46 @@ impl ProxyMetrics {
     }
 }
 
+/// Log lines that could not be written (stderr closed or full), since start.
+pub static LOG_LINES_DROPPED: std::sync::LazyLock<Counter> = std::sync::LazyLock::new(Counter::default);
+
+/// stderr for the log: a line that cannot be written is dropped and counted
+/// ([`LOG_LINES_DROPPED`], `keygate_log_lines_dropped_total`), never an error that reaches a
+/// request. (`tracing-subscriber` reports a failed write by printing to stderr, which panics when
+/// stderr itself is what failed; the writer therefore never fails and internal error reports
+/// are off.)
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DroppingStderr;
+
+impl std::io::Write for DroppingStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if std::io::Write::write_all(&mut std::io::stderr().lock(), buf).is_err() {
+            LOG_LINES_DROPPED.inc();
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::Write::flush(&mut std::io::stderr());
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for DroppingStderr {
+    type Writer = DroppingStderr;
+
+    fn make_writer(&'a self) -> DroppingStderr {
+        DroppingStderr
+    }
+}
+
 /// Installs the global `tracing` subscriber. Logs go to stderr; stdout is kept for what a human
-/// asked for (the quick-start banner, command output).
+/// asked for (the quick-start banner, command output). A log sink that fails never fails a
+/// request: see [`DroppingStderr`].
 pub fn init_logging(config: &LogConfig) {
     let filter = EnvFilter::try_new(&config.level).unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(DroppingStderr).log_internal_errors(false);
     let result = match config.format {
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
         LogFormat::Text => builder.try_init(),

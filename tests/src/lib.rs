@@ -90,6 +90,11 @@ impl ChildGuard {
         ChildGuard { name: name.to_owned(), child: Some(child) }
     }
 
+    /// Guards a child started by the caller (for example with a piped stderr).
+    pub fn from_child(name: &str, child: Child) -> ChildGuard {
+        ChildGuard { name: name.to_owned(), child: Some(child) }
+    }
+
     /// The process id.
     pub fn id(&self) -> u32 {
         self.child.as_ref().map(Child::id).unwrap_or(0)
