@@ -622,12 +622,10 @@ pub fn redact_message(msg: &HttpMessage, ctx: Context) -> RedactedMessage {
         return out;
     }
     let form_allowed = content_type.is_empty() || content_type.starts_with("application/x-www-form-urlencoded");
-    if form_allowed && is_strict_form(body) {
+    let form = if form_allowed && is_strict_form(body) { redact_form_pairs(body, ctx) } else { None };
+    if let Some(pairs) = form {
         out.body_json = Some(Value::Array(
-            redact_form_pairs(body, ctx)
-                .into_iter()
-                .map(|(k, v)| Value::Array(vec![Value::String(k), Value::String(v)]))
-                .collect(),
+            pairs.into_iter().map(|(k, v)| Value::Array(vec![Value::String(k), Value::String(v)])).collect(),
         ));
     } else if let Ok(mut json) = serde_json::from_slice::<Value>(body) {
         redact_json(&mut json, ctx);
@@ -663,10 +661,10 @@ pub fn redact_path(path: &str, ctx: Context) -> String {
         None => redact_text(path),
         Some((p, query)) => {
             let p = redact_text_cow(p);
-            if !is_strict_form(query.as_bytes()) {
-                return format!("{p}?{MASK}");
-            }
-            let pairs = redact_form_pairs(query.as_bytes(), ctx);
+            let pairs = match redact_form_pairs(query.as_bytes(), ctx) {
+                Some(pairs) if is_strict_form(query.as_bytes()) => pairs,
+                _ => return format!("{p}?{MASK}"),
+            };
             let encoded: String = url::form_urlencoded::Serializer::new(String::new())
                 .extend_pairs(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
                 .finish();
@@ -742,9 +740,13 @@ fn form_key_verdict(key: &str, value: &str, ctx: Context) -> Verdict {
     best
 }
 
-fn redact_form_pairs(body: &[u8], ctx: Context) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    for (k, v) in url::form_urlencoded::parse(body) {
+/// The redacted pairs of a form, read by keygate's one form parser (`keygate_wire::form`, the
+/// parser the proxy canonicalises requests with; names may repeat here, as both values are
+/// redacted alike); `None` when it is not a form that parser accepts.
+fn redact_form_pairs(body: &[u8], ctx: Context) -> Option<Vec<(String, String)>> {
+    let pairs = keygate_wire::form::parse_repeated(body).ok()?;
+    let mut out = Vec::with_capacity(pairs.len());
+    for (k, v) in pairs {
         let value = match form_key_verdict(&k, &v, ctx) {
             Verdict::Drop => continue,
             Verdict::Mask => MASK.to_owned(),
@@ -753,7 +755,7 @@ fn redact_form_pairs(body: &[u8], ctx: Context) -> Vec<(String, String)> {
         };
         out.push((redact_text(&k), value));
     }
-    out
+    Some(out)
 }
 
 /// Redacts a JSON document in place.
