@@ -5,9 +5,9 @@
 //! without a bound the memory it takes is `connections × streams × max body`. The budget is a
 //! semaphore counted in KiB ([`UNIT`]): a request reserves its declared `Content-Length` before
 //! the first body byte is read (a body without one grows its reservation as it arrives), holds
-//! the reservation for as long as any copy of the buffered body lives (the reservation rides
-//! inside the [`Bytes`] it returns, so the audit record's copy counts too), and gives it back when
-//! the last copy drops.
+//! the reservation for as long as any copy of the body it keeps lives (the reservation rides
+//! inside the [`Bytes`] of the canonical body, see [`attach`], so the audit record's copy counts
+//! too), and gives it back when the last copy drops.
 //!
 //! Three semaphores, always taken in the same order (connection, service, global) so that waits
 //! cannot form a cycle:
@@ -204,6 +204,16 @@ impl Reservation {
             return body;
         }
         Bytes::from_owner(BudgetedBytes { body, _reservation: self })
+    }
+}
+
+/// `body` paid for by `reservation` (if any): the bytes given back when the last copy of `body`
+/// drops. The pipeline reserves for the body as received and attaches the reservation to the
+/// canonical form it keeps (about the same size; see docs/reliability.md).
+pub fn attach(reservation: Option<Reservation>, body: Bytes) -> Bytes {
+    match reservation {
+        Some(reservation) => reservation.attach(body),
+        None => body,
     }
 }
 

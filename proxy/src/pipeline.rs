@@ -220,8 +220,9 @@ async fn run_phases(
     let service = authenticate(gateway, connection, &ctx.request_headers)?;
     ctx.service = Some(service.clone());
 
-    ctx.request_body =
+    let (received, reservation) =
         read_body(gateway, head.extensions.get(), &service, ctx.host, &ctx.request_headers, body).await?;
+    ctx.request_body = received;
     // Part two: the body, re-serialised in its one encoding; from here on the headers are the
     // allowlisted ones keygate forwards, with the canonical Content-Type.
     let body = keygate_wire::canonical_body(
@@ -231,7 +232,8 @@ async fn run_phases(
         &ctx.request_body,
     )?;
     ctx.request_headers = keygate_wire::canonical_headers(&ctx.request_headers, body.content_type.as_ref());
-    ctx.request_body = body.bytes;
+    // The body's reservation in the buffer budget pays for its canonical form from here on.
+    ctx.request_body = crate::budget::attach(reservation, body.bytes);
 
     let (key_ref, secret) = fetch_key(gateway, &service).await?;
     ctx.key_ref = Some(key_ref.to_string());
@@ -357,8 +359,9 @@ fn authenticate(gateway: &Gateway, connection: &ConnectionInfo, headers: &Header
 /// Reads the whole body under the host's size limit, the body read timeout and the buffer budget
 /// ([`crate::budget`]): the declared `Content-Length` is reserved before the first byte is read
 /// and a body without one grows its reservation as it arrives; the reservation lives as long as
-/// the returned bytes. Only an authenticated request (`service`) gets a share. `share` is the
-/// connection's, which [`crate::server::serve`] puts in every request's extensions.
+/// the returned reservation, which the caller attaches to the body it keeps
+/// ([`crate::budget::attach`]). Only an authenticated request (`service`) gets a share. `share` is
+/// the connection's, which [`crate::server::serve`] puts in every request's extensions.
 async fn read_body(
     gateway: &Gateway,
     share: Option<&crate::budget::ConnectionShare>,
@@ -366,7 +369,7 @@ async fn read_body(
     host: StripeHost,
     headers: &HeaderMap,
     body: Incoming,
-) -> Result<Bytes, ProxyError> {
+) -> Result<(Bytes, Option<crate::budget::Reservation>), ProxyError> {
     use hyper::body::Body as _;
     /// A body without a declared length grows its reservation at least this much at a time.
     const GROW_STEP: u64 = 64 * 1024;
@@ -381,7 +384,7 @@ async fn read_body(
         return Err(too_large());
     }
     if declared == Some(0) || body.is_end_stream() {
-        return Ok(Bytes::new());
+        return Ok((Bytes::new(), None));
     }
     let wait = limits.buffer_wait;
     let overloaded = |limit: crate::budget::BudgetLimit| ProxyError::Overloaded {
@@ -425,11 +428,7 @@ async fn read_body(
             }
             buffer.extend_from_slice(&data);
         }
-        let body = buffer.freeze();
-        Ok(match reservation {
-            Some(reservation) => reservation.attach(body),
-            None => body,
-        })
+        Ok((buffer.freeze(), reservation))
     };
     match tokio::time::timeout(limits.body_read_timeout, read).await {
         Ok(result) => result,

@@ -421,6 +421,48 @@ async fn an_idle_http1_keep_alive_connection_is_closed_at_the_next_heads_deadlin
     .await;
 }
 
+/// The `keygate_buffered_bytes` gauge.
+fn buffered_bytes(setup: &ProxySetup) -> u64 {
+    setup
+        .keygate
+        .metrics()
+        .lines()
+        .find_map(|line| line.strip_prefix("keygate_buffered_bytes ").and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_holds_its_share_of_the_budget_until_its_request_finishes() {
+    let fake = FakeStripe::start(Behavior::Ok).await;
+    let setup = start(&fake, "  max_buffered_bytes: 268435456\n");
+    fake.set_behavior(Behavior::Delay(Duration::from_millis(1500)));
+    let addr = setup.keygate.proxy;
+    let token = setup.token.clone();
+    let body = format!("description={}", "b".repeat(100_000));
+    let in_flight = tokio::task::spawn_blocking(move || request(addr, "POST", "/v1/customers", &token, &[], &body));
+    for _ in 0..200 {
+        if !fake.received().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(fake.received().len(), 1, "the request did not reach the upstream");
+    // At Stripe, the canonical body keygate keeps (and records) is still paid for.
+    let held = buffered_bytes(&setup);
+    assert!(held >= 100_000, "only {held} bytes held in the buffer budget while the request is at Stripe");
+    let response = in_flight.await.unwrap().expect("response");
+    assert_eq!(response.status, 200, "{response:?}");
+    let mut left = buffered_bytes(&setup);
+    for _ in 0..100 {
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        left = buffered_bytes(&setup);
+    }
+    assert_eq!(left, 0, "the reservation was not given back after the request finished");
+}
+
 /// keygate's resident memory and its peak, in bytes, from /proc.
 fn rss(pid: u32) -> (u64, u64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/<pid>/status");
