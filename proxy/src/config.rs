@@ -722,6 +722,56 @@ mod tests {
     }
 
     #[test]
+    fn the_limits_default_to_bounds_a_production_proxy_would_pick() {
+        let limits = load_text("policies:\n  dir: POLICIES\n", &[]).unwrap_or_else(|e| panic!("{e}")).limits;
+        assert_eq!(limits.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(limits.idle_timeout, Duration::from_secs(60));
+        assert_eq!(limits.http2_max_concurrent_streams, 100);
+        assert_eq!(limits.http2_keep_alive_interval, Duration::from_secs(20));
+        assert_eq!(limits.http2_keep_alive_timeout, Duration::from_secs(20));
+        assert_eq!(limits.max_buffered_bytes, 256 * 1024 * 1024);
+        assert_eq!(limits.buffer_wait, Duration::from_secs(1));
+        assert_eq!(limits.connection_buffer_bytes(), 32 * 1024 * 1024);
+        assert_eq!(limits.service_buffer_bytes(), 128 * 1024 * 1024);
+    }
+
+    #[test]
+    fn buffer_shares_must_be_fractions_that_fit_the_largest_body() {
+        let error = load_text(
+            "policies:\n  dir: POLICIES\nlimits:\n  buffered_share_per_connection: 1.5\n  buffered_share_per_service: 0\n  idle_timeout: 0s\n  http2_max_concurrent_streams: 0\n",
+            &[],
+        )
+        .err()
+        .unwrap_or_else(|| panic!("accepted"));
+        let text = error.to_string();
+        for expected in [
+            "`limits.buffered_share_per_connection` must be a fraction",
+            "`limits.buffered_share_per_service` must be a fraction",
+            "`limits.idle_timeout` must be longer than 0s",
+            "`limits.http2_max_concurrent_streams` must be at least 1",
+        ] {
+            assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
+        }
+        // 64 MiB × 1/8 = 8 MiB cannot hold a 17 MiB upload.
+        let error = load_text("policies:\n  dir: POLICIES\nlimits:\n  max_buffered_bytes: 67108864\n", &[])
+            .err()
+            .unwrap_or_else(|| panic!("accepted"));
+        assert!(error.to_string().contains("must be at least the largest body"), "{error}");
+        let error = load_text(
+            "policies:\n  dir: POLICIES\nlimits:\n  buffered_share_per_connection: 0.5\n  buffered_share_per_service: 0.25\n",
+            &[],
+        )
+        .err()
+        .unwrap_or_else(|| panic!("accepted"));
+        assert!(error.to_string().contains("`limits.buffered_share_per_service` must be at least"), "{error}");
+        let fits = load_text(
+            "policies:\n  dir: POLICIES\nlimits:\n  max_buffered_bytes: 16777216\n  max_file_body_bytes: 2097152\n",
+            &[],
+        );
+        assert!(fits.is_ok(), "{:?}", fits.err().map(|e| e.to_string()));
+    }
+
+    #[test]
     fn type_errors_name_the_key_but_not_the_value() {
         let error = load_text("policies:\n  dir: POLICIES\nlimits:\n  max_headers: sk_live_canary\n", &[])
             .err()
