@@ -421,6 +421,59 @@ async fn an_idle_http1_keep_alive_connection_is_closed_at_the_next_heads_deadlin
     .await;
 }
 
+/// An HPACK integer with an `n`-bit prefix whose other bits are `flags`.
+fn hpack_int(flags: u8, n: u32, value: usize, out: &mut Vec<u8>) {
+    let max = (1usize << n) - 1;
+    if value < max {
+        out.push(flags | value as u8);
+        return;
+    }
+    out.push(flags | max as u8);
+    let mut rest = value - max;
+    while rest >= 128 {
+        out.push((rest % 128) as u8 | 0x80);
+        rest /= 128;
+    }
+    out.push(rest as u8);
+}
+
+/// An HPACK "literal without indexing, indexed name" field.
+fn hpack_literal(name_index: usize, value: &str, out: &mut Vec<u8>) {
+    hpack_int(0x00, 4, name_index, out);
+    hpack_int(0x00, 7, value.len(), out);
+    out.extend_from_slice(value.as_bytes());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_peer_that_stops_answering_pings_is_dropped() {
+    let fake = FakeStripe::start(Behavior::Ok).await;
+    let setup = start(&fake, "  http2_keep_alive_interval: 1s\n  http2_keep_alive_timeout: 1s\n  idle_timeout: 60s\n");
+    let addr = setup.keygate.proxy;
+    let token = setup.token.clone();
+    blocking(move || {
+        // A hand-written h2c client: one GET, then silence (no SETTINGS ACK, no PING ACK), as a
+        // peer that died after its request would be.
+        let mut block = vec![0x82, 0x86]; // :method GET, :scheme http
+        hpack_literal(4, "/v1/customers", &mut block); // :path
+        hpack_literal(1, "x", &mut block); // :authority
+        hpack_literal(23, &format!("Bearer {token}"), &mut block); // authorization
+        let mut stream = TcpStream::connect(addr).unwrap();
+        stream.write_all(H2_PREFACE).unwrap();
+        stream.write_all(&h2_frame(0x4, 0, 0, &[])).unwrap();
+        stream.write_all(&h2_frame(0x1, 0x5, 1, &block)).unwrap();
+        let since = Instant::now();
+        let (bytes, closed) = read_until_closed(&mut stream, since, Duration::from_secs(15));
+        let types = h2_frame_types(&bytes);
+        assert!(types.contains(&0x1), "no response HEADERS: {types:?}");
+        assert!(types.contains(&0x6), "keygate never pinged: {types:?}");
+        let closed = closed.expect("the silent HTTP/2 peer is still connected after 15 s");
+        // Interval (1 s) + timeout (1 s) + margin, far below idle_timeout (60 s).
+        assert!(closed <= Duration::from_secs(2) + CLOSE_MARGIN, "dropped only after {closed:?}");
+    })
+    .await;
+    assert!(limit_hits(&setup, "connection_timeout") >= 1, "{}", setup.keygate.metrics());
+}
+
 /// The `keygate_buffered_bytes` gauge.
 fn buffered_bytes(setup: &ProxySetup) -> u64 {
     setup
