@@ -421,6 +421,80 @@ async fn an_idle_http1_keep_alive_connection_is_closed_at_the_next_heads_deadlin
     .await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_services_flood_leaves_the_other_services_their_share_of_the_buffer() {
+    let fake = FakeStripe::start(Behavior::Ok).await;
+    let setup = start(
+        &fake,
+        &format!(
+            "  max_buffered_bytes: {}\n  buffered_share_per_connection: 0.125\n  buffered_share_per_service: 0.5\n  \
+             buffer_wait: 1s\n  max_body_bytes: {MIB}\n  max_file_body_bytes: {MIB}\n  body_read_timeout: 30s\n",
+            16 * MIB
+        ),
+    );
+    let addr = setup.keygate.proxy;
+    // A second service, `refunds`, added to the policy folder (picked up within a second).
+    let refunds = keygate::auth::mint_token();
+    keygate_tests::proxy_setup::write_policy(
+        &setup.dir.path().join("policies"),
+        "refunds",
+        &refunds.hash,
+        keygate_tests::proxy_setup::DEFAULT_KEY_REF,
+        "  - id: all\n    effect: allow\n    operation: \"* /**\"\n",
+        "",
+    );
+    let refunds_token = refunds.token.expose().to_owned();
+    let mut reloaded = false;
+    for _ in 0..100 {
+        let token = refunds_token.clone();
+        let status = blocking(move || request(addr, "GET", "/v1/customers", &token, &[], "").map(|r| r.status)).await;
+        if status.ok() == Some(200) {
+            reloaded = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(reloaded, "the `refunds` service was never accepted");
+
+    // `checkout` floods: 8 HTTP/2 connections × 4 streams of unfinished 1 MiB bodies, four times
+    // its share of the buffer (half of 16 MiB).
+    let chunk = Bytes::from(vec![b'a'; 16 * 1024]);
+    let mut senders = Vec::new();
+    let mut streams = Vec::new();
+    for _ in 0..8 {
+        let mut sender = h2_connect(addr).await;
+        for _ in 0..4 {
+            let body = Unfinished::new(chunk.clone(), 63, Duration::ZERO);
+            sender.ready().await.expect("h2 sender ready");
+            streams.push(tokio::spawn(sender.send_request(h2_post(addr, &setup.token, Some(MIB), body))));
+        }
+        senders.push(sender);
+    }
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+
+    // `refunds` is still served with a body the size of the limit; `checkout` itself is told that
+    // keygate is overloaded for it.
+    let body = format!("description={}", "b".repeat(900_000));
+    let (theirs, ours) = blocking({
+        let checkout_token = setup.token.clone();
+        move || {
+            let theirs = request(addr, "POST", "/v1/refunds", &refunds_token, &[], &body).expect("refunds response");
+            let ours = request(addr, "POST", "/v1/customers", &checkout_token, &[], &body).expect("checkout response");
+            (theirs, ours)
+        }
+    })
+    .await;
+    assert_eq!(theirs.status, 200, "the other service was starved: {theirs:?}");
+    assert_eq!(ours.status, 503, "{ours:?}");
+    assert_eq!(ours.json()["error"]["code"], "keygate_overloaded");
+    assert!(ours.json()["error"]["message"].as_str().unwrap_or_default().contains("buffered_share_per_service"));
+    assert!(limit_hits(&setup, "buffered_service_share") >= 1, "{}", setup.keygate.metrics());
+    drop(senders);
+    for stream in streams {
+        stream.abort();
+    }
+}
+
 /// An HPACK integer with an `n`-bit prefix whose other bits are `flags`.
 fn hpack_int(flags: u8, n: u32, value: usize, out: &mut Vec<u8>) {
     let max = (1usize << n) - 1;
