@@ -16,6 +16,7 @@ use crate::lake::{Lake, check_writer_id};
 use crate::metrics::Metrics;
 use crate::payload::prepare_reporting;
 use crate::shipper::{Backoff, Shipper, lake_head};
+use crate::wal::faults::WalFaults;
 use crate::wal::recovery::recover;
 use crate::wal::state::{DirLock, lock_dir, writer_id};
 use crate::wal::writer::{Command, Shared, StartPoint, Writer, WriterConfig};
@@ -82,6 +83,7 @@ impl AuditLog {
             bytes_on_disk: Default::default(),
             failure: Mutex::new(None),
             metrics: metrics.clone(),
+            faults: Arc::new(WalFaults::default()),
         });
         shared.add_bytes(recovery.bytes_on_disk);
         metrics.unknown_outcomes.inc_by(recovery.unknown_rows.len() as u64);
@@ -109,6 +111,9 @@ impl AuditLog {
                 let mut writer = writer;
                 let started = writer.start().and_then(|()| writer.append_recovered(unknown_rows));
                 let ok = started.is_ok();
+                if !ok {
+                    writer.discard_unused_segment();
+                }
                 let _ = ready_tx.send(started);
                 if ok {
                     writer.run(rx);
@@ -171,6 +176,12 @@ impl AuditLog {
         if let Some(i) = &self.inner {
             i.shared.metrics.register(registry);
         }
+    }
+
+    /// The WAL's fault injection ([`crate::wal::faults`]), for tests that make writes, fsyncs or
+    /// segment creations fail; `None` when the log is disabled.
+    pub fn wal_faults(&self) -> Option<Arc<WalFaults>> {
+        self.inner.as_ref().map(|i| i.shared.faults.clone())
     }
 
     /// `Ok` when the WAL is writable and under its quota; the reason otherwise (for `/readyz`).

@@ -27,6 +27,7 @@ use crate::crypto::{DataKey, KeyEncryptionKey, intent_aad, row_aad};
 use crate::error::AuditError;
 use crate::metrics::Metrics;
 use crate::row::{RowColumns, micros, row_hash, unknown_outcome};
+use crate::wal::faults::{Fault, WalFaults};
 use crate::wal::segment::{SegmentHeader, WalIntent, WalRow, encode_header, encode_intent, encode_row, segment_path};
 
 /// A redacted, compressed record waiting to be sealed and appended.
@@ -64,6 +65,8 @@ pub struct Shared {
     pub bytes_on_disk: AtomicU64,
     pub failure: Mutex<Option<String>>,
     pub metrics: Metrics,
+    /// Armed only by fault-injection tests ([`crate::wal::faults`]).
+    pub faults: Arc<WalFaults>,
 }
 
 impl Shared {
@@ -134,6 +137,13 @@ pub struct Writer {
     durable_seq: u64,
     durable_head: [u8; 32],
     open_intents: HashMap<uuid::Uuid, Prepared>,
+    /// Intents whose completing rows are written but not yet fsynced: they stay in
+    /// `open_intents` (and are carried into the next segment if this one is abandoned) until the
+    /// fsync that makes their rows durable.
+    undurable_completions: Vec<uuid::Uuid>,
+    /// Set while appending rows that are already owed (recovery's and shutdown's `unknown`
+    /// rows): those are written whatever the quota says, since the quota governs new traffic.
+    quota_exempt: bool,
     pending_seal: Vec<SealedSegment>,
     last_reopen_attempt: Option<Instant>,
 }
@@ -164,6 +174,8 @@ impl Writer {
             durable_seq: start.next_seq,
             durable_head: start.head,
             open_intents: HashMap::new(),
+            undurable_completions: Vec::new(),
+            quota_exempt: false,
             pending_seal: Vec::new(),
             last_reopen_attempt: None,
         }
@@ -190,12 +202,23 @@ impl Writer {
             .collect();
         let durability = self.cfg.durability;
         self.cfg.durability = Durability::Sync;
+        self.quota_exempt = true;
         self.process(cmds);
+        self.quota_exempt = false;
         self.cfg.durability = durability;
         for mut w in waits {
             w.try_recv().map_err(|_| AuditError::Closed)??;
         }
         Ok(())
+    }
+
+    /// After a failed start: removes the segment [`Writer::start`] created if nothing but its
+    /// header was written to it, so that failed starts leave no litter.
+    pub fn discard_unused_segment(&mut self) {
+        if let Some(active) = self.active.take_if(|a| a.rows == 0 && self.open_intents.is_empty()) {
+            let _ = std::fs::remove_file(&active.path);
+            self.shared.sub_bytes(active.bytes);
+        }
     }
 
     /// The thread's loop; returns when shut down or when every sender is gone.
@@ -292,7 +315,7 @@ impl Writer {
         for cmd in cmds {
             let (ack, frame_result) = match cmd {
                 Command::Row { prepared, intent, ack } => {
-                    if used + buf.len() as u64 > self.shared.quota {
+                    if !self.quota_exempt && used + buf.len() as u64 > self.shared.quota {
                         self.shared.metrics.quota_exceeded.inc();
                         if let Some(ack) = ack {
                             let _ = ack.send(Err(AuditError::QuotaExceeded { used, quota: self.shared.quota }));
@@ -364,7 +387,10 @@ impl Writer {
             }
             return;
         }
-        let write = active.file.write_all(&buf);
+        let write = match self.shared.faults.take(Fault::Write) {
+            Some(error) => Err(error),
+            None => active.file.write_all(&buf),
+        };
         if let Err(e) = write {
             let err = self.unavailable(&format!("write failed: {e}"));
             self.abandon(&err);
@@ -398,8 +424,13 @@ impl Writer {
         for (id, p) in new_intents {
             self.open_intents.insert(id, p);
         }
-        for id in completed {
-            self.open_intents.remove(&id);
+        if sync_due {
+            for id in completed.into_iter().chain(self.undurable_completions.drain(..)) {
+                self.open_intents.remove(&id);
+            }
+        } else {
+            // Not durable yet: the intents stay open until the fsync that covers these rows.
+            self.undurable_completions.extend(completed);
         }
         for ack in acks {
             let _ = ack.send(Ok(()));
@@ -409,7 +440,10 @@ impl Writer {
     fn sync_active(&mut self) -> Result<(), AuditError> {
         let Some(active) = self.active.as_mut() else { return Ok(()) };
         let started = Instant::now();
-        let res = active.file.sync_data();
+        let res = match self.shared.faults.take(Fault::Fsync) {
+            Some(error) => Err(error),
+            None => active.file.sync_data(),
+        };
         self.shared.metrics.wal_fsync_seconds.observe(started.elapsed().as_secs_f64());
         match res {
             Ok(()) => {
@@ -417,6 +451,9 @@ impl Writer {
                 active.last_sync = Instant::now();
                 self.durable_seq = self.next_seq;
                 self.durable_head = self.head;
+                for id in self.undurable_completions.drain(..) {
+                    self.open_intents.remove(&id);
+                }
                 Ok(())
             }
             Err(e) => Err(self.unavailable(&format!("fsync failed: {e}"))),
@@ -432,9 +469,11 @@ impl Writer {
         self.shared.metrics.wal_failures.inc();
         self.shared.set_failure(Some(bare_reason(err)));
         tracing::error!(error = %err, "audit WAL segment abandoned; refusing records until a new segment can be written");
-        // Everything after the last successful fsync is treated as never written.
+        // Everything after the last successful fsync is treated as never written: the intents
+        // those rows completed are open again, and are carried into the next segment.
         self.next_seq = self.durable_seq;
         self.head = self.durable_head;
+        self.undurable_completions.clear();
         if let Some(active) = self.active.take() {
             self.pending_seal.push(SealedSegment {
                 segno: active.segno,
@@ -510,6 +549,9 @@ impl Writer {
             let payload = key.seal(&intent_aad(&self.cfg.writer_id, segno, id), &p.compressed)?;
             encode_intent(&WalIntent { logged_at_us, columns: p.columns.clone(), payload }, &mut buf)?;
         }
+        if let Some(error) = self.shared.faults.take(Fault::CreateSegment) {
+            return Err(AuditError::io("create WAL segment", &path, error));
+        }
         let mut file = OpenOptions::new()
             .create_new(true)
             .write(true)
@@ -572,25 +614,46 @@ impl Writer {
         }
     }
 
-    /// Graceful end: open intents become `unknown` rows, the active segment is fsynced and, when
-    /// it holds rows, handed to the shipper.
+    /// Graceful end: open intents become `unknown` rows (whatever the quota says: they are owed),
+    /// the active segment is fsynced and, when it holds rows, handed to the shipper.
+    ///
+    /// When those rows cannot be made durable (the WAL is failing), nothing is handed to the
+    /// shipper: the segments holding the open intents stay on disk, and the next start's
+    /// recovery turns the intents into `unknown` rows. The error says so.
     fn finish(&mut self) -> Result<(), AuditError> {
+        // Rows already written become durable first, so that the intents they complete are not
+        // also recorded as `unknown`.
+        if let Err(e) = self.sync_active() {
+            self.abandon(&e);
+        }
         let leftovers: Vec<Prepared> = self.open_intents.values().cloned().collect();
+        let open = leftovers.len();
         if !leftovers.is_empty() {
             let cmds = leftovers
                 .into_iter()
                 .map(|mut p| {
                     let id = p.columns.event_id;
                     p.columns = unknown_outcome(p.columns, SystemTime::now());
-                    self.shared.metrics.unknown_outcomes.inc();
                     Command::Row { prepared: p, intent: Some(id), ack: None }
                 })
                 .collect();
+            self.quota_exempt = true;
             self.process(cmds);
+            self.quota_exempt = false;
         }
         if let Err(e) = self.sync_active() {
             self.abandon(&e);
         }
+        if !self.open_intents.is_empty() || (self.active.is_none() && open > 0) {
+            let kept = self.open_intents.len().max(open);
+            let reason = format!(
+                "{kept} open intent(s) could not be recorded as `unknown` rows ({}); their WAL segments stay on disk and the next start records them",
+                self.shared.failure().unwrap_or_else(|| "the WAL is not writable".into())
+            );
+            tracing::error!(open_intents = kept, "audit WAL: {reason}");
+            return Err(self.unavailable(&reason));
+        }
+        self.shared.metrics.unknown_outcomes.inc_by(open as u64);
         if let Some(active) = self.active.take() {
             if active.rows > 0 {
                 let _ = self.shipper.send(SealedSegment {

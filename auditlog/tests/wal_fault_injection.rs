@@ -1,0 +1,176 @@
+//! The audit promise under faults other than `kill -9` (issue 13, points 1 and 2), driven by the
+//! WAL's fault injection (`keygate_auditlog::wal::faults`): write, fsync and segment-creation
+//! errors at chosen moments, in-process and without root.
+//!
+//! - `durability: async`: a segment abandoned after its completing rows were written but before
+//!   they were fsynced loses no intent: every acknowledged mutation ends with a row.
+//! - A stop while the WAL keeps failing leaves the open intents on disk and says so; the next
+//!   start records them.
+//! - Over quota with the lake down, keygate still starts (not ready), drains when the lake
+//!   returns, and becomes ready by itself; failed starts leave no litter.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use common::*;
+use keygate_auditlog::wal::faults::{Fault, UNTIL_CLEARED};
+use keygate_auditlog::{AuditConfig, Durability};
+
+/// The event ids of every row in the lake, and how many are `unknown`.
+async fn lake_ids(env: &Env) -> (HashSet<uuid::Uuid>, usize) {
+    let rows = read_lake(&open_lake(&env.lake_dir())).await;
+    assert_chains(&rows);
+    let unknown = rows.iter().filter(|r| r.row.columns.outcome == "unknown").count();
+    (rows.into_iter().map(|r| r.row.columns.event_id).collect(), unknown)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn async_rows_lost_with_an_abandoned_segment_leave_their_intents_open() {
+    let env = env();
+    let mut cfg = env.cfg.clone();
+    cfg.durability = Durability::Async;
+    // No flush between the rows and the fault.
+    cfg.async_flush_interval = Duration::from_secs(30);
+    let log = env.open_cfg(&cfg).await;
+    let faults = log.wal_faults().unwrap();
+    let mut acknowledged = Vec::new();
+    let mut intents = Vec::new();
+    for i in 0..64 {
+        let ex = exchange(i);
+        intents.push((log.record_intent(&ex).await.unwrap(), ex));
+    }
+    for (intent, ex) in intents {
+        acknowledged.push(ex.event_id);
+        // Acknowledged once queued (async): written, not fsynced.
+        log.record(ex, Some(intent)).await.unwrap();
+    }
+    // Let the writer write them (no fsync is due: async, and no intent asks for one).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The next fsync fails (the intent of a 65th mutation asks for one): the segment, with the
+    // 64 completing rows written after its last fsync, is abandoned.
+    faults.fail(Fault::Fsync, 1);
+    assert!(log.record_intent(&exchange(64)).await.is_err(), "the 65th intent is refused");
+    // A new segment is created on the next record; the old one is then shipped and deleted.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let later = exchange(65);
+    let later_id = later.event_id;
+    let intent = log.record_intent(&later).await.unwrap();
+    log.record(later, Some(intent)).await.unwrap();
+    log.shutdown().await.unwrap();
+    let (ids, unknown) = lake_ids(&env).await;
+    for id in &acknowledged {
+        assert!(ids.contains(id), "acknowledged mutation {id} has no row");
+    }
+    assert!(ids.contains(&later_id));
+    assert_eq!(unknown, 64, "the 64 whose completing rows were lost are `unknown`, none is silent");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_while_the_wal_keeps_failing_keeps_open_intents_for_the_next_start() {
+    let env = env();
+    let log = env.open().await;
+    let faults = log.wal_faults().unwrap();
+    let mut forwarded = Vec::new();
+    for i in 0..40 {
+        let ex = exchange(i);
+        log.record_intent(&ex).await.unwrap();
+        forwarded.push(ex.event_id);
+    }
+    // From now on nothing can be written, and no new segment can be made.
+    faults.fail(Fault::Write, UNTIL_CLEARED);
+    faults.fail(Fault::CreateSegment, UNTIL_CLEARED);
+    assert!(log.record(exchange(99), None).await.is_err());
+    let error = log.shutdown().await.unwrap_err().to_string();
+    assert!(
+        error.contains("40 open intent(s)") && error.contains("stay on disk") && error.contains("next start"),
+        "the stop says truthfully what happened: {error}"
+    );
+    assert!(!segments(&env.cfg.wal_dir).is_empty(), "the WAL is left on disk");
+
+    // The next start (the disk is fine again) records every forwarded mutation.
+    let log = env.open().await;
+    log.shutdown().await.unwrap();
+    let (ids, unknown) = lake_ids(&env).await;
+    for id in &forwarded {
+        assert!(ids.contains(id), "forwarded mutation {id} has no row");
+    }
+    assert_eq!(unknown, 40);
+}
+
+fn over_quota_config(env: &Env) -> AuditConfig {
+    let mut cfg = env.cfg.clone();
+    cfg.wal_quota_bytes = 96 * 1024;
+    cfg.roll.max_bytes = 16 * 1024;
+    cfg.shutdown_timeout = Duration::from_secs(1);
+    cfg
+}
+
+/// Makes the local lake unwritable (its `audit/` and `manifests/` folders replaced by files, so
+/// that every commit fails), or writable again.
+fn lake_down(env: &Env, down: bool) {
+    let lake = env.lake_dir();
+    let _ = std::fs::remove_dir_all(&lake);
+    std::fs::create_dir_all(&lake).unwrap();
+    if down {
+        std::fs::write(lake.join("audit"), b"not a folder").unwrap();
+        std::fs::write(lake.join("manifests"), b"not a folder").unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_quota_with_dangling_intents_keygate_still_starts_drains_and_becomes_ready() {
+    let env = env();
+    let cfg = over_quota_config(&env);
+    let log = env.open_cfg(&cfg).await;
+    lake_down(&env, true);
+    let mut forwarded = Vec::new();
+    for i in 0..5000 {
+        let ex = exchange(i);
+        match log.record_intent(&ex).await {
+            Ok(_) => forwarded.push(ex.event_id),
+            Err(e) => {
+                assert!(e.to_string().contains("quota"), "{e}");
+                break;
+            }
+        }
+    }
+    assert!(forwarded.len() > 10 && forwarded.len() < 5000, "the quota was reached ({})", forwarded.len());
+    // A crash here: the WAL as it is on disk, every intent dangling, over quota.
+    let crashed = env.dir.path().join("wal-after-crash");
+    copy_dir(&cfg.wal_dir, &crashed);
+    // The original instance stops (its shipper cannot reach the lake and is given up after
+    // `shutdown_timeout`); only the crash image goes on.
+    let _ = log.shutdown().await;
+    let mut cfg = cfg;
+    cfg.wal_dir = crashed.clone();
+
+    // Lake still down: the start succeeds (the recovered rows are owed, the quota governs new
+    // traffic), not ready, and says why. Two such starts leave no extra segment behind.
+    let log = env.open_cfg(&cfg).await;
+    let reason = log.is_ready().unwrap_err();
+    assert!(reason.contains("wal_quota_bytes"), "{reason}");
+    let _ = log.shutdown().await;
+    let before = segments(&crashed).len();
+    let log = env.open_cfg(&cfg).await;
+    assert!(log.is_ready().is_err());
+    let _ = log.shutdown().await;
+    assert!(segments(&crashed).len() <= before + 1, "starts leave no litter");
+
+    // Lake back: drains and becomes ready by itself, without a restart.
+    lake_down(&env, false);
+    let log = env.open_cfg(&cfg).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while log.is_ready().is_err() {
+        assert!(Instant::now() < deadline, "not ready after the lake came back: {:?}", log.is_ready());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    log.shutdown().await.unwrap();
+    let (ids, unknown) = lake_ids(&env).await;
+    for id in &forwarded {
+        assert!(ids.contains(id), "forwarded mutation {id} has no row");
+    }
+    assert_eq!(unknown, forwarded.len(), "each dangling intent became one `unknown` row");
+}
