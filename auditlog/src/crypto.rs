@@ -257,6 +257,69 @@ pub fn intent_aad(writer_id: &str, segno: u64, event_id: &uuid::Uuid) -> Vec<u8>
     aad
 }
 
+/// Text prefix of a signing key given as its 32-byte Ed25519 seed: `ed25519-seed:<64 hex>`.
+pub const SEED_PREFIX: &str = "ed25519-seed:";
+/// Text prefix of an Ed25519 public key: `ed25519-pub:<64 hex>`.
+pub const PUBLIC_PREFIX: &str = "ed25519-pub:";
+
+/// What a key's text says it is, decided by its encoding alone (never by trying to decode it as
+/// one kind and then the other: about half of all random seeds are also valid public keys).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyEncoding {
+    /// `-----BEGIN PRIVATE KEY-----` (PKCS#8): a signing key.
+    PrivatePem,
+    /// `-----BEGIN PUBLIC KEY-----` (SPKI): a public key.
+    PublicPem,
+    /// `ed25519-seed:<64 hex>`: a signing key.
+    SeedPrefix,
+    /// `ed25519-pub:<64 hex>`: a public key.
+    PublicPrefix,
+    /// 64 hex characters without a prefix (old quick-start folders, manifests): only the context
+    /// (a signing-key setting, a public-key argument) says which it is.
+    BareHex,
+    /// Anything else (another PEM label, other text, a secret reference).
+    Other,
+}
+
+impl KeyEncoding {
+    /// The encoding of `text` (surrounding whitespace ignored).
+    pub fn of(text: &str) -> KeyEncoding {
+        let t = text.trim();
+        if t.starts_with("-----BEGIN PRIVATE KEY-----") {
+            KeyEncoding::PrivatePem
+        } else if t.starts_with("-----BEGIN PUBLIC KEY-----") {
+            KeyEncoding::PublicPem
+        } else if t.starts_with(SEED_PREFIX) {
+            KeyEncoding::SeedPrefix
+        } else if t.starts_with(PUBLIC_PREFIX) {
+            KeyEncoding::PublicPrefix
+        } else if t.len() == 64 && t.bytes().all(|b| b.is_ascii_hexdigit()) {
+            KeyEncoding::BareHex
+        } else {
+            KeyEncoding::Other
+        }
+    }
+
+    /// True for the encodings that say "signing key" by themselves.
+    pub fn is_signing(self) -> bool {
+        matches!(self, KeyEncoding::PrivatePem | KeyEncoding::SeedPrefix)
+    }
+
+    /// True for the encodings that say "public key" by themselves.
+    pub fn is_public(self) -> bool {
+        matches!(self, KeyEncoding::PublicPem | KeyEncoding::PublicPrefix)
+    }
+}
+
+fn hex32(text: &str, what: &str) -> Result<Zeroizing<[u8; 32]>, AuditError> {
+    let mut raw = Zeroizing::new([0u8; 32]);
+    let t = text.trim();
+    if t.len() != 64 || hex::decode_to_slice(t, &mut raw[..]).is_err() {
+        return Err(AuditError::Signing(format!("{what} must be followed by 64 hex characters (32 bytes)")));
+    }
+    Ok(raw)
+}
+
 /// The Ed25519 key that signs manifests.
 #[derive(Clone)]
 pub struct SigningKey {
@@ -270,28 +333,41 @@ impl std::fmt::Debug for SigningKey {
 }
 
 impl SigningKey {
-    /// Parses a PKCS#8 PEM private key (`-----BEGIN PRIVATE KEY-----`, as `openssl genpkey
-    /// -algorithm ed25519` writes) or a 32-byte seed as 64 hex characters.
+    /// Parses a signing key where one is expected: a PKCS#8 PEM private key (`-----BEGIN PRIVATE
+    /// KEY-----`, as `openssl genpkey -algorithm ed25519` and `auditlog keygen` write), a seed as
+    /// `ed25519-seed:<64 hex>`, or 64 bare hex characters, read as a seed because a signing key
+    /// is what the context asks for (the format of older quick-start folders). A public key
+    /// (PEM or `ed25519-pub:`) is refused.
     pub fn from_text(text: &str) -> Result<SigningKey, AuditError> {
         use ed25519_dalek::pkcs8::DecodePrivateKey;
         let t = text.trim();
-        if t.starts_with("-----BEGIN") {
-            let key = ed25519_dalek::SigningKey::from_pkcs8_pem(t)
-                .map_err(|_| AuditError::Signing("the PEM is not a PKCS#8 Ed25519 private key".into()))?;
-            return Ok(SigningKey { key });
+        match KeyEncoding::of(t) {
+            KeyEncoding::PrivatePem => {
+                let key = ed25519_dalek::SigningKey::from_pkcs8_pem(t)
+                    .map_err(|_| AuditError::Signing("the PEM is not a PKCS#8 Ed25519 private key".into()))?;
+                Ok(SigningKey { key })
+            }
+            KeyEncoding::SeedPrefix => {
+                let seed = hex32(&t[SEED_PREFIX.len()..], SEED_PREFIX)?;
+                Ok(SigningKey { key: ed25519_dalek::SigningKey::from_bytes(&seed) })
+            }
+            KeyEncoding::BareHex => {
+                let seed = hex32(t, "a bare signing seed")?;
+                Ok(SigningKey { key: ed25519_dalek::SigningKey::from_bytes(&seed) })
+            }
+            KeyEncoding::PublicPem | KeyEncoding::PublicPrefix => Err(AuditError::Signing(
+                "this is a public key, but a signing (private) key is needed here: a PKCS#8 PEM private key or ed25519-seed:<64 hex>".into(),
+            )),
+            KeyEncoding::Other => Err(AuditError::Signing(
+                "the signing key must be a PKCS#8 PEM Ed25519 private key (`-----BEGIN PRIVATE KEY-----`) or ed25519-seed:<64 hex>; generate one with `auditlog keygen` or `openssl genpkey -algorithm ed25519`".into(),
+            )),
         }
-        let mut seed = Zeroizing::new([0u8; 32]);
-        if t.len() == 64 && hex::decode_to_slice(t, &mut seed[..]).is_ok() {
-            return Ok(SigningKey { key: ed25519_dalek::SigningKey::from_bytes(&seed) });
-        }
-        Err(AuditError::Signing(
-            "the signing key must be a PKCS#8 PEM Ed25519 private key or a 32-byte seed as 64 hex characters; generate one with `openssl genpkey -algorithm ed25519`".into(),
-        ))
     }
 
     /// A fresh random key (tests, first-run tooling).
     pub fn generate() -> SigningKey {
-        SigningKey { key: ed25519_dalek::SigningKey::from_bytes(&rand::random::<[u8; 32]>()) }
+        let seed = Zeroizing::new(rand::random::<[u8; 32]>());
+        SigningKey { key: ed25519_dalek::SigningKey::from_bytes(&seed) }
     }
 
     /// The public half.
@@ -302,6 +378,21 @@ impl SigningKey {
     /// Hex of the public key, the `signing_key_id` written into manifests.
     pub fn public_key_hex(&self) -> String {
         hex::encode(self.key.verifying_key().as_bytes())
+    }
+
+    /// The key as `ed25519-seed:<64 hex>` (secret: store it in a secret store only).
+    pub fn to_seed_text(&self) -> Zeroizing<String> {
+        let seed = Zeroizing::new(self.key.to_bytes());
+        Zeroizing::new(format!("{SEED_PREFIX}{}", hex::encode(seed.as_ref())))
+    }
+
+    /// The key as a PKCS#8 PEM (`-----BEGIN PRIVATE KEY-----`; secret).
+    pub fn to_pkcs8_pem(&self) -> Result<Zeroizing<String>, AuditError> {
+        use ed25519_dalek::pkcs8::EncodePrivateKey;
+        self.key
+            .to_pkcs8_pem(Default::default())
+            .map(|pem| Zeroizing::new(pem.to_string()))
+            .map_err(|e| AuditError::Signing(format!("cannot encode the signing key as PEM: {e}")))
     }
 
     /// Signs `message`.
@@ -324,18 +415,37 @@ impl std::fmt::Debug for VerifyingKey {
 }
 
 impl VerifyingKey {
-    /// Parses 64 hex characters or a `-----BEGIN PUBLIC KEY-----` PEM.
+    /// Parses a public key where one is expected: a `-----BEGIN PUBLIC KEY-----` PEM (SPKI),
+    /// `ed25519-pub:<64 hex>`, or 64 bare hex characters, read as a public key because that is
+    /// what the context asks for. A signing key (PKCS#8 PEM or `ed25519-seed:`) is refused: its
+    /// public half is derived only where a signing key is explicitly expected.
     pub fn from_text(text: &str) -> Result<VerifyingKey, AuditError> {
         use ed25519_dalek::pkcs8::DecodePublicKey;
         let t = text.trim();
-        if t.starts_with("-----BEGIN PUBLIC KEY") {
-            let key = ed25519_dalek::VerifyingKey::from_public_key_pem(t)
-                .map_err(|_| AuditError::Signing("the PEM is not an Ed25519 public key".into()))?;
-            return Ok(VerifyingKey { key });
+        match KeyEncoding::of(t) {
+            KeyEncoding::PublicPem => {
+                let key = ed25519_dalek::VerifyingKey::from_public_key_pem(t)
+                    .map_err(|_| AuditError::Signing("the PEM is not an Ed25519 public key".into()))?;
+                Ok(VerifyingKey { key })
+            }
+            KeyEncoding::PublicPrefix => VerifyingKey::from_hex(&t[PUBLIC_PREFIX.len()..]),
+            KeyEncoding::BareHex => VerifyingKey::from_hex(t),
+            KeyEncoding::PrivatePem | KeyEncoding::SeedPrefix => Err(AuditError::Signing(
+                "this is a signing (private) key, but a public key is expected here: give its public key (ed25519-pub:<64 hex> or a PUBLIC KEY PEM), or name the signing key where one is expected (auditlog verify --signing-key)".into(),
+            )),
+            KeyEncoding::Other => Err(AuditError::Signing(
+                "a public key is ed25519-pub:<64 hex>, a `-----BEGIN PUBLIC KEY-----` PEM, or 64 hex characters".into(),
+            )),
         }
+    }
+
+    /// Parses 64 hex characters as a public key (the `signing_key` field of manifests).
+    pub fn from_hex(text: &str) -> Result<VerifyingKey, AuditError> {
         let mut raw = [0u8; 32];
-        hex::decode_to_slice(t, &mut raw)
-            .map_err(|_| AuditError::Signing("a public key is 64 hex characters or a PEM".into()))?;
+        let t = text.trim();
+        if t.len() != 64 || hex::decode_to_slice(t, &mut raw).is_err() {
+            return Err(AuditError::Signing("a public key is 64 hex characters (32 bytes)".into()));
+        }
         let key = ed25519_dalek::VerifyingKey::from_bytes(&raw)
             .map_err(|_| AuditError::Signing("not a valid Ed25519 public key".into()))?;
         Ok(VerifyingKey { key })
@@ -343,6 +453,19 @@ impl VerifyingKey {
 
     pub fn to_hex(&self) -> String {
         hex::encode(self.key.as_bytes())
+    }
+
+    /// The key as `ed25519-pub:<64 hex>`.
+    pub fn to_text(&self) -> String {
+        format!("{PUBLIC_PREFIX}{}", self.to_hex())
+    }
+
+    /// The key as a `-----BEGIN PUBLIC KEY-----` PEM (SPKI).
+    pub fn to_public_pem(&self) -> Result<String, AuditError> {
+        use ed25519_dalek::pkcs8::EncodePublicKey;
+        self.key
+            .to_public_key_pem(Default::default())
+            .map_err(|e| AuditError::Signing(format!("cannot encode the public key as PEM: {e}")))
     }
 
     /// True when `signature` is this key's signature of `message`.

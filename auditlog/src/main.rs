@@ -20,7 +20,7 @@ use keygate_auditlog::crypto::KekRing;
 use keygate_auditlog::lake::Lake;
 use keygate_auditlog::query::{Decryptor, event_sql, run_sql};
 use keygate_auditlog::verify::{VerifyOptions, verify};
-use keygate_auditlog::{AuditConfig, AuditError, SigningKey, keys};
+use keygate_auditlog::{AuditConfig, AuditError, keys};
 use keygate_secrets::{SecretStore, SecretsConfig};
 use serde::Deserialize;
 
@@ -74,14 +74,20 @@ enum Cmd {
         /// a date (2026-11-29), or a duration before now (24h, 7days).
         #[arg(long)]
         since: Option<String>,
-        /// Trusted Ed25519 public key (64 hex characters, a PEM, or a secret reference to it or to
-        /// the private key); repeatable. Default: the public half of audit.signing_key.
+        /// Trusted Ed25519 public key: ed25519-pub:<64 hex>, a PUBLIC KEY PEM, 64 hex characters,
+        /// or a secret reference whose value is one of those; repeatable. Default: the public
+        /// half of audit.signing_key.
         #[arg(long = "public-key")]
         public_keys: Vec<String>,
+        /// Secret reference to a signing key (PKCS#8 PEM, ed25519-seed:<64 hex>, or 64 hex
+        /// characters read as a seed) whose public half is trusted; repeatable.
+        #[arg(long = "signing-key")]
+        signing_keys: Vec<String>,
         #[arg(long, value_enum, default_value_t = VerifyFormat::Text)]
         format: VerifyFormat,
     },
-    /// Prints a new key-encryption key (hex) and a new Ed25519 signing key (PEM) and its public key.
+    /// Prints a new key-encryption key (hex), a new Ed25519 signing key (PKCS#8 PEM) and its
+    /// public key (ed25519-pub:<hex> and PEM).
     Keygen,
 }
 
@@ -270,17 +276,12 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Verify { since, public_keys, format } => {
-            let mut trusted = Vec::new();
-            for k in public_keys {
-                trusted.push(keys::verifying_key(&ctx.store, k).await?);
-            }
-            if trusted.is_empty() && !ctx.audit.signing_key.trim().is_empty() {
-                trusted.push(keys::verifying_key(&ctx.store, &ctx.audit.signing_key).await?);
-            }
+        Cmd::Verify { since, public_keys, signing_keys, format } => {
+            let trusted =
+                keys::trusted_keys(&ctx.store, public_keys, signing_keys, Some(ctx.audit.signing_key.as_str())).await?;
             if trusted.is_empty() {
                 eprintln!(
-                    "auditlog: warning: no trusted public key given (--public-key or audit.signing_key): signatures are checked against the keys the manifests name, which proves integrity against accidents but not against someone able to re-sign"
+                    "auditlog: warning: no trusted public key given (--public-key, --signing-key or audit.signing_key): signatures are checked against the keys the manifests name, which proves integrity against accidents but not against someone able to re-sign"
                 );
             }
             let since_us = since.as_deref().map(parse_since).transpose()?;
@@ -323,18 +324,19 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
 }
 
 fn keygen() -> Result<ExitCode, CliError> {
-    use ed25519_dalek::pkcs8::EncodePrivateKey;
-    let seed: [u8; 32] = rand::random();
-    let key = ed25519_dalek::SigningKey::from_bytes(&seed);
-    let pem = key
-        .to_pkcs8_pem(Default::default())
-        .map_err(|e| CliError::Usage(format!("cannot encode the signing key: {e}")))?;
-    let public = SigningKey::from_text(&hex::encode(seed))?.public_key_hex();
-    out_line(&format!(
-        "# Store each value in your secret store and point audit.kek / audit.signing_key at it.\nkek: {}\nsigning_key: |\n{}public_key: {public}",
-        hex::encode(rand::random::<[u8; 32]>()),
-        pem.lines().map(|l| format!("  {l}\n")).collect::<String>()
-    ))?;
+    let k = keys::generate()?;
+    // Secret text is built in buffers that are wiped when dropped.
+    let indent = |text: &str| zeroize::Zeroizing::new(text.lines().map(|l| format!("  {l}\n")).collect::<String>());
+    let text = zeroize::Zeroizing::new(format!(
+        "# Store each secret value in your secret store and point audit.kek / audit.signing_key at it.\n\
+         # The public key is not secret: give it to auditors (auditlog verify --public-key).\n\
+         kek: {}\nsigning_key: |\n{}public_key: {}\npublic_key_pem: |\n{}",
+        k.kek.as_str(),
+        indent(&k.signing_key_pem).as_str(),
+        k.public_key,
+        indent(&k.public_key_pem).trim_end_matches('\n'),
+    ));
+    out_line(&text)?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -5,7 +5,7 @@
 //! the link from each manifest to the previous one's SHA-256, the continuity of `seq` and of the
 //! chain head between files, each file's size and SHA-256 against its manifest, and inside each
 //! file every row's `seq`, `prev_hash` and recomputed `hash`. Data files that no manifest names
-//! are reported as unsigned.
+//! are reported as unsigned; a manifest whose signature does not verify as a bad signature.
 //!
 //! Invariant: verify reads only; every finding names the object and, where it can, the row.
 
@@ -33,8 +33,11 @@ pub enum FindingKind {
     Reordered,
     /// A file is shorter than signed, or has fewer rows.
     Truncated,
-    /// A signature does not verify, or a file has no manifest.
+    /// A file has no manifest.
     Unsigned,
+    /// A manifest's signature does not verify with the trusted keys (signed by another key, or
+    /// the manifest was altered).
+    BadSignature,
 }
 
 impl FindingKind {
@@ -45,6 +48,7 @@ impl FindingKind {
             FindingKind::Reordered => "reordered",
             FindingKind::Truncated => "truncated",
             FindingKind::Unsigned => "unsigned",
+            FindingKind::BadSignature => "bad_signature",
         }
     }
 }
@@ -65,7 +69,7 @@ pub struct Finding {
 
 impl std::fmt::Display for Finding {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:<9} {}", self.kind.as_str().to_uppercase(), self.file)?;
+        write!(f, "{:<13} {}", self.kind.as_str().to_uppercase(), self.file)?;
         if let Some(r) = self.row {
             write!(f, " row {r}")?;
         }
@@ -184,23 +188,24 @@ pub async fn verify(
                 continue;
             }
             // Signature.
+            let named = VerifyingKey::from_hex(&b.signing_key).ok();
             let signed = if opts.trusted_keys.is_empty() {
-                VerifyingKey::from_text(&b.signing_key).map(|k| m.signature_valid(&k)).unwrap_or(false)
+                named.is_some_and(|k| m.signature_valid(&k))
             } else {
                 opts.trusted_keys.iter().any(|k| m.signature_valid(k))
             };
             if !signed {
-                report.findings.push(f(
-                    FindingKind::Unsigned,
-                    &cur.path,
-                    None,
-                    Some(b.first_seq),
-                    if opts.trusted_keys.is_empty() {
-                        "signature does not verify".into()
-                    } else {
-                        "signature does not verify with any trusted key".into()
-                    },
-                ));
+                let detail = match named {
+                    Some(k) if !opts.trusted_keys.is_empty() && m.signature_valid(&k) => {
+                        format!("signed by {}, which is not a trusted key", k.to_text())
+                    }
+                    _ if opts.trusted_keys.is_empty() => {
+                        "signature does not verify with the key the manifest names (the manifest was altered)".into()
+                    }
+                    _ => "signature does not verify with any trusted key (the manifest was altered, or signed by another key)"
+                        .into(),
+                };
+                report.findings.push(f(FindingKind::BadSignature, &cur.path, None, Some(b.first_seq), detail));
             }
             if b.writer_id != *writer || b.first_seq != cur.seq_from_name {
                 report.findings.push(f(

@@ -136,11 +136,12 @@ async fn a_truncated_newest_file_is_reported_truncated() {
 }
 
 #[tokio::test]
-async fn manifests_signed_by_another_key_are_unsigned() {
+async fn manifests_signed_by_another_key_have_a_bad_signature() {
     let env = env();
     let files = lake_with_files(&env).await;
     let opts = VerifyOptions { trusted_keys: vec![SigningKey::generate().verifying_key()], since_us: None };
     let report = verify(&open_lake(&env.lake_dir()), &opts, |_, _| {}).await.unwrap();
-    let unsigned = report.findings.iter().filter(|f| f.kind == FindingKind::Unsigned).count();
-    assert_eq!(unsigned, files.len(), "{:#?}", report.findings);
+    let bad = report.findings.iter().filter(|f| f.kind == FindingKind::BadSignature).count();
+    assert_eq!(bad, files.len(), "{:#?}", report.findings);
+    assert!(report.findings.iter().all(|f| f.kind == FindingKind::BadSignature), "{:#?}", report.findings);
 }

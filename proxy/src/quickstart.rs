@@ -83,12 +83,15 @@ pub fn prepare_audit(audit: &mut keygate_auditlog::AuditConfig, data_dir: &Path)
     }
     let data_error = |source| QuickstartError::DataDir { path: data_dir.display().to_string(), source };
     let data_dir = std::fs::canonicalize(data_dir).map_err(data_error)?;
-    for name in ["audit-kek", "audit-signing-key"] {
+    // The KEK as 64 hex characters; the signing key as `ed25519-seed:<64 hex>`, which says what
+    // it is (folders of older versions hold a bare 64-hex seed, still read as a seed there).
+    for (name, prefix) in [("audit-kek", ""), ("audit-signing-key", keygate_auditlog::crypto::SEED_PREFIX)] {
         let path = data_dir.join(name);
         if !path.exists() {
             let mut random = zeroize::Zeroizing::new([0u8; 32]);
             rand::RngCore::fill_bytes(&mut rand::rng(), random.as_mut());
-            write_private(&path, &hex::encode(random.as_ref())).map_err(data_error)?;
+            let text = zeroize::Zeroizing::new(format!("{prefix}{}", hex::encode(random.as_ref())));
+            write_private(&path, &text).map_err(data_error)?;
         }
     }
     audit.lake = data_dir.join("lake").display().to_string();
