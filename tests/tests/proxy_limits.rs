@@ -181,6 +181,49 @@ async fn with_every_connection_slot_held_by_silent_clients_a_client_is_served_af
     assert!(limit_hits(&setup, "header_deadline") >= 16, "{}", setup.keygate.metrics());
 }
 
+/// One `customers.create` through the official Python SDK (no retries); the SDK's JSON answer.
+fn python_sdk_call(base: &str, token: &str) -> serde_json::Value {
+    let output = std::process::Command::new(keygate_tests::tool("python"))
+        .arg(format!("{}/python/sdk_call.py", env!("CARGO_MANIFEST_DIR")))
+        .args([base, token, "customers", "create", r#"{"email": "jenny@example.com"}"#])
+        .output()
+        .expect("run the Python SDK");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+        panic!("the SDK printed no JSON ({e}): {stdout}\n{}", String::from_utf8_lossy(&output.stderr))
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_every_slot_held_by_silent_clients_an_sdk_client_is_served_within_the_head_deadline() {
+    let fake = FakeStripe::start(Behavior::Ok).await;
+    let setup = start(&fake, "  header_read_timeout: 2s\n  max_connections: 16\n");
+    let addr = setup.keygate.proxy;
+    let base = setup.keygate.url();
+    let token = setup.token.clone();
+    blocking(move || {
+        // Unloaded, for the SDK's own start-up time.
+        let started = Instant::now();
+        let unloaded = python_sdk_call(&base, &token);
+        assert_eq!(unloaded["ok"], true, "{unloaded}");
+        let alone = started.elapsed();
+
+        let attackers: Vec<TcpStream> = (0..16).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        std::thread::sleep(Duration::from_millis(300));
+        let started = Instant::now();
+        let loaded = python_sdk_call(&base, &token);
+        let took = started.elapsed();
+        // The SDK (no retries) succeeds, at most the head deadline + the close grace + margin
+        // slower than alone.
+        assert_eq!(loaded["ok"], true, "{loaded}");
+        assert_eq!(loaded["id"], "cus_fake123", "{loaded}");
+        assert!(took <= alone + Duration::from_secs(2) + CLOSE_MARGIN, "served after {took:?} (alone: {alone:?})");
+        drop(attackers);
+    })
+    .await;
+    assert!(limit_hits(&setup, "max_connections") >= 1, "the silent clients did not hold every slot");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_on_the_head_is_refused_at_the_deadline_over_http1_and_http2() {
     let fake = FakeStripe::start(Behavior::Ok).await;
