@@ -106,6 +106,15 @@ pub struct AuditConfig {
     pub shutdown_timeout: Duration,
     /// zstd level for payloads. Default 3.
     pub zstd_level: i32,
+    /// Longest one lake commit attempt may take before it is counted as failed and retried.
+    /// Default 30s.
+    #[serde(with = "humantime_serde")]
+    pub lake_timeout: Duration,
+    /// `/readyz` fails (and `keygate_audit_lake_lag_seconds` says by how much) once the oldest
+    /// sealed WAL segment has waited this long for the lake; requests are still served while the
+    /// WAL absorbs the backlog. Default 5m.
+    #[serde(with = "humantime_serde")]
+    pub max_lake_lag: Duration,
 }
 
 impl Default for AuditConfig {
@@ -127,6 +136,8 @@ impl Default for AuditConfig {
             retry_max_backoff: Duration::from_secs(30),
             shutdown_timeout: Duration::from_secs(30),
             zstd_level: 3,
+            lake_timeout: Duration::from_secs(30),
+            max_lake_lag: Duration::from_secs(300),
         }
     }
 }

@@ -37,6 +37,7 @@ struct Inner {
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     shipper: Mutex<Option<tokio::task::JoinHandle<()>>>,
     shutdown_timeout: std::time::Duration,
+    max_lake_lag: std::time::Duration,
     _lock: DirLock,
 }
 
@@ -84,7 +85,12 @@ impl AuditLog {
             failure: Mutex::new(None),
             metrics: metrics.clone(),
             faults: Arc::new(WalFaults::default()),
+            backlog_segments: Default::default(),
+            oldest_unshipped_us: Default::default(),
         });
+        for sealed in &recovery.sealed {
+            shared.segment_sealed(sealed.sealed_at_us);
+        }
         shared.add_bytes(recovery.bytes_on_disk);
         metrics.unknown_outcomes.inc_by(recovery.unknown_rows.len() as u64);
 
@@ -132,7 +138,20 @@ impl AuditLog {
             signing_key,
             backoff: Backoff { initial: config.retry_initial_backoff, max: config.retry_max_backoff },
             head: None,
+            attempt_timeout: config.lake_timeout,
         };
+        // Keeps the lag gauge current between scrapes of /readyz (ends with the log).
+        let lag_gauge = {
+            let shared = Arc::downgrade(&shared);
+            tokio::spawn(async move {
+                while let Some(shared) = shared.upgrade() {
+                    shared.lake_lag_seconds();
+                    drop(shared);
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+            })
+        };
+        drop(lag_gauge);
         let shipper = tokio::spawn(shipper.run(ship_rx, recovery.sealed));
         tracing::info!(writer_id = %writer_id, lake = %lake.display, "audit log open");
         Ok(AuditLog {
@@ -146,6 +165,7 @@ impl AuditLog {
                 thread: Mutex::new(Some(thread)),
                 shipper: Mutex::new(Some(shipper)),
                 shutdown_timeout: config.shutdown_timeout,
+                max_lake_lag: config.max_lake_lag,
                 _lock: lock,
             })),
         })
@@ -182,6 +202,22 @@ impl AuditLog {
     /// segment creations fail; `None` when the log is disabled.
     pub fn wal_faults(&self) -> Option<Arc<WalFaults>> {
         self.inner.as_ref().map(|i| i.shared.faults.clone())
+    }
+
+    /// `Ok` while the lake keeps up: the oldest sealed WAL segment has waited less than
+    /// `audit.max_lake_lag`. For `/readyz` only; requests are still served while the WAL absorbs
+    /// the backlog (up to `wal_quota_bytes`, where [`AuditLog::is_ready`] fails).
+    pub fn lake_lag(&self) -> Result<(), String> {
+        let Some(i) = &self.inner else { return Ok(()) };
+        let lag = i.shared.lake_lag_seconds();
+        let max = i.max_lake_lag.as_secs();
+        if lag > i64::try_from(max).unwrap_or(i64::MAX) {
+            let backlog = i.shared.backlog_segments.load(std::sync::atomic::Ordering::SeqCst);
+            return Err(format!(
+                "audit lake lagging: the oldest of {backlog} sealed WAL segment(s) has waited {lag} s for the lake, over audit.max_lake_lag ({max} s); check the lake store (keygate_audit_lake_failures_total)"
+            ));
+        }
+        Ok(())
     }
 
     /// `Ok` when the WAL is writable and under its quota; the reason otherwise (for `/readyz`).
@@ -274,6 +310,7 @@ impl AuditLog {
 /// Prepares a record, counting (and logging, by event id only) rows whose redaction failed.
 fn prepare_counted(i: &Inner, ex: &Exchange) -> Result<crate::wal::writer::Prepared, AuditError> {
     let (prepared, failed) = prepare_reporting(ex, i.zstd_level)?;
+    crate::wal::segment::check_payload_fits(prepared.compressed.len())?;
     if failed {
         i.shared.metrics.redaction_failures.inc();
         tracing::error!(event_id = %ex.event_id, "audit redaction failed; the row records fixed fields only");

@@ -12,6 +12,8 @@ pub struct Metrics {
     pub intents: Counter,
     pub wal_bytes: Gauge,
     pub wal_segments_backlog: Gauge,
+    /// Age in seconds of the oldest sealed segment the lake has not taken yet (0 when none).
+    pub lake_lag_seconds: Gauge,
     pub wal_fsync_seconds: Histogram,
     pub wal_batch_records: Histogram,
     pub wal_failures: Counter,
@@ -30,6 +32,7 @@ impl Default for Metrics {
             intents: Counter::default(),
             wal_bytes: Gauge::default(),
             wal_segments_backlog: Gauge::default(),
+            lake_lag_seconds: Gauge::default(),
             wal_fsync_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
             wal_batch_records: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
             wal_failures: Counter::default(),
@@ -54,6 +57,11 @@ impl Metrics {
             "wal_segments_backlog",
             "Sealed WAL segments waiting for the lake",
             self.wal_segments_backlog.clone(),
+        );
+        r.register(
+            "lake_lag_seconds",
+            "Age of the oldest sealed WAL segment not yet committed to the lake (0 when none); /readyz fails over audit.max_lake_lag",
+            self.lake_lag_seconds.clone(),
         );
         r.register("wal_fsync_seconds", "Latency of WAL fsyncs", self.wal_fsync_seconds.clone());
         r.register("wal_batch_records", "Records sharing one WAL fsync (group commit)", self.wal_batch_records.clone());

@@ -68,19 +68,22 @@ pub struct Shipper {
     pub signing_key: SigningKey,
     pub backoff: Backoff,
     pub head: Option<Option<LakeHead>>,
+    /// Longest one commit attempt may take before it counts as failed and is retried (a store
+    /// that hangs must show as failures, not as silence).
+    pub attempt_timeout: Duration,
 }
 
 impl Shipper {
     /// Runs until the channel closes and every received segment is shipped.
     pub async fn run(mut self, mut rx: mpsc::UnboundedReceiver<SealedSegment>, initial: Vec<SealedSegment>) {
+        // The backlog gauges are kept in `Shared` by the writer (which counts what it hands over)
+        // and here (what is committed), so they stay current while an attempt hangs.
         let mut queue: VecDeque<SealedSegment> = initial.into();
-        self.shared.metrics.wal_segments_backlog.set(queue.len() as i64);
         let mut closed = false;
         loop {
             while let Ok(s) = rx.try_recv() {
                 queue.push_back(s);
             }
-            self.shared.metrics.wal_segments_backlog.set(queue.len() as i64);
             let Some(next) = queue.front().cloned() else {
                 if closed {
                     return;
@@ -98,7 +101,17 @@ impl Shipper {
             };
             let mut delay = self.backoff.initial;
             loop {
-                match self.ship(&next).await {
+                let attempt = tokio::time::timeout(self.attempt_timeout, self.ship(&next)).await.unwrap_or_else(|_| {
+                    Err(AuditError::Lake {
+                        op: "commit",
+                        path: self.lake.display.clone(),
+                        source: object_store::Error::Generic {
+                            store: "lake",
+                            source: format!("no answer within {:?} (audit.lake_timeout)", self.attempt_timeout).into(),
+                        },
+                    })
+                });
+                match attempt {
                     Ok(()) => break,
                     Err(e) => {
                         self.shared.metrics.lake_failures.inc();
@@ -109,6 +122,10 @@ impl Shipper {
                 }
             }
             queue.pop_front();
+            while let Ok(s) = rx.try_recv() {
+                queue.push_back(s);
+            }
+            self.shared.segment_shipped(queue.front().map(|s| s.sealed_at_us));
         }
     }
 

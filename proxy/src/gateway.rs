@@ -138,6 +138,9 @@ impl Gateway {
         if let Err(reason) = self.audit.is_ready() {
             reasons.push(reason);
         }
+        if let Err(reason) = self.audit.lake_lag() {
+            reasons.push(reason);
+        }
         for (service, reference) in &self.directory.load().keys {
             if !self.secrets.is_loaded(reference) {
                 reasons.push(format!("the Stripe key of service `{service}` ({reference}) has not been fetched yet"));

@@ -112,6 +112,14 @@ impl Moto {
         ]
     }
 
+    /// Sends a signal to the server: `STOP` freezes it (connections hang, as a store that stops
+    /// answering), `CONT` thaws it.
+    pub fn signal(&self, name: &str) {
+        let pid = self.child.as_ref().map(ChildGuard::id).expect("moto is running");
+        let status = std::process::Command::new("kill").arg(format!("-{name}")).arg(pid.to_string()).status();
+        assert!(status.is_ok_and(|s| s.success()), "kill -{name} moto");
+    }
+
     /// Kills the server (an outage: connections are refused until [`Moto::restart`]).
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -102,7 +102,12 @@ pub async fn recover(
             Some((next, _)) => next.first_seq,
             None => last_state.map_or(h.first_seq, |(next_seq, _)| next_seq),
         };
-        sealed.push(SealedSegment { segno: h.segno, path: path.clone(), upto_seq: upto });
+        sealed.push(SealedSegment {
+            segno: h.segno,
+            path: path.clone(),
+            upto_seq: upto,
+            sealed_at_us: crate::row::micros(SystemTime::now()),
+        });
     }
     let completed: HashSet<uuid::Uuid> =
         completions.into_iter().filter(|(_, idx, seq)| *seq < sealed[*idx].upto_seq).map(|(id, _, _)| id).collect();

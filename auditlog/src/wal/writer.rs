@@ -55,6 +55,8 @@ pub struct SealedSegment {
     /// Rows with `seq >= upto_seq` are superseded (written after the last durable point of an
     /// abandoned segment) and are not shipped.
     pub upto_seq: u64,
+    /// When it was handed to the shipper (µs since the epoch), for the lake lag.
+    pub sealed_at_us: i64,
 }
 
 /// State shared between the writer, the shipper and [`crate::AuditLog`].
@@ -67,6 +69,11 @@ pub struct Shared {
     pub metrics: Metrics,
     /// Armed only by fault-injection tests ([`crate::wal::faults`]).
     pub faults: Arc<WalFaults>,
+    /// Sealed segments handed to the shipper and not yet committed (kept by both sides, so the
+    /// gauge is current while the shipper is stuck in a retry or a hanging call).
+    pub backlog_segments: std::sync::atomic::AtomicI64,
+    /// `sealed_at_us` of the oldest segment not yet committed; 0 when there is none.
+    pub oldest_unshipped_us: std::sync::atomic::AtomicI64,
 }
 
 impl Shared {
@@ -79,6 +86,30 @@ impl Shared {
         let prev = self.bytes_on_disk.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| Some(v.saturating_sub(n)));
         let v = prev.unwrap_or(0).saturating_sub(n);
         self.metrics.wal_bytes.set(i64::try_from(v).unwrap_or(i64::MAX));
+    }
+
+    /// A segment was handed to the shipper.
+    pub fn segment_sealed(&self, sealed_at_us: i64) {
+        let n = self.backlog_segments.fetch_add(1, Ordering::SeqCst) + 1;
+        self.metrics.wal_segments_backlog.set(n);
+        let _ = self.oldest_unshipped_us.compare_exchange(0, sealed_at_us.max(1), Ordering::SeqCst, Ordering::SeqCst);
+    }
+
+    /// The shipper committed (or dropped as already committed) a segment; `next_oldest` is the
+    /// sealing time of the oldest one still waiting.
+    pub fn segment_shipped(&self, next_oldest: Option<i64>) {
+        let n = (self.backlog_segments.fetch_sub(1, Ordering::SeqCst) - 1).max(0);
+        self.metrics.wal_segments_backlog.set(n);
+        self.oldest_unshipped_us.store(if n == 0 { 0 } else { next_oldest.unwrap_or(0).max(1) }, Ordering::SeqCst);
+    }
+
+    /// Seconds since the oldest uncommitted segment was sealed (0 when none), also set as the
+    /// `lake_lag_seconds` gauge.
+    pub fn lake_lag_seconds(&self) -> i64 {
+        let oldest = self.oldest_unshipped_us.load(Ordering::SeqCst);
+        let lag = if oldest == 0 { 0 } else { (micros(SystemTime::now()) - oldest).max(0) / 1_000_000 };
+        self.metrics.lake_lag_seconds.set(lag);
+        lag
     }
 
     pub fn set_failure(&self, reason: Option<String>) {
@@ -479,7 +510,18 @@ impl Writer {
                 segno: active.segno,
                 path: active.path,
                 upto_seq: self.durable_seq,
+                sealed_at_us: micros(SystemTime::now()),
             });
+        }
+    }
+
+    /// Hands a sealed segment to the shipper and counts it in the backlog.
+    fn hand_to_shipper(&self, sealed: SealedSegment) {
+        self.shared.segment_sealed(sealed.sealed_at_us);
+        if self.shipper.send(sealed).is_err() {
+            // The shipper is gone (shutdown gave up on it): the segment stays on disk for the
+            // next start, and is no longer counted as waiting in this process.
+            self.shared.segment_shipped(None);
         }
     }
 
@@ -501,7 +543,7 @@ impl Writer {
                 self.active = Some(active);
                 self.shared.set_failure(None);
                 for sealed in std::mem::take(&mut self.pending_seal) {
-                    let _ = self.shipper.send(sealed);
+                    self.hand_to_shipper(sealed);
                 }
                 Ok(())
             }
@@ -604,8 +646,13 @@ impl Writer {
         match self.create_segment() {
             Ok(next) => {
                 if let Some(old) = self.active.replace(next) {
-                    let _ =
-                        self.shipper.send(SealedSegment { segno: old.segno, path: old.path, upto_seq: self.next_seq });
+                    let sealed = SealedSegment {
+                        segno: old.segno,
+                        path: old.path,
+                        upto_seq: self.next_seq,
+                        sealed_at_us: micros(SystemTime::now()),
+                    };
+                    self.hand_to_shipper(sealed);
                 }
             }
             Err(e) => {
@@ -656,17 +703,19 @@ impl Writer {
         self.shared.metrics.unknown_outcomes.inc_by(open as u64);
         if let Some(active) = self.active.take() {
             if active.rows > 0 {
-                let _ = self.shipper.send(SealedSegment {
+                let sealed = SealedSegment {
                     segno: active.segno,
                     path: active.path,
                     upto_seq: self.next_seq,
-                });
+                    sealed_at_us: micros(SystemTime::now()),
+                };
+                self.hand_to_shipper(sealed);
             } else {
                 self.active = Some(active);
             }
         }
         for sealed in std::mem::take(&mut self.pending_seal) {
-            let _ = self.shipper.send(sealed);
+            self.hand_to_shipper(sealed);
         }
         match self.shared.failure() {
             Some(reason) => Err(self.unavailable(&reason)),
