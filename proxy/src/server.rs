@@ -13,6 +13,9 @@
 //! - a connection with no request in flight for `limits.idle_timeout` is closed (HTTP/2: GOAWAY
 //!   first); over HTTP/1.1, hyper's header timer also bounds the wait for each later head;
 //! - an HTTP/2 peer that stops answering keep-alive pings is dropped;
+//! - a connection whose request was answered 401 is closed after that answer (HTTP/1.1:
+//!   `Connection: close`; HTTP/2: GOAWAY), so unauthenticated clients hold no connection slot
+//!   beyond one request;
 //! - a connection asked to close (deadline or shutdown) with no request in flight is dropped
 //!   [`CLOSE_GRACE`] after that (or after its last request ended, whichever is later) even if
 //!   the peer does not cooperate;
@@ -23,7 +26,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use hyper::service::service_fn;
@@ -191,6 +194,8 @@ struct Activity {
     idle_since_ms: AtomicU64,
     /// Woken when a request ends, so the watchdog arms the idle deadline.
     request_ended: Notify,
+    /// A request on this connection was answered 401: the connection is closed after it.
+    unauthenticated: AtomicBool,
 }
 
 impl Activity {
@@ -201,6 +206,7 @@ impl Activity {
             in_flight: AtomicUsize::new(0),
             idle_since_ms: AtomicU64::new(0),
             request_ended: Notify::new(),
+            unauthenticated: AtomicBool::new(false),
         }
     }
 
@@ -222,6 +228,9 @@ impl Activity {
         }
         if self.requests.load(Ordering::SeqCst) == 0 {
             return Some((self.accepted + limits.header_read_timeout, "header_deadline"));
+        }
+        if self.unauthenticated.load(Ordering::SeqCst) {
+            return Some((self.idle_since(), "unauthenticated"));
         }
         Some((self.idle_since() + limits.idle_timeout, "idle"))
     }
@@ -267,17 +276,33 @@ impl Connection {
             let activity = activity.clone();
             move |mut request: http::Request<hyper::body::Incoming>| {
                 let in_request = activity.begin();
+                let http1 = request.version() < http::Version::HTTP_2;
                 request.extensions_mut().insert(share.clone());
                 // The pipeline runs in its own task so that a client that goes away mid-request
                 // does not cancel it: a request already forwarded still gets its audit record and
                 // log line.
                 let exchange = tokio::spawn(handle(gateway.clone(), info.clone(), request));
                 async move {
-                    let _in_request = in_request;
-                    Ok::<_, Infallible>(match exchange.await {
+                    let mut response = match exchange.await {
                         Ok(response) => response,
                         Err(_) => crate::error::ProxyError::Internal.to_reply().into_response(),
-                    })
+                    };
+                    // keygate's own 401 (Stripe's carry its `request-id`): an unauthenticated
+                    // client gets one answer per connection, so it cannot keep connection slots
+                    // by asking again and again; the watchdog closes the connection (HTTP/2:
+                    // GOAWAY) once the answer is out.
+                    if response.status() == http::StatusCode::UNAUTHORIZED
+                        && !response.headers().contains_key("request-id")
+                    {
+                        in_request.0.unauthenticated.store(true, Ordering::SeqCst);
+                        if http1 {
+                            response
+                                .headers_mut()
+                                .insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+                        }
+                    }
+                    drop(in_request);
+                    Ok::<_, Infallible>(response)
                 }
             }
         });
@@ -334,7 +359,10 @@ impl Connection {
                     }
                     // Re-read: a request may have started since the timer was armed.
                     if activity.deadline(limits).is_some_and(|(now_at, _)| now_at <= Instant::now()) {
-                        hit(&gateway.metrics, limit);
+                        // 401s are counted as refusals already (`keygate_requests_refused_total`).
+                        if limit != "unauthenticated" {
+                            hit(&gateway.metrics, limit);
+                        }
                         tracing::debug!(%peer, limit, "closing the connection at its deadline");
                         connection.as_mut().graceful_shutdown();
                         closing = Some(Instant::now());

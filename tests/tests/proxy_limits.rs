@@ -286,6 +286,44 @@ async fn slowloris_on_the_head_is_refused_at_the_deadline_over_http1_and_http2()
     assert_eq!(received.len(), 2, "only the two legitimate requests reached Stripe");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unauthenticated_client_gets_one_answer_per_connection() {
+    let fake = FakeStripe::start(Behavior::Ok).await;
+    let setup = start(&fake, "  idle_timeout: 60s\n");
+    let addr = setup.keygate.proxy;
+
+    // HTTP/1.1, keep-alive asked for: the 401 says `Connection: close` and the socket closes.
+    blocking(move || {
+        let mut stream = TcpStream::connect(addr).unwrap();
+        stream.write_all(b"GET /v1/customers HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let since = Instant::now();
+        let (bytes, closed) = read_until_closed(&mut stream, since, Duration::from_secs(10));
+        let response = keygate_tests::http::parse(&bytes).expect("a response");
+        assert_eq!(response.status, 401, "{response:?}");
+        assert_eq!(response.header("connection"), Some("close"), "{response:?}");
+        let closed = closed.expect("the unauthenticated connection is still open");
+        assert!(closed <= CLOSE_MARGIN, "closed only after {closed:?}");
+    })
+    .await;
+
+    // HTTP/2: GOAWAY after the 401, then the connection ends.
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await.unwrap();
+    let connection = tokio::spawn(connection);
+    let request = http::Request::builder()
+        .uri(format!("http://{addr}/v1/customers"))
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(status_and_code(response).await, (401, "keygate_missing_credentials".to_owned()));
+    let ended = tokio::time::timeout(CLOSE_MARGIN, connection).await;
+    assert!(ended.is_ok(), "the unauthenticated HTTP/2 connection is still open");
+
+    let token = setup.token.clone();
+    blocking(move || get_ok(addr, &token)).await;
+}
+
 /// A request body that sends `remaining` chunks of `chunk`, one every `every` (at once when zero),
 /// and then never finishes.
 struct Unfinished {
