@@ -174,3 +174,89 @@ async fn over_quota_with_dangling_intents_keygate_still_starts_drains_and_become
     }
     assert_eq!(unknown, forwarded.len(), "each dangling intent became one `unknown` row");
 }
+
+/// A key-encryption key that can be made to hang (Vault Transit unreachable, say).
+struct HangingKek {
+    inner: Arc<keygate_auditlog::LocalKek>,
+    hang: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl keygate_auditlog::KeyEncryptionKey for HangingKek {
+    fn key_id(&self) -> String {
+        self.inner.key_id()
+    }
+    fn wrap<'a>(
+        &'a self,
+        data_key: &'a [u8; 32],
+    ) -> futures::future::BoxFuture<'a, Result<Vec<u8>, keygate_auditlog::AuditError>> {
+        Box::pin(async move {
+            while self.hang.load(std::sync::atomic::Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            self.inner.wrap(data_key).await
+        })
+    }
+    fn unwrap<'a>(
+        &'a self,
+        wrapped: &'a [u8],
+    ) -> futures::future::BoxFuture<'a, Result<zeroize::Zeroizing<[u8; 32]>, keygate_auditlog::AuditError>> {
+        self.inner.unwrap(wrapped)
+    }
+}
+
+use std::sync::Arc;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_key_encryption_key_never_stalls_records_and_rolls_resume() {
+    let env = env();
+    let mut cfg = env.cfg.clone();
+    cfg.roll.max_bytes = 4096;
+    let hang = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let kek = Arc::new(HangingKek { inner: env.kek.clone(), hang: hang.clone() });
+    let log = keygate_auditlog::AuditLog::open(&cfg, kek, env.signing.clone()).await.unwrap();
+    let mut recorded = Vec::new();
+    for i in 0..20 {
+        let ex = exchange(i);
+        recorded.push(ex.event_id);
+        log.record(ex, None).await.unwrap();
+    }
+    hang.store(true, std::sync::atomic::Ordering::SeqCst);
+    let segments_during = segments(&cfg.wal_dir).len();
+    let mut slowest = Duration::ZERO;
+    for i in 20..220 {
+        let ex = exchange(i);
+        recorded.push(ex.event_id);
+        let started = Instant::now();
+        log.record(ex, None).await.expect("records are accepted while the KEK hangs");
+        slowest = slowest.max(started.elapsed());
+    }
+    // The bound is on stalls (a blocking wrap used to hold the WAL thread for up to 30 s on each
+    // roll attempt), not on speed: a generous margin.
+    assert!(slowest < Duration::from_secs(2), "a record waited {slowest:?} behind the hanging KEK");
+    assert!(segments(&cfg.wal_dir).len() <= segments_during + 1, "no roll while the KEK hangs");
+    hang.store(false, std::sync::atomic::Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let mut i = 220;
+    let before = metric_commits(&log);
+    while metric_commits(&log) == before {
+        assert!(Instant::now() < deadline, "rolls did not resume after the KEK came back");
+        let ex = exchange(i);
+        recorded.push(ex.event_id);
+        log.record(ex, None).await.unwrap();
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    log.shutdown().await.unwrap();
+    let (ids, _) = lake_ids(&env).await;
+    for id in &recorded {
+        assert!(ids.contains(id), "record {id} has no row");
+    }
+}
+
+fn metric_commits(log: &keygate_auditlog::AuditLog) -> String {
+    let mut registry = prometheus_client::registry::Registry::default();
+    log.register_metrics(&mut registry);
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    text.lines().find(|l| l.starts_with("keygate_audit_lake_commits_total ")).unwrap_or("").to_owned()
+}

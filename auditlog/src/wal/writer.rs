@@ -177,11 +177,28 @@ pub struct Writer {
     quota_exempt: bool,
     pending_seal: Vec<SealedSegment>,
     last_reopen_attempt: Option<Instant>,
+    /// The next segment's data key, generated and wrapped ahead of time on the runtime (never on
+    /// this thread), so that a slow key-encryption key cannot stall the WAL.
+    next_key: Option<std::sync::mpsc::Receiver<PreparedKey>>,
+    /// After a failed roll, no new attempt before this instant (exponential back-off, jitter).
+    roll_retry_at: Option<Instant>,
+    roll_backoff: Duration,
 }
+
+/// A data key and its wrapped form, or why wrapping failed.
+type PreparedKey = Result<(DataKey, Vec<u8>), String>;
 
 const HOUR_US: i64 = 3_600_000_000;
 const MAX_BATCH: usize = 4096;
 const REOPEN_INTERVAL: Duration = Duration::from_millis(500);
+/// How long wrapping one data key may take before the attempt fails (the KEK is slow or down).
+pub const KEY_WRAP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest the WAL thread waits for a pre-wrapped key when it has no segment at all (at start,
+/// or after a failure); while a segment is active, a roll never waits: the segment keeps
+/// growing until the key is there.
+pub const KEY_WAIT_WITHOUT_SEGMENT: Duration = Duration::from_secs(2);
+const ROLL_BACKOFF_MIN: Duration = Duration::from_millis(500);
+const ROLL_BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 impl Writer {
     pub fn new(
@@ -209,12 +226,15 @@ impl Writer {
             quota_exempt: false,
             pending_seal: Vec::new(),
             last_reopen_attempt: None,
+            next_key: None,
+            roll_retry_at: None,
+            roll_backoff: ROLL_BACKOFF_MIN,
         }
     }
 
     /// Creates the first segment; called before the thread starts so that `open` fails loudly.
     pub fn start(&mut self) -> Result<(), AuditError> {
-        self.ensure_active()
+        self.ensure_active_waiting(KEY_WRAP_TIMEOUT)
     }
 
     /// Appends the `outcome = unknown` rows found by recovery, durably, before anything else.
@@ -528,6 +548,10 @@ impl Writer {
     /// Makes sure there is an active segment, creating one if needed (after a failure, at most
     /// every [`REOPEN_INTERVAL`]).
     fn ensure_active(&mut self) -> Result<(), AuditError> {
+        self.ensure_active_waiting(KEY_WAIT_WITHOUT_SEGMENT)
+    }
+
+    fn ensure_active_waiting(&mut self, key_wait: Duration) -> Result<(), AuditError> {
         if self.active.is_some() {
             return Ok(());
         }
@@ -538,7 +562,7 @@ impl Writer {
             return Err(self.unavailable(&reason));
         }
         self.last_reopen_attempt = Some(Instant::now());
-        match self.create_segment() {
+        match self.create_segment(key_wait) {
             Ok(active) => {
                 self.active = Some(active);
                 self.shared.set_failure(None);
@@ -555,25 +579,56 @@ impl Writer {
         }
     }
 
-    fn wrap_key(&self, raw: &zeroize::Zeroizing<[u8; 32]>) -> Result<Vec<u8>, AuditError> {
+    /// Starts generating and wrapping the next segment's data key on the runtime, unless that
+    /// is already under way.
+    fn prewrap_next_key(&mut self) {
+        if self.next_key.is_some() {
+            return;
+        }
         let kek = self.kek.clone();
-        let raw = raw.clone();
         let (tx, rx) = std::sync::mpsc::channel();
         self.rt.spawn(async move {
-            let _ = tx.send(kek.wrap(&raw).await);
+            let result = match DataKey::generate() {
+                Ok((key, raw)) => match tokio::time::timeout(KEY_WRAP_TIMEOUT, kek.wrap(&raw)).await {
+                    Ok(Ok(wrapped)) => Ok((key, wrapped)),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err(format!("wrapping a data key did not finish within {KEY_WRAP_TIMEOUT:?}")),
+                },
+                Err(e) => Err(e.to_string()),
+            };
+            let _ = tx.send(result);
         });
-        rx.recv_timeout(Duration::from_secs(30)).map_err(|_| AuditError::Kek {
-            key_id: self.kek.key_id(),
-            reason: "wrapping a data key did not finish within 30s".into(),
-        })?
+        self.next_key = Some(rx);
     }
 
-    /// Creates, fills (carried intents) and fsyncs a new segment.
-    fn create_segment(&mut self) -> Result<Active, AuditError> {
+    /// The pre-wrapped key, waiting at most `wait` for it.
+    fn take_next_key(&mut self, wait: Duration) -> Result<(DataKey, Vec<u8>), AuditError> {
+        self.prewrap_next_key();
+        let kek_error = |reason: String| AuditError::Kek { key_id: self.kek.key_id(), reason };
+        let Some(rx) = self.next_key.as_ref() else {
+            return Err(kek_error("no data key is being prepared".into()));
+        };
+        let received = if wait.is_zero() { rx.try_recv().ok() } else { rx.recv_timeout(wait).ok() };
+        match received {
+            Some(Ok(pair)) => {
+                self.next_key = None;
+                Ok(pair)
+            }
+            Some(Err(reason)) => {
+                self.next_key = None;
+                Err(kek_error(reason))
+            }
+            // Still under way: keep waiting for it on the next attempt.
+            None => Err(kek_error("the next data key is still being wrapped by the key-encryption key".into())),
+        }
+    }
+
+    /// Creates, fills (carried intents) and fsyncs a new segment, waiting at most `key_wait`
+    /// for its pre-wrapped data key.
+    fn create_segment(&mut self, key_wait: Duration) -> Result<Active, AuditError> {
         let segno = self.next_segno;
         let path = segment_path(&self.shared.dir, segno);
-        let (mut key, raw) = DataKey::generate()?;
-        let wrapped = self.wrap_key(&raw)?;
+        let (mut key, wrapped) = self.take_next_key(key_wait)?;
         let header = SegmentHeader {
             version: 1,
             writer_id: self.cfg.writer_id.clone(),
@@ -611,6 +666,7 @@ impl Writer {
         }
         self.next_segno += 1;
         self.shared.add_bytes(buf.len() as u64);
+        self.prewrap_next_key();
         Ok(Active {
             file,
             path,
@@ -636,15 +692,17 @@ impl Writer {
     /// create the successor (say, the KEK is unreachable) leaves the active segment in place.
     fn maybe_roll(&mut self) {
         let due = self.active.as_ref().is_some_and(|a| self.roll_due(a));
-        if !due {
+        if !due || self.roll_retry_at.is_some_and(|t| Instant::now() < t) {
             return;
         }
         if let Err(e) = self.sync_active() {
             self.abandon(&e);
             return;
         }
-        match self.create_segment() {
+        match self.create_segment(Duration::ZERO) {
             Ok(next) => {
+                self.roll_retry_at = None;
+                self.roll_backoff = ROLL_BACKOFF_MIN;
                 if let Some(old) = self.active.replace(next) {
                     let sealed = SealedSegment {
                         segno: old.segno,
@@ -656,7 +714,12 @@ impl Writer {
                 }
             }
             Err(e) => {
-                tracing::warn!(error = %e, "could not start a new WAL segment; the current one keeps growing");
+                // Back off (with jitter) instead of retrying on every batch; the current segment
+                // keeps growing meanwhile.
+                let jittered = self.roll_backoff.mul_f64(0.5 + rand::random::<f64>() / 2.0);
+                self.roll_retry_at = Some(Instant::now() + jittered);
+                self.roll_backoff = (self.roll_backoff * 2).min(ROLL_BACKOFF_MAX);
+                tracing::warn!(error = %e, retry_in = ?jittered, "could not start a new WAL segment; the current one keeps growing");
             }
         }
     }
