@@ -24,6 +24,13 @@ pub enum AuditError {
     )]
     QuotaExceeded { used: u64, quota: u64 },
 
+    /// One record is larger than a WAL frame may be: it is refused (never written in part, never
+    /// dropped silently), and the request fails closed.
+    #[error(
+        "audit record of {bytes} bytes exceeds the largest WAL frame ({max} bytes): the exchange is not recorded; lower limits.max_response_bytes / limits.max_body_bytes"
+    )]
+    RecordTooLarge { bytes: usize, max: usize },
+
     /// The audit log has been shut down or its writer is gone.
     #[error("audit log is shut down")]
     Closed,
@@ -73,6 +80,7 @@ impl AuditError {
             self,
             AuditError::WalUnavailable { .. }
                 | AuditError::QuotaExceeded { .. }
+                | AuditError::RecordTooLarge { .. }
                 | AuditError::Closed
                 | AuditError::Io { .. }
                 | AuditError::Kek { .. }

@@ -37,3 +37,4 @@ pub use error::AuditError;
 pub use exchange::{Exchange, HttpMessage, IntentId, Outcome};
 pub use keys::TransitKek;
 pub use log::AuditLog;
+pub use wal::frame::{MAX_AUDITED_EXCHANGE_BYTES, MAX_FRAME_BODY};

@@ -535,6 +535,23 @@ fn validate(config: &Config, from_file: bool) -> Vec<String> {
     if config.limits.max_file_body_bytes < config.limits.max_body_bytes {
         problems.push("`limits.max_file_body_bytes` must be at least `limits.max_body_bytes`".into());
     }
+    // One exchange is one audit WAL record, which the WAL refuses beyond its largest frame.
+    let limits = &config.limits;
+    let largest_body = limits.max_body_bytes.max(limits.max_file_body_bytes);
+    let exchange =
+        largest_body.saturating_add(limits.max_response_bytes).saturating_add(limits.max_header_bytes as u64);
+    if config.audit.enabled && exchange > keygate_auditlog::MAX_AUDITED_EXCHANGE_BYTES {
+        problems.push(format!(
+            "`limits.max_response_bytes` ({}) + the largest request body (`limits.max_file_body_bytes` / \
+             `limits.max_body_bytes`, {largest_body}) + `limits.max_header_bytes` ({}) must be at most {} bytes, \
+             the largest exchange one audit record can hold (the audit WAL's largest frame is {} bytes, with room \
+             for redaction and encoding): lower `limits.max_response_bytes` or the body limits",
+            limits.max_response_bytes,
+            limits.max_header_bytes,
+            keygate_auditlog::MAX_AUDITED_EXCHANGE_BYTES,
+            keygate_auditlog::MAX_FRAME_BODY,
+        ));
+    }
     if config.listen.address == config.admin.address && config.listen.address.port() != 0 {
         problems.push("`listen.address` and `admin.address` must differ".into());
     }
@@ -769,6 +786,28 @@ mod tests {
             &[],
         );
         assert!(fits.is_ok(), "{:?}", fits.err().map(|e| e.to_string()));
+    }
+
+    #[test]
+    fn limits_the_audit_wal_cannot_frame_are_refused() {
+        let audit = "audit:\n  kek: env://KEK\n  signing_key: env://SIGNING\n";
+        let bound = keygate_auditlog::MAX_AUDITED_EXCHANGE_BYTES;
+        let defaults = load_text(&format!("policies:\n  dir: POLICIES\n{audit}"), &[]);
+        assert!(defaults.is_ok(), "the default limits fit: {:?}", defaults.err().map(|e| e.to_string()));
+        let too_large = format!("policies:\n  dir: POLICIES\nlimits:\n  max_response_bytes: {bound}\n{audit}");
+        let error = load_text(&too_large, &[]).err().unwrap_or_else(|| panic!("accepted"));
+        let text = error.to_string();
+        assert!(text.contains("`limits.max_response_bytes`"), "{text}");
+        assert!(text.contains(&format!("at most {bound} bytes")), "names the bound: {text}");
+        // The response limit is raised as far as the bound allows, given the other limits.
+        let limits = LimitsConfig::default();
+        let largest = bound - limits.max_file_body_bytes - limits.max_header_bytes as u64;
+        let fits = format!("policies:\n  dir: POLICIES\nlimits:\n  max_response_bytes: {largest}\n{audit}");
+        assert!(load_text(&fits, &[]).is_ok());
+        let over = format!("policies:\n  dir: POLICIES\nlimits:\n  max_response_bytes: {}\n{audit}", largest + 1);
+        assert!(load_text(&over, &[]).is_err());
+        // Without an audit log nothing is framed.
+        assert!(load_text(&too_large.replace(audit, "audit:\n  enabled: false\n"), &[]).is_ok());
     }
 
     #[test]

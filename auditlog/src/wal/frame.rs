@@ -4,16 +4,37 @@
 //! Invariant: [`FrameDecoder`] never panics on any input, never allocates more than the input,
 //! and yields only frames whose CRC matches; it stops at the first frame that does not check out
 //! and reports how many leading bytes were good, which is where recovery truncates a torn tail.
+//! [`encode_frame`] never writes a frame the decoder would refuse ([`MAX_FRAME_BODY`] bounds both).
 
-/// Largest body accepted; anything bigger is corruption (records are a few KiB, at most a few MiB).
-pub const MAX_FRAME_BODY: usize = 64 * 1024 * 1024;
+use crate::error::AuditError;
+
+/// The largest frame body (kind byte and record), one bound for both sides: the writer refuses
+/// to write a larger frame ([`encode_frame`] fails, the record is refused, nothing is lost
+/// silently), and the reader treats a larger length as corruption. Records are a few KiB; this
+/// bound is what lets a configuration allow bodies of tens of MiB (see
+/// [`MAX_AUDITED_EXCHANGE_BYTES`]).
+pub const MAX_FRAME_BODY: usize = 256 * 1024 * 1024;
+
+/// Room a frame keeps beside the recorded bodies: the record's columns and chain links, the
+/// headers, the payload document's framing.
+pub const RECORD_HEADROOM: usize = 4 * 1024 * 1024;
+
+/// The most bytes of request body, response body and headers together that one exchange may
+/// carry and still be framed: half of what [`MAX_FRAME_BODY`] leaves after [`RECORD_HEADROOM`],
+/// because redaction may re-encode a body larger than it came (masked values, form pairs as
+/// JSON) before it is compressed. keygate's configuration refuses limits above this.
+pub const MAX_AUDITED_EXCHANGE_BYTES: u64 = ((MAX_FRAME_BODY - RECORD_HEADROOM) / 2) as u64;
 
 /// Bytes of framing before each body.
 pub const FRAME_OVERHEAD: usize = 8;
 
-/// Appends one frame holding `kind` and the concatenation of `parts` to `out`.
-pub fn encode_frame(kind: u8, parts: &[&[u8]], out: &mut Vec<u8>) {
-    let body_len = 1 + parts.iter().map(|p| p.len()).sum::<usize>();
+/// Appends one frame holding `kind` and the concatenation of `parts` to `out`, or refuses (and
+/// leaves `out` as it was) when the body would be larger than [`MAX_FRAME_BODY`].
+pub fn encode_frame(kind: u8, parts: &[&[u8]], out: &mut Vec<u8>) -> Result<(), AuditError> {
+    let body_len = parts.iter().try_fold(1usize, |n, p| n.checked_add(p.len())).unwrap_or(usize::MAX);
+    if body_len > MAX_FRAME_BODY {
+        return Err(AuditError::RecordTooLarge { bytes: body_len, max: MAX_FRAME_BODY });
+    }
     let mut crc = crc32fast::Hasher::new();
     crc.update(&[kind]);
     for p in parts {
@@ -26,6 +47,7 @@ pub fn encode_frame(kind: u8, parts: &[&[u8]], out: &mut Vec<u8>) {
     for p in parts {
         out.extend_from_slice(p);
     }
+    Ok(())
 }
 
 /// One decoded frame.
@@ -117,7 +139,7 @@ mod tests {
     fn frames(bodies: &[(u8, Vec<u8>)]) -> Vec<u8> {
         let mut out = Vec::new();
         for (k, b) in bodies {
-            encode_frame(*k, &[b], &mut out);
+            encode_frame(*k, &[b], &mut out).unwrap();
         }
         out
     }
@@ -130,6 +152,41 @@ mod tests {
         assert_eq!(got, vec![(1, b"a".to_vec()), (2, vec![]), (3, vec![9; 1000])]);
         assert_eq!(d.tail(), Some(&Tail::Clean));
         assert_eq!(d.valid_len(), input.len());
+    }
+
+    #[test]
+    fn writer_and_reader_share_the_frame_bound() {
+        // One byte over the bound: refused before anything is written (the parts are 257 views of
+        // one MiB, so the test allocates no 256 MiB buffer).
+        let mib = vec![7u8; 1024 * 1024];
+        let parts: Vec<&[u8]> = (0..MAX_FRAME_BODY / mib.len()).map(|_| mib.as_slice()).collect();
+        let mut out = b"earlier frames".to_vec();
+        let err = encode_frame(2, &parts, &mut out).unwrap_err();
+        assert!(
+            matches!(err, AuditError::RecordTooLarge { bytes, max } if bytes == MAX_FRAME_BODY + 1 && max == MAX_FRAME_BODY),
+            "{err}"
+        );
+        assert!(err.is_unavailable(), "the record is refused, the request fails closed");
+        assert_eq!(out, b"earlier frames", "nothing of a refused frame is written");
+        // The reader takes a length at the bound as a frame still being written, and one byte
+        // more as impossible: exactly what the writer may and may not write.
+        let header = |len: usize| {
+            let mut h = (len as u32).to_le_bytes().to_vec();
+            h.extend_from_slice(&[0; 4]);
+            h.push(2);
+            h
+        };
+        let at_bound = header(MAX_FRAME_BODY);
+        let mut d = FrameDecoder::new(&at_bound);
+        assert!(d.next().is_none());
+        assert_eq!(d.tail(), Some(&Tail::Torn { offset: 0, reason: "partial frame body" }));
+        let over = header(MAX_FRAME_BODY + 1);
+        let mut d = FrameDecoder::new(&over);
+        assert!(d.next().is_none());
+        assert_eq!(d.tail(), Some(&Tail::Torn { offset: 0, reason: "impossible frame length" }));
+        // Sizes the audit tolerates fit: the exchange bound leaves room for headers and growth.
+        const { assert!(2 * MAX_AUDITED_EXCHANGE_BYTES as usize + RECORD_HEADROOM <= MAX_FRAME_BODY) };
+        assert!(MAX_FRAME_BODY <= u32::MAX as usize, "the length field holds it");
     }
 
     proptest! {

@@ -83,12 +83,32 @@ pub struct WalIntent {
 /// Appends a header frame.
 pub fn encode_header(h: &SegmentHeader, out: &mut Vec<u8>) -> Result<(), AuditError> {
     let json = serde_json::to_vec(h).map_err(|e| AuditError::corrupt("segment header", e.to_string()))?;
-    encode_frame(KIND_HEADER, &[&json], out);
-    Ok(())
+    encode_frame(KIND_HEADER, &[&json], out)
 }
 
-fn encode_meta_and_payload(kind: u8, meta: &[u8], payload: &[u8], out: &mut Vec<u8>) {
-    encode_frame(kind, &[&(meta.len() as u32).to_le_bytes(), meta, payload], out);
+fn encode_meta_and_payload(kind: u8, meta: &[u8], payload: &[u8], out: &mut Vec<u8>) -> Result<(), AuditError> {
+    let meta_len = u32::try_from(meta.len())
+        .map_err(|_| AuditError::RecordTooLarge { bytes: meta.len(), max: crate::wal::frame::MAX_FRAME_BODY })?;
+    encode_frame(kind, &[&meta_len.to_le_bytes(), meta, payload], out)
+}
+
+/// Bytes of a sealed payload beyond its compressed plaintext (version, nonce, tag).
+const SEAL_OVERHEAD: usize = 1 + 12 + 16;
+
+/// Room kept for a record's columns and chain links when a payload is checked before it reaches
+/// the writer (the writer checks the exact frame).
+pub const RECORD_META_ALLOWANCE: usize = 1024 * 1024;
+
+/// Refuses a record whose compressed payload cannot fit in a WAL frame, before it is queued:
+/// rows written without waiting for their fsync (`durability: async`) are refused here rather
+/// than dropped by the writer.
+pub fn check_payload_fits(compressed_len: usize) -> Result<(), AuditError> {
+    let max = crate::wal::frame::MAX_FRAME_BODY;
+    let bytes = compressed_len.saturating_add(SEAL_OVERHEAD + RECORD_META_ALLOWANCE);
+    if bytes > max {
+        return Err(AuditError::RecordTooLarge { bytes, max });
+    }
+    Ok(())
 }
 
 /// Appends a row frame.
@@ -102,16 +122,14 @@ pub fn encode_row(r: &WalRow, out: &mut Vec<u8>) -> Result<(), AuditError> {
         columns: r.columns.clone(),
     })
     .map_err(|e| AuditError::corrupt("WAL row", e.to_string()))?;
-    encode_meta_and_payload(KIND_ROW, &meta, &r.payload, out);
-    Ok(())
+    encode_meta_and_payload(KIND_ROW, &meta, &r.payload, out)
 }
 
 /// Appends an intent frame.
 pub fn encode_intent(i: &WalIntent, out: &mut Vec<u8>) -> Result<(), AuditError> {
     let meta = serde_json::to_vec(&IntentMeta { logged_at_us: i.logged_at_us, columns: i.columns.clone() })
         .map_err(|e| AuditError::corrupt("WAL intent", e.to_string()))?;
-    encode_meta_and_payload(KIND_INTENT, &meta, &i.payload, out);
-    Ok(())
+    encode_meta_and_payload(KIND_INTENT, &meta, &i.payload, out)
 }
 
 fn split_meta(data: &[u8]) -> Option<(&[u8], &[u8])> {
@@ -250,4 +268,58 @@ pub(crate) mod b64 {
 /// Base64 of bytes, for messages and metadata.
 pub fn to_b64(b: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(b)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use crate::wal::frame::MAX_FRAME_BODY;
+
+    fn columns() -> RowColumns {
+        let ex = crate::exchange::Exchange::new(uuid::Uuid::now_v7(), "POST", "/v1/charges");
+        crate::payload::prepare(&ex, 3).unwrap().columns
+    }
+
+    #[test]
+    fn a_record_larger_than_a_frame_is_refused_whole_and_a_fitting_one_reads_back() {
+        let row = |payload: Vec<u8>| WalRow {
+            seq: 7,
+            prev_hash: [1; 32],
+            hash: [2; 32],
+            logged_at_us: 1,
+            intent: None,
+            columns: columns(),
+            payload,
+        };
+        let mut out = Vec::new();
+        encode_header(
+            &SegmentHeader {
+                version: 1,
+                writer_id: "w".into(),
+                segno: 1,
+                first_seq: 7,
+                prev_hash: [0; 32],
+                kek_id: "local:x".into(),
+                wrapped_key: vec![1, 2, 3],
+                created_at_us: 0,
+            },
+            &mut out,
+        )
+        .unwrap();
+        encode_row(&row(vec![5; 100]), &mut out).unwrap();
+        let before = out.clone();
+        // The payload alone fills a frame (zeroed pages, never touched: cheap to allocate).
+        let err = encode_row(&row(vec![0; MAX_FRAME_BODY]), &mut out).unwrap_err();
+        assert!(matches!(err, AuditError::RecordTooLarge { max: MAX_FRAME_BODY, .. }), "{err}");
+        let intent = WalIntent { logged_at_us: 1, columns: columns(), payload: vec![0; MAX_FRAME_BODY] };
+        assert!(matches!(encode_intent(&intent, &mut out), Err(AuditError::RecordTooLarge { .. })));
+        assert_eq!(out, before, "a refused record leaves no bytes behind");
+        let read = decode_segment(&out).unwrap();
+        assert_eq!((read.rows.len(), read.torn), (1, None));
+        // The early check (before a record is queued) refuses what the writer could not frame.
+        assert!(check_payload_fits(1024 * 1024).is_ok());
+        assert!(check_payload_fits(MAX_FRAME_BODY - RECORD_META_ALLOWANCE - SEAL_OVERHEAD).is_ok());
+        assert!(check_payload_fits(MAX_FRAME_BODY - RECORD_META_ALLOWANCE - SEAL_OVERHEAD + 1).is_err());
+    }
 }
