@@ -196,6 +196,8 @@ struct Activity {
     request_ended: Notify,
     /// A request on this connection was answered 401: the connection is closed after it.
     unauthenticated: AtomicBool,
+    /// The connection speaks HTTP/2 (it has carried an HTTP/2 request).
+    http2: AtomicBool,
 }
 
 impl Activity {
@@ -207,6 +209,7 @@ impl Activity {
             idle_since_ms: AtomicU64::new(0),
             request_ended: Notify::new(),
             unauthenticated: AtomicBool::new(false),
+            http2: AtomicBool::new(false),
         }
     }
 
@@ -277,6 +280,9 @@ impl Connection {
             move |mut request: http::Request<hyper::body::Incoming>| {
                 let in_request = activity.begin();
                 let http1 = request.version() < http::Version::HTTP_2;
+                if !http1 {
+                    activity.http2.store(true, Ordering::SeqCst);
+                }
                 request.extensions_mut().insert(share.clone());
                 // The pipeline runs in its own task so that a client that goes away mid-request
                 // does not cancel it: a request already forwarded still gets its audit record and
@@ -332,9 +338,10 @@ impl Connection {
                     if let Err(error) = result {
                         let timed_out = error.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_timeout);
                         if timed_out {
-                            // hyper's header timer on a later HTTP/1.1 head, or an unanswered
-                            // HTTP/2 keep-alive ping.
-                            hit(&gateway.metrics, "connection_timeout");
+                            // An unanswered HTTP/2 keep-alive ping, or hyper's header timer on a
+                            // later HTTP/1.1 head (a pooled keep-alive connection left idle).
+                            let http2 = activity.http2.load(Ordering::SeqCst);
+                            hit(&gateway.metrics, if http2 { "http2_keep_alive" } else { "http1_next_head" });
                         }
                         tracing::debug!(%peer, error = %error, "connection ended with an error");
                     }

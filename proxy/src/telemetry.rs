@@ -40,8 +40,8 @@ pub struct ReasonLabels {
 }
 
 /// Labels of the bound-hit counter: which bound (`header_deadline`, `idle`, `max_connections`,
-/// `connection_timeout`, `body_deadline`, `buffered_bytes`, `buffered_connection_share`,
-/// `buffered_service_share`).
+/// `http1_next_head`, `http2_keep_alive`, `body_deadline`, `buffered_bytes`,
+/// `buffered_connection_share`, `buffered_service_share`).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LimitLabels {
     pub limit: &'static str,
@@ -117,8 +117,8 @@ impl ProxyMetrics {
         );
         registry.register(
             "keygate_limit_hits",
-            "Times a bound on clients was hit, by bound (header_deadline, idle, max_connections, \
-             connection_timeout, body_deadline, buffered_bytes, buffered_connection_share, buffered_service_share)",
+            "Times a bound on clients was hit, by bound (header_deadline, idle, max_connections, http1_next_head, \
+             http2_keep_alive, body_deadline, buffered_bytes, buffered_connection_share, buffered_service_share)",
             metrics.limit_hits.clone(),
         );
         registry.register(

@@ -500,6 +500,7 @@ async fn an_idle_http1_keep_alive_connection_is_closed_at_the_next_heads_deadlin
         assert_closed_at_deadline("idle HTTP/1.1 keep-alive connection", closed, Duration::from_secs(2));
     })
     .await;
+    assert!(limit_hits(&setup, "http1_next_head") >= 1, "{}", setup.keygate.metrics());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -626,7 +627,7 @@ async fn an_http2_peer_that_stops_answering_pings_is_dropped() {
         assert!(closed <= Duration::from_secs(2) + CLOSE_MARGIN, "dropped only after {closed:?}");
     })
     .await;
-    assert!(limit_hits(&setup, "connection_timeout") >= 1, "{}", setup.keygate.metrics());
+    assert!(limit_hits(&setup, "http2_keep_alive") >= 1, "{}", setup.keygate.metrics());
 }
 
 /// The `keygate_buffered_bytes` gauge.
