@@ -349,9 +349,10 @@ impl Connection {
                 }
                 changed = drain.changed(), if !draining => {
                     draining = true;
-                    if changed.is_err() || *drain.borrow() {
+                    // Already closing at a deadline: that close goes on.
+                    if (changed.is_err() || *drain.borrow()) && closing.is_none() {
                         connection.as_mut().graceful_shutdown();
-                        closing.get_or_insert_with(Instant::now);
+                        closing = Some(Instant::now());
                     }
                 }
                 () = activity.request_ended.notified() => {}
