@@ -245,3 +245,55 @@ fn keygen_writes_self_describing_formats() {
     assert_eq!(SigningKey::from_text(&seed).unwrap().public_key_hex(), signing.public_key_hex());
     assert!(keygate_auditlog::LocalKek::from_text(&k.kek).is_ok());
 }
+
+/// The `auditlog` command itself, when it is built (it needs the `cli` feature).
+#[tokio::test]
+async fn the_command_verifies_an_old_quick_start_folder_and_refuses_a_private_public_key() {
+    let Some(bin) = option_env!("CARGO_BIN_EXE_auditlog") else { return };
+    let data = tempfile::tempdir().unwrap();
+    let seed = ambiguous_seed();
+    let kek = data.path().join("audit-kek");
+    let signing = data.path().join("audit-signing-key");
+    std::fs::write(&kek, format!("{}\n", hex::encode(rand::random::<[u8; 32]>()))).unwrap();
+    std::fs::write(&signing, format!("{}\n", hex::encode(seed))).unwrap();
+    let lake_dir = data.path().join("lake");
+    let cfg = AuditConfig {
+        lake: lake_dir.display().to_string(),
+        wal_dir: data.path().join("wal"),
+        kek: format!("file://{}", kek.display()),
+        signing_key: format!("file://{}", signing.display()),
+        ..AuditConfig::default()
+    };
+    let (k, s) = keys::resolve(&cfg, &store().await).await.unwrap();
+    let log = keygate_auditlog::AuditLog::open(&cfg, k, s).await.unwrap();
+    log.record(exchange(0), None).await.unwrap();
+    log.shutdown().await.unwrap();
+    let config = data.path().join("keygate.yaml");
+    std::fs::write(
+        &config,
+        format!("audit:\n  lake: {}\n  kek: {}\n  signing_key: {}\n", cfg.lake, cfg.kek, cfg.signing_key),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        let o = std::process::Command::new(bin).args(args).env_remove("KEYGATE_CONFIG").output().unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let lake = lake_dir.display().to_string();
+    let (code, out, err) = run(&["--config", &config.display().to_string(), "verify"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("0 finding(s)") && !out.contains("no trusted key"), "{out}");
+    let (code, out, err) = run(&["--lake", &lake, "verify", "--signing-key", &cfg.signing_key]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let seed_text = SigningKey::from_text(&hex::encode(seed)).unwrap().to_seed_text().to_string();
+    let (code, _, err) = run(&["--lake", &lake, "verify", "--public-key", &seed_text]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--signing-key"), "{err}");
+    let other = SigningKey::generate().verifying_key().to_text();
+    let (code, out, _) = run(&["--lake", &lake, "verify", "--public-key", &other]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.lines().next().is_some_and(|l| l.starts_with("BAD_SIGNATURE")), "{out}");
+}
