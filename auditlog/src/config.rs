@@ -173,7 +173,7 @@ impl AuditConfig {
         }
         if self.signing_key.trim().is_empty() {
             return Err(AuditError::Config(
-                "audit.signing_key is required: a secret reference to an Ed25519 key (PKCS#8 PEM or 64 hex chars)"
+                "audit.signing_key is required: a secret reference to an Ed25519 signing key (PKCS#8 PEM or ed25519-seed:<64 hex>)"
                     .into(),
             ));
         }
