@@ -96,6 +96,17 @@ enum ConfigCommand {
 
 #[allow(clippy::print_stdout)]
 fn main() -> ExitCode {
+    // A panic's message may quote input (a value a parser choked on), so only its location is
+    // printed; the request it happened in is answered 500 and recorded (proxy/src/pipeline.rs).
+    std::panic::set_hook(Box::new(|info| {
+        let location = info.location().map_or_else(|| "unknown location".to_owned(), |l| l.to_string());
+        // Never `eprintln!` here: with stderr gone it would panic inside the hook and abort.
+        let _ = std::io::Write::write_all(
+            &mut std::io::stderr(),
+            format!("keygate: a thread panicked at {location} (message withheld: it may quote request data)\n")
+                .as_bytes(),
+        );
+    }));
     let cli = Cli::parse();
     match cli.command {
         Command::Serve { config, data_dir, allow_live_key } => {

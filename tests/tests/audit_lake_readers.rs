@@ -688,7 +688,8 @@ async fn sdk_traffic_lake_read_back(kind: LakeKind) {
             "/v1/payment_methods" => {
                 payment_method_event = Some(request["event_id"].as_str().unwrap().to_owned());
                 assert!(pairs.contains(&("card[number]".into(), "****5556".into())), "{text}");
-                assert!(pairs.contains(&("card[exp_year]".into(), "2034".into())), "{text}");
+                // Expiry is masked by meaning (issue 12), whatever its value looks like.
+                assert!(pairs.contains(&("card[exp_year]".into(), "[redacted]".into())), "{text}");
                 assert!(!pairs.iter().any(|(k, v)| k.contains("cvc") || v == E2E_CVC), "the CVC is recorded: {text}");
             }
             "/v1/payment_intents" => {

@@ -70,7 +70,7 @@ pub fn check_head(method: &str, headers: &HeaderMap) -> Result<Method, Refusal> 
         }
     }
     for name in FORWARDED_HEADERS {
-        if headers.get_all(*name).iter().any(|v| v.to_str().is_ok_and(crate::contains_credential)) {
+        if headers.get_all(*name).iter().any(|v| v.to_str().is_ok_and(crate::contains_keygate_token)) {
             return Err(Refusal::Credential("headers"));
         }
     }

@@ -17,7 +17,7 @@
 //! - canonicalisation is idempotent: the canonical form of a canonical request is itself;
 //! - a refusal's message names the problem (a header name, a rule), never a value from the
 //!   request, since values may hold secrets;
-//! - a keygate token or a Stripe secret key is never part of a canonical request
+//! - a keygate token is never part of a canonical request, nor a credential in its query string
 //!   ([`Refusal::Credential`]).
 
 pub mod form;
@@ -60,7 +60,7 @@ pub enum Refusal {
     #[error("{0}")]
     BodyEncoding(&'static str),
     #[error(
-        "The request carries a credential in its {0} (a keygate token or a Stripe key); credentials go only in the `Authorization` header, and keygate never forwards them."
+        "The request carries a credential in its {0} (a keygate token, or in a query string also a Stripe key or an `api_key`-like parameter); credentials go only in the `Authorization` header, and keygate never forwards them."
     )]
     Credential(&'static str),
 }
@@ -228,7 +228,7 @@ pub fn canonical_body(
     let (bytes, content_type) = match expected {
         BodyKind::Json => {
             let canonical = json::canonical(body).map_err(|e| Refusal::Body(e.to_string()))?;
-            if json::any_string(&canonical.value, &contains_credential) {
+            if json::any_string(&canonical.value, &contains_keygate_token) {
                 return Err(Refusal::Credential("body"));
             }
             (Bytes::from(canonical.bytes), HeaderValue::from_static(BodyKind::Json.media_type()))
@@ -240,7 +240,9 @@ pub fn canonical_body(
                 .map(|(_, value)| *value)
                 .ok_or(Refusal::BodyEncoding("The `multipart/form-data` body's `Content-Type` has no boundary."))?;
             let parts = multipart::parse(boundary, body).map_err(|e| Refusal::Body(e.to_string()))?;
-            if parts.iter().any(|p| p.filename.is_none() && std::str::from_utf8(&p.data).is_ok_and(contains_credential))
+            if parts
+                .iter()
+                .any(|p| p.filename.is_none() && std::str::from_utf8(&p.data).is_ok_and(contains_keygate_token))
             {
                 return Err(Refusal::Credential("body"));
             }
@@ -251,7 +253,7 @@ pub fn canonical_body(
         }
         BodyKind::Form | BodyKind::Empty => {
             let pairs = form::parse(body).map_err(|e| Refusal::Body(e.to_string()))?;
-            if pairs.iter().any(|(name, value)| contains_credential(name) || contains_credential(value)) {
+            if pairs.iter().any(|(name, value)| contains_keygate_token(name) || contains_keygate_token(value)) {
                 return Err(Refusal::Credential("body"));
             }
             (Bytes::from(form::serialize(&pairs)), HeaderValue::from_static(BodyKind::Form.media_type()))
@@ -283,7 +285,15 @@ pub fn is_credential_name(name: &str) -> bool {
         .any(|n| n.eq_ignore_ascii_case(name))
 }
 
-/// Whether text holds a keygate token (`sk_kg_…`) or a Stripe secret or restricted key.
+/// Whether text holds a keygate token (`sk_kg_…`): refused anywhere in a request but its
+/// `Authorization` header. (A Stripe-key-shaped string in a body, say in metadata, is the
+/// client's data: forwarded, and masked in the audit record.)
+pub fn contains_keygate_token(text: &str) -> bool {
+    memchr::memmem::find(text.as_bytes(), b"sk_kg_").is_some()
+}
+
+/// Whether text holds a keygate token or a Stripe secret or restricted key: refused in query
+/// strings, which every proxy and server on the way logs.
 pub fn contains_credential(text: &str) -> bool {
     memchr::memmem::find(text.as_bytes(), b"k_").is_some()
         && ["sk_kg_", "sk_live_", "sk_test_", "rk_live_", "rk_test_"].iter().any(|p| text.contains(p))
@@ -365,7 +375,7 @@ mod tests {
             Refusal::Credential("body")
         );
         assert_eq!(
-            target(Method::POST, "/v2/core/accounts", None, Some("application/json"), r#"{"a":{"b":["sk_test_x"]}}"#)
+            target(Method::POST, "/v2/core/accounts", None, Some("application/json"), r#"{"a":{"b":["sk_kg_x"]}}"#)
                 .unwrap_err(),
             Refusal::Credential("body")
         );

@@ -138,7 +138,7 @@ fn check_head(raw: &[u8]) {
         for (name, value) in &forwarded {
             assert!(keygate_wire::FORWARDED_HEADERS.contains(&name.as_str()));
             assert!(value.as_bytes().iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b)));
-            assert!(!keygate_wire::contains_credential(value.to_str().unwrap_or("")));
+            assert!(!keygate_wire::contains_keygate_token(value.to_str().unwrap_or("")));
         }
         for name in keygate_wire::SINGLE_VALUED_HEADERS {
             assert!(forwarded.get_all(*name).iter().count() <= 1);
