@@ -75,6 +75,22 @@ pub enum AuditError {
 impl AuditError {
     /// True when the proxy must answer `503 keygate_audit_unavailable` and forward nothing: the
     /// record could not be made durable.
+    /// Whether retrying cannot fix it: the shipper sets such a segment aside instead of
+    /// retrying it forever (a segment or lake file that contradicts the lake, a store that does
+    /// not support an operation the lake needs).
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            AuditError::Corrupt { .. } => true,
+            AuditError::Lake { source, .. } => matches!(
+                source,
+                object_store::Error::NotImplemented { .. }
+                    | object_store::Error::NotSupported { .. }
+                    | object_store::Error::InvalidPath { .. }
+            ),
+            _ => false,
+        }
+    }
+
     pub fn is_unavailable(&self) -> bool {
         matches!(
             self,

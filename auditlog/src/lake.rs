@@ -140,6 +140,13 @@ impl Lake {
         &self.store
     }
 
+    /// The same lake with every call of the shipper going through `faults` first (tests of
+    /// store failures; see [`crate::lake_faults`]).
+    pub fn with_faults(mut self, faults: Arc<crate::lake_faults::LakeFaults>) -> Lake {
+        self.store = Arc::new(crate::lake_faults::FaultyStore::new(self.store, faults));
+        self
+    }
+
     /// URL of the `audit/` table folder, for query engines: `s3://bucket/prefix/audit/` or
     /// `file:///abs/lake/audit/`.
     pub fn table_url(&self) -> String {

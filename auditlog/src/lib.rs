@@ -18,6 +18,7 @@ pub mod error;
 pub mod exchange;
 pub mod keys;
 pub mod lake;
+pub mod lake_faults;
 mod log;
 pub mod manifest;
 pub mod metrics;

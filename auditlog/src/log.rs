@@ -58,12 +58,26 @@ impl AuditLog {
         if !config.enabled {
             return Ok(AuditLog { inner: None });
         }
+        let lake = Lake::open(&config.lake, &config.s3, config.multipart_threshold_bytes)?;
+        AuditLog::open_with_lake(config, lake, kek, signing_key).await
+    }
+
+    /// [`AuditLog::open`] with a lake the caller built (a store wrapped for fault injection,
+    /// say; see [`crate::lake_faults`]).
+    pub async fn open_with_lake(
+        config: &AuditConfig,
+        lake: Lake,
+        kek: Arc<dyn KeyEncryptionKey>,
+        signing_key: SigningKey,
+    ) -> Result<AuditLog, AuditError> {
+        if !config.enabled {
+            return Ok(AuditLog { inner: None });
+        }
         config.validate()?;
         let dir = config.wal_dir.clone();
         let lock = lock_dir(&dir)?;
         let (writer_id, configured) = writer_id(&dir, config.writer_id.as_deref())?;
         check_writer_id(&writer_id)?;
-        let lake = Lake::open(&config.lake, &config.s3, config.multipart_threshold_bytes)?;
         let recovery = recover(&dir, &writer_id, &kek, config.zstd_level).await?;
         for (path, cut) in &recovery.truncated {
             tracing::warn!(path = %path.display(), bytes = cut, "cut a torn WAL tail");
@@ -87,6 +101,7 @@ impl AuditLog {
             faults: Arc::new(WalFaults::default()),
             backlog_segments: Default::default(),
             oldest_unshipped_us: Default::default(),
+            set_aside: Mutex::new(Vec::new()),
         });
         for sealed in &recovery.sealed {
             shared.segment_sealed(sealed.sealed_at_us);
@@ -218,6 +233,13 @@ impl AuditLog {
             ));
         }
         Ok(())
+    }
+
+    /// The segments the shipper set aside after a permanent lake error (for `/readyz`): each
+    /// is a gap in the lake until an operator resolves it (docs/audit-lake.md, "Set-aside
+    /// segments").
+    pub fn set_aside(&self) -> Vec<String> {
+        self.inner.as_ref().and_then(|i| i.shared.set_aside.lock().ok().map(|v| v.clone())).unwrap_or_default()
     }
 
     /// `Ok` when the WAL is writable and under its quota; the reason otherwise (for `/readyz`).

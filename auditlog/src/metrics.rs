@@ -14,6 +14,8 @@ pub struct Metrics {
     pub wal_segments_backlog: Gauge,
     /// Age in seconds of the oldest sealed segment the lake has not taken yet (0 when none).
     pub lake_lag_seconds: Gauge,
+    /// Segments the shipper set aside after a permanent error.
+    pub segments_set_aside: Counter,
     pub wal_fsync_seconds: Histogram,
     pub wal_batch_records: Histogram,
     pub wal_failures: Counter,
@@ -33,6 +35,7 @@ impl Default for Metrics {
             wal_bytes: Gauge::default(),
             wal_segments_backlog: Gauge::default(),
             lake_lag_seconds: Gauge::default(),
+            segments_set_aside: Counter::default(),
             wal_fsync_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
             wal_batch_records: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
             wal_failures: Counter::default(),
@@ -62,6 +65,11 @@ impl Metrics {
             "lake_lag_seconds",
             "Age of the oldest sealed WAL segment not yet committed to the lake (0 when none); /readyz fails over audit.max_lake_lag",
             self.lake_lag_seconds.clone(),
+        );
+        r.register(
+            "segments_set_aside",
+            "WAL segments set aside after a permanent lake error (kept under <wal_dir>/set-aside/, named by /readyz and auditlog verify)",
+            self.segments_set_aside.clone(),
         );
         r.register("wal_fsync_seconds", "Latency of WAL fsyncs", self.wal_fsync_seconds.clone());
         r.register("wal_batch_records", "Records sharing one WAL fsync (group commit)", self.wal_batch_records.clone());

@@ -113,6 +113,13 @@ impl Shipper {
                 });
                 match attempt {
                     Ok(()) => break,
+                    Err(e) if e.is_permanent() => {
+                        // Retrying cannot fix it: set it aside (kept on disk, named by /readyz,
+                        // a signed gap note in the lake for `auditlog verify`) so that later
+                        // segments keep flowing.
+                        self.set_aside(&next, &e).await;
+                        break;
+                    }
                     Err(e) => {
                         self.shared.metrics.lake_failures.inc();
                         tracing::warn!(error = %e, segment = %next.path.display(), retry_in = ?delay, "audit lake commit failed; the WAL keeps the rows");
@@ -126,6 +133,73 @@ impl Shipper {
                 queue.push_back(s);
             }
             self.shared.segment_shipped(queue.front().map(|s| s.sealed_at_us));
+        }
+    }
+
+    /// Moves a segment that failed permanently to `<wal_dir>/set-aside/` with a `.reason.txt`
+    /// beside it, and writes a signed gap note `gaps/<writer>/<segno>.json` into the lake.
+    async fn set_aside(&mut self, seg: &SealedSegment, error: &AuditError) {
+        self.shared.metrics.lake_failures.inc();
+        self.shared.metrics.segments_set_aside.inc();
+        let reason = error.to_string();
+        let dir = self.shared.dir.join("set-aside");
+        let path = seg.path.clone();
+        let reason_text = reason.clone();
+        let moved = tokio::task::spawn_blocking(move || -> std::io::Result<(u64, Option<(u64, u64)>)> {
+            let range = read_segment(&path)
+                .ok()
+                .flatten()
+                .map(|c| (c.header.first_seq, c.rows.last().map_or(c.header.first_seq, |r| r.seq)));
+            let name = path.file_name().map(|n| n.to_owned()).unwrap_or_default();
+            let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            std::fs::create_dir_all(&dir)?;
+            let mut reason_name = name.clone();
+            reason_name.push(".reason.txt");
+            std::fs::write(dir.join(reason_name), reason_text)?;
+            std::fs::rename(&path, dir.join(&name))?;
+            std::fs::File::open(&dir)?.sync_all()?;
+            Ok((len, range))
+        })
+        .await;
+        let range = match moved {
+            Ok(Ok((len, range))) => {
+                self.shared.sub_bytes(len);
+                range
+            }
+            Ok(Err(e)) => {
+                tracing::error!(segment = %seg.path.display(), error = %e, "could not move the segment to set-aside/; it stays where it is");
+                None
+            }
+            Err(_) => None,
+        };
+        let seqs = range.map_or_else(|| "unknown seqs".to_owned(), |(a, b)| format!("seq {a}..={b}"));
+        tracing::error!(segment = %seg.path.display(), %seqs, error = %reason, "audit WAL segment set aside after a permanent lake error; later segments keep flowing (docs/audit-lake.md, Set-aside segments)");
+        if let Ok(mut list) = self.shared.set_aside.lock() {
+            list.push(format!(
+                "audit WAL segment {} ({seqs}) set aside after a permanent lake error: {reason}; it is kept in the WAL folder's set-aside/ (see docs/audit-lake.md)",
+                seg.segno
+            ));
+        }
+        let note = serde_json::json!({
+            "version": 1,
+            "writer_id": self.writer_id,
+            "segno": seg.segno,
+            "first_seq": range.map(|r| r.0),
+            "last_seq": range.map(|r| r.1),
+            "reason": reason,
+            "set_aside_at_us": crate::row::micros(std::time::SystemTime::now()),
+            "signing_key": self.signing_key.public_key_hex(),
+        });
+        let Ok(body) = serde_json::to_vec(&note) else { return };
+        let signature = hex::encode(self.signing_key.sign(&body));
+        let doc = serde_json::json!({ "note": note, "signature": signature });
+        let path = object_store::path::Path::from(format!("gaps/{}/{:020}.json", self.writer_id, seg.segno));
+        for _ in 0..3 {
+            match self.lake.put_create(&path, Bytes::from(doc.to_string())).await {
+                Ok(_) => return,
+                Err(e) => tracing::warn!(error = %e, "could not write the gap note; retrying"),
+            }
+            tokio::time::sleep(self.backoff.initial).await;
         }
     }
 

@@ -279,6 +279,7 @@ pub async fn verify(
             check_file(lake, m, data.get(&b.file).copied(), &sha_owner, writer, &mut report).await?;
         }
     }
+    annotate_set_aside_gaps(lake, opts, &mut report).await?;
     for file in data.keys() {
         if !named.contains(file) {
             report.findings.push(Finding {
@@ -294,6 +295,61 @@ pub async fn verify(
     report.files = data.len();
     report.findings.sort_by(|a, b| (&a.writer, a.seq, &a.file, a.kind).cmp(&(&b.writer, b.seq, &b.file, b.kind)));
     Ok(report)
+}
+
+/// Gap notes (`gaps/<writer>/<segno>.json`) are written by keygate when it sets a WAL segment
+/// aside after a permanent lake error: the `missing` finding for those seqs then says why, and
+/// whether the note's signature verifies. A gap stays a finding (the rows are not in the lake).
+async fn annotate_set_aside_gaps(
+    lake: &Lake,
+    opts: &VerifyOptions,
+    report: &mut VerifyReport,
+) -> Result<(), AuditError> {
+    struct Note {
+        writer: String,
+        first_seq: Option<u64>,
+        reason: String,
+        signed: bool,
+        path: String,
+    }
+    let mut notes = Vec::new();
+    for o in lake.list("gaps/").await? {
+        let path = o.location.to_string();
+        let Some(bytes) = lake.get(&o.location).await? else { continue };
+        let Ok(doc) = serde_json::from_slice::<serde_json::Value>(&bytes) else { continue };
+        let note = &doc["note"];
+        let body = serde_json::to_vec(note).unwrap_or_default();
+        let signature = doc["signature"].as_str().and_then(|s| hex::decode(s).ok()).unwrap_or_default();
+        let named = note["signing_key"].as_str().and_then(|k| VerifyingKey::from_hex(k).ok());
+        let signed = if opts.trusted_keys.is_empty() {
+            named.is_some_and(|k| k.verify(&body, &signature))
+        } else {
+            opts.trusted_keys.iter().any(|k| k.verify(&body, &signature))
+        };
+        notes.push(Note {
+            writer: note["writer_id"].as_str().unwrap_or_default().to_owned(),
+            first_seq: note["first_seq"].as_u64(),
+            reason: note["reason"].as_str().unwrap_or("no reason recorded").to_owned(),
+            signed,
+            path,
+        });
+    }
+    for finding in report.findings.iter_mut().filter(|f| f.kind == FindingKind::Missing) {
+        let Some(note) = notes.iter().find(|n| {
+            finding.writer.as_deref() == Some(n.writer.as_str())
+                && (n.first_seq.is_none() || n.first_seq == finding.seq)
+        }) else {
+            continue;
+        };
+        finding.detail = format!(
+            "{}; keygate set this WAL segment aside after a permanent lake error: {} ({}, signature {})",
+            finding.detail,
+            note.reason,
+            note.path,
+            if note.signed { "valid" } else { "does NOT verify" }
+        );
+    }
+    Ok(())
 }
 
 async fn check_file(

@@ -260,3 +260,70 @@ fn metric_commits(log: &keygate_auditlog::AuditLog) -> String {
     prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
     text.lines().find(|l| l.starts_with("keygate_audit_lake_commits_total ")).unwrap_or("").to_owned()
 }
+
+fn metric(log: &keygate_auditlog::AuditLog, name: &str) -> f64 {
+    let mut registry = prometheus_client::registry::Registry::default();
+    log.register_metrics(&mut registry);
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    text.lines().find_map(|l| l.strip_prefix(&format!("{name} "))).and_then(|v| v.trim().parse().ok()).unwrap_or(0.0)
+}
+
+/// A permanent lake error (injected through the lake's fault layer) sets the segment aside
+/// instead of retrying it forever: later segments keep flowing, the metric and readiness name
+/// it, and `auditlog verify` reports the gap with its reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permanent_lake_error_sets_the_segment_aside_and_later_segments_keep_flowing() {
+    use keygate_auditlog::lake_faults::{Action, LakeFaults, Op};
+    let env = env();
+    let mut cfg = env.cfg.clone();
+    cfg.roll.max_bytes = 4096;
+    let faults = Arc::new(LakeFaults::default());
+    let lake = open_lake(&env.lake_dir()).with_faults(faults.clone());
+    let log =
+        keygate_auditlog::AuditLog::open_with_lake(&cfg, lake, env.kek.clone(), env.signing.clone()).await.unwrap();
+    let wait_for = |name: &'static str, at_least: f64| {
+        let log = &log;
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while metric(log, name) < at_least {
+                assert!(Instant::now() < deadline, "{name} never reached {at_least}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    for i in 0..8 {
+        log.record(exchange(i), None).await.unwrap();
+    }
+    wait_for("keygate_audit_lake_commits_total", 1.0).await;
+    let committed_before = metric(&log, "keygate_audit_lake_commits_total");
+    // The next data file cannot be written, permanently.
+    faults.arm(Op::Put, "audit/", Action::FailPermanently, 1);
+    for i in 8..40 {
+        log.record(exchange(i), None).await.unwrap();
+    }
+    wait_for("keygate_audit_segments_set_aside_total", 1.0).await;
+    wait_for("keygate_audit_lake_commits_total", committed_before + 2.0).await;
+    let named = log.set_aside();
+    assert_eq!(named.len(), 1, "{named:?}");
+    assert!(named[0].contains("set aside") && named[0].contains("injected"), "{named:?}");
+    log.shutdown().await.unwrap();
+
+    let aside = env.cfg.wal_dir.join("set-aside");
+    let kept: Vec<_> = std::fs::read_dir(&aside).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert_eq!(kept.len(), 2, "the segment and its reason are kept: {kept:?}");
+    let lake = open_lake(&env.lake_dir());
+    let opts =
+        keygate_auditlog::verify::VerifyOptions { trusted_keys: vec![env.signing.verifying_key()], since_us: None };
+    let report = keygate_auditlog::verify::verify(&lake, &opts, |_, _| {}).await.unwrap();
+    assert_eq!(report.findings.len(), 1, "one gap: {:#?}", report.findings);
+    let finding = &report.findings[0];
+    assert_eq!(finding.kind, keygate_auditlog::verify::FindingKind::Missing);
+    assert!(
+        finding.detail.contains("set this WAL segment aside") && finding.detail.contains("signature valid"),
+        "{finding}"
+    );
+    let rows = read_lake(&lake).await;
+    let last = rows.iter().map(|r| r.row.seq).max().unwrap();
+    assert!(last >= 38, "segments after the set-aside one reached the lake (last seq {last})");
+}

@@ -141,6 +141,7 @@ impl Gateway {
         if let Err(reason) = self.audit.lake_lag() {
             reasons.push(reason);
         }
+        reasons.extend(self.audit.set_aside());
         for (service, reference) in &self.directory.load().keys {
             if !self.secrets.is_loaded(reference) {
                 reasons.push(format!("the Stripe key of service `{service}` ({reference}) has not been fetched yet"));

@@ -74,6 +74,8 @@ pub struct Shared {
     pub backlog_segments: std::sync::atomic::AtomicI64,
     /// `sealed_at_us` of the oldest segment not yet committed; 0 when there is none.
     pub oldest_unshipped_us: std::sync::atomic::AtomicI64,
+    /// Segments set aside after a permanent lake error, with their reasons (for `/readyz`).
+    pub set_aside: Mutex<Vec<String>>,
 }
 
 impl Shared {
