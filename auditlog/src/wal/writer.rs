@@ -537,6 +537,17 @@ impl Writer {
         }
     }
 
+    /// Hands a segment whose every row is durable to the shipper.
+    fn seal_whole(&self, segment: Active) {
+        let sealed = SealedSegment {
+            segno: segment.segno,
+            path: segment.path,
+            upto_seq: self.next_seq,
+            sealed_at_us: micros(SystemTime::now()),
+        };
+        self.hand_to_shipper(sealed);
+    }
+
     /// Hands a sealed segment to the shipper and counts it in the backlog.
     fn hand_to_shipper(&self, sealed: SealedSegment) {
         self.shared.segment_sealed(sealed.sealed_at_us);
@@ -706,13 +717,7 @@ impl Writer {
                 self.roll_retry_at = None;
                 self.roll_backoff = ROLL_BACKOFF_MIN;
                 if let Some(old) = self.active.replace(next) {
-                    let sealed = SealedSegment {
-                        segno: old.segno,
-                        path: old.path,
-                        upto_seq: self.next_seq,
-                        sealed_at_us: micros(SystemTime::now()),
-                    };
-                    self.hand_to_shipper(sealed);
+                    self.seal_whole(old);
                 }
             }
             Err(e) => {
@@ -768,13 +773,7 @@ impl Writer {
         self.shared.metrics.unknown_outcomes.inc_by(open as u64);
         if let Some(active) = self.active.take() {
             if active.rows > 0 {
-                let sealed = SealedSegment {
-                    segno: active.segno,
-                    path: active.path,
-                    upto_seq: self.next_seq,
-                    sealed_at_us: micros(SystemTime::now()),
-                };
-                self.hand_to_shipper(sealed);
+                self.seal_whole(active);
             } else {
                 self.active = Some(active);
             }
