@@ -1,6 +1,8 @@
 //! The decider: `PolicyEngine::decide()` turns one request of one service into a `Decision`.
 //!
 //! Order of checks: rate limit, rules (first match wins, default deny), idempotency, budget.
+//! The rate limit needs only the head, so the proxy takes its token first, before the body is
+//! read (`rate_limit_from_head`), and decides the rest with `decide_after_rate_limit`.
 //! In `enforce` mode the first failing check decides. In `report` mode every request goes
 //! through: the verdict is `would_deny` with the first failing check, and money that moves is
 //! still charged to the budget.
@@ -121,6 +123,31 @@ pub struct Decision {
     pub inject_idempotency_key: bool,
 }
 
+/// Whether a request's rate-limit token was already taken from its head
+/// ([`PolicyEngine::rate_limit_from_head`]); tells [`PolicyEngine::decide_after_rate_limit`]
+/// not to take a second one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RateLimitToken {
+    /// Not taken yet: the decision takes one (what [`PolicyEngine::decide`] does).
+    Pending,
+    /// Taken from the head (or the service has no rate limit): the decision takes no other.
+    Taken,
+    /// The bucket was empty at the head and the service is in `report` mode, so the request
+    /// goes on: the decision is `would_deny` with rule `rate-limit`.
+    Exceeded,
+}
+
+/// What [`PolicyEngine::rate_limit_from_head`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeadCheck {
+    /// Read the body, fetch the key, then decide with
+    /// [`PolicyEngine::decide_after_rate_limit`] and this token.
+    Continue(RateLimitToken),
+    /// Refuse now, before the body is read: a `deny` decision with rule `rate-limit` (429
+    /// `keygate_rate_limited`) or `unknown-service`.
+    Refuse(Decision),
+}
+
 /// The body, parsed on first use.
 pub(crate) struct LazyParams<'a> {
     facts: &'a RequestFacts<'a>,
@@ -218,8 +245,65 @@ impl PolicyEngine {
         self.current.load_full()
     }
 
-    /// Decides one request of `service` (the authenticated service name).
+    /// The cheap refusal, from the request head alone (before the body is read or a key is
+    /// fetched): takes `service`'s rate-limit token. Over the limit in `enforce` mode, returns
+    /// the denial [`decide`](Self::decide) would have made (rule `rate-limit`, 429
+    /// `keygate_rate_limited`; no amount or currency, the body being unread); an unknown service
+    /// is refused too. Otherwise the token to pass to
+    /// [`decide_after_rate_limit`](Self::decide_after_rate_limit), which then takes no second one.
+    pub fn rate_limit_from_head(&self, service: &str, method: &str, path: &str) -> HeadCheck {
+        let snapshot = self.current.load();
+        let operation = match_operation(method, path);
+        let Some(index) = snapshot.set.index_of(service) else {
+            return HeadCheck::Refuse(unknown_service(service, operation));
+        };
+        let policy = snapshot.set.service_at(index);
+        let Some(limiter) = &snapshot.states[index].limiter else {
+            return HeadCheck::Continue(RateLimitToken::Taken);
+        };
+        if limiter.try_acquire() {
+            return HeadCheck::Continue(RateLimitToken::Taken);
+        }
+        if policy.mode == Mode::Report {
+            return HeadCheck::Continue(RateLimitToken::Exceeded);
+        }
+        let facts = RequestFacts {
+            method,
+            path,
+            query: None,
+            content_type: None,
+            body: b"",
+            stripe_account: None,
+            stripe_context: None,
+            idempotency_key: None,
+            livemode: false,
+        };
+        let mut ctx = Ctx { policy, facts: &facts, operation, denied: None };
+        deny_rate_limited(&mut ctx, limiter.config);
+        let Some(denied) = ctx.denied else {
+            return HeadCheck::Continue(RateLimitToken::Exceeded);
+        };
+        HeadCheck::Refuse(Decision {
+            verdict: Verdict::Deny,
+            rule: denied.rule,
+            reason: denied.reason,
+            operation: operation.map(|op| op.name),
+            amount: None,
+            currency: None,
+            denial: Some(denied.denial),
+            inject_idempotency_key: false,
+        })
+    }
+
+    /// Decides one request of `service` (the authenticated service name), taking its
+    /// rate-limit token.
     pub fn decide(&self, service: &str, facts: &RequestFacts<'_>) -> Decision {
+        self.decide_after_rate_limit(service, facts, RateLimitToken::Pending)
+    }
+
+    /// [`decide`](Self::decide) for a request whose rate-limit token `token` says whether it was
+    /// already taken ([`rate_limit_from_head`](Self::rate_limit_from_head)).
+    pub fn decide_after_rate_limit(&self, service: &str, facts: &RequestFacts<'_>, token: RateLimitToken) -> Decision {
         let snapshot = self.current.load();
         let operation = match_operation(facts.method, facts.path);
         let Some(index) = snapshot.set.index_of(service) else {
@@ -230,18 +314,16 @@ impl PolicyEngine {
         let mut params = LazyParams::new(facts, &policy.names);
         let mut ctx = Ctx { policy, facts, operation, denied: None };
 
-        // 1. Rate limit: every request of the service takes a token.
-        if let Some(limiter) = &state.limiter
-            && !limiter.try_acquire()
-        {
-            let config = limiter.config;
-            ctx.deny(
-                "rate-limit".to_owned(),
-                format!("rate limit of {}/s with bursts of {} exceeded", config.per_second, config.burst),
-                429,
-                CODE_RATE_LIMITED,
-                "Slow down and retry with backoff; the limit is per keygate instance.".to_owned(),
-            );
+        // 1. Rate limit: every request of the service takes one token, here or from its head.
+        if let Some(limiter) = &state.limiter {
+            let exceeded = match token {
+                RateLimitToken::Pending => !limiter.try_acquire(),
+                RateLimitToken::Taken => false,
+                RateLimitToken::Exceeded => true,
+            };
+            if exceeded {
+                deny_rate_limited(&mut ctx, limiter.config);
+            }
         }
 
         // 2. Rules.
@@ -391,6 +473,16 @@ impl Ctx<'_, '_> {
         );
         self.denied = Some(Denied { rule, reason, denial: Denial { status, code, message } });
     }
+}
+
+fn deny_rate_limited(ctx: &mut Ctx<'_, '_>, config: crate::model::RateLimit) {
+    ctx.deny(
+        "rate-limit".to_owned(),
+        format!("rate limit of {}/s with bursts of {} exceeded", config.per_second, config.burst),
+        429,
+        CODE_RATE_LIMITED,
+        "Slow down and retry with backoff; the limit is per keygate instance.".to_owned(),
+    );
 }
 
 fn unknown_service(service: &str, operation: Option<&'static Operation>) -> Decision {

@@ -25,7 +25,7 @@ mod tools;
 
 pub use engine::{
     CODE_BUDGET_EXCEEDED, CODE_IDEMPOTENCY_KEY_REQUIRED, CODE_POLICY_DENIED, CODE_RATE_LIMITED, Decision, Denial,
-    MONEY_MOVING_OPERATIONS, PolicyEngine, RequestFacts, RuleTrace, Verdict,
+    HeadCheck, MONEY_MOVING_OPERATIONS, PolicyEngine, RateLimitToken, RequestFacts, RuleTrace, Verdict,
 };
 pub use limits::ManualClock;
 pub use loader::{PolicyLoadError, Problem, is_valid_token_hash, parse_policy_text};

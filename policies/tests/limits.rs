@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keygate_policies::{
-    CODE_BUDGET_EXCEEDED, CODE_RATE_LIMITED, Decision, ManualClock, PolicyEngine, PolicySet, RequestFacts, Verdict,
+    CODE_BUDGET_EXCEEDED, CODE_RATE_LIMITED, Decision, HeadCheck, ManualClock, PolicyEngine, PolicySet, RateLimitToken,
+    RequestFacts, Verdict,
 };
 
 const PAYER: &str = r#"
@@ -89,6 +90,74 @@ fn rate_limit_is_a_token_bucket() {
     // A long pause refills the bucket to its burst, no more.
     clock.advance(Duration::from_secs(3600));
     assert_eq!((0..6).filter(|_| balance(&engine).verdict == Verdict::Allow).count(), 5);
+}
+
+fn pay_after_head(engine: &PolicyEngine, body: &str, token: RateLimitToken) -> Decision {
+    engine.decide_after_rate_limit(
+        "payer",
+        &RequestFacts {
+            method: "POST",
+            path: "/v1/payment_intents",
+            query: None,
+            content_type: Some("application/x-www-form-urlencoded"),
+            body: body.as_bytes(),
+            stripe_account: None,
+            stripe_context: None,
+            idempotency_key: Some("k"),
+            livemode: false,
+        },
+        token,
+    )
+}
+
+#[test]
+fn the_rate_limit_token_is_taken_once_from_the_head() {
+    let dir = policy_dir("enforce", "1", "2", "1000000");
+    let clock = ManualClock::new();
+    let engine = PolicyEngine::with_manual_clock(PolicySet::load_dir(dir.path()).unwrap(), &clock);
+    // Two tokens in the bucket: two heads take them, and their decisions take no more.
+    for i in 0..2 {
+        let check = engine.rate_limit_from_head("payer", "POST", "/v1/payment_intents");
+        assert_eq!(check, HeadCheck::Continue(RateLimitToken::Taken), "head {i}");
+        let decision = pay_after_head(&engine, "amount=10&currency=usd", RateLimitToken::Taken);
+        assert_eq!(decision.verdict, Verdict::Allow, "request {i}");
+    }
+    // The third head is refused with the decision `decide` would have made, body unread.
+    let HeadCheck::Refuse(refused) = engine.rate_limit_from_head("payer", "POST", "/v1/payment_intents") else {
+        panic!("the head over the rate limit is not refused");
+    };
+    assert_eq!((refused.verdict, refused.rule.as_str()), (Verdict::Deny, "rate-limit"));
+    assert_eq!(refused.operation, Some("POST /v1/payment_intents"));
+    assert_eq!((refused.amount, refused.currency.as_deref()), (None, None));
+    let denial = refused.denial.unwrap();
+    assert_eq!((denial.status, denial.code), (429, CODE_RATE_LIMITED));
+    assert_eq!(refused.reason, "rate limit of 1/s with bursts of 2 exceeded");
+    assert!(denial.message.contains("service payer"), "{}", denial.message);
+    // Refused heads charge no budget.
+    assert_eq!(engine.budget_spent("payer", "usd"), Some(20));
+    // A token comes back after a second: the head takes it, `decide` would find none.
+    clock.advance(Duration::from_secs(1));
+    assert_eq!(engine.rate_limit_from_head("payer", "GET", "/v1/balance"), HeadCheck::Continue(RateLimitToken::Taken));
+    assert_eq!(balance(&engine).rule, "rate-limit");
+    // An unknown service is refused from the head too.
+    let HeadCheck::Refuse(unknown) = engine.rate_limit_from_head("nobody", "GET", "/v1/balance") else {
+        panic!("an unknown service is not refused from the head");
+    };
+    assert_eq!((unknown.verdict, unknown.rule.as_str()), (Verdict::Deny, "unknown-service"));
+}
+
+#[test]
+fn report_mode_heads_over_the_rate_limit_go_on_and_are_reported() {
+    let dir = policy_dir("report", "1", "1", "1000000");
+    let engine = PolicyEngine::with_manual_clock(PolicySet::load_dir(dir.path()).unwrap(), &ManualClock::new());
+    let first = engine.rate_limit_from_head("payer", "POST", "/v1/payment_intents");
+    assert_eq!(first, HeadCheck::Continue(RateLimitToken::Taken));
+    let second = engine.rate_limit_from_head("payer", "POST", "/v1/payment_intents");
+    assert_eq!(second, HeadCheck::Continue(RateLimitToken::Exceeded));
+    let decision = pay_after_head(&engine, "amount=10&currency=usd", RateLimitToken::Exceeded);
+    assert_eq!((decision.verdict, decision.rule.as_str()), (Verdict::WouldDeny, "rate-limit"));
+    // The money still moves in report mode.
+    assert_eq!(engine.budget_spent("payer", "usd"), Some(10));
 }
 
 #[test]

@@ -1,8 +1,8 @@
 //! The request pipeline: named phases over one per-request context.
 //!
 //! ```text
-//! read head ─► canonical head ─► authenticate ─► read body ─► canonical body ─► inject (fetch key)
-//!   ─► authorize ─► intent ─► forward ─► respond
+//! read head ─► canonical head ─► authenticate ─► rate limit ─► read body ─► canonical body
+//!   ─► inject (fetch key) ─► authorize ─► intent ─► forward ─► respond
 //!                                  │
 //!            finish (always runs: audit record, metrics, log line)
 //! ```
@@ -33,7 +33,7 @@ use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use keygate_auditlog::{Exchange, HttpMessage, IntentId, Outcome as AuditOutcome};
-use keygate_policies::{Decision, RequestFacts, Verdict};
+use keygate_policies::{Decision, HeadCheck, RateLimitToken, RequestFacts, Verdict};
 use keygate_secrets::{Secret, SecretRef};
 use uuid::Uuid;
 
@@ -219,6 +219,16 @@ async fn run_phases(
 
     let service = authenticate(gateway, connection, &ctx.request_headers)?;
     ctx.service = Some(service.clone());
+    // Cheap refusals first: the rate limit (and an unknown service) from the head alone, before
+    // the body is read or a key fetched; the decision then takes no second token.
+    let rate_limit = match gateway.engine.rate_limit_from_head(&service, ctx.method.as_str(), &ctx.path) {
+        HeadCheck::Continue(token) => token,
+        HeadCheck::Refuse(decision) => {
+            let denial = decision.denial.clone();
+            ctx.decision = Some(decision);
+            return Err(policy_denied(denial));
+        }
+    };
 
     let (received, reservation) =
         read_body(gateway, head.extensions.get(), &service, ctx.host, &ctx.request_headers, body).await?;
@@ -241,22 +251,13 @@ async fn run_phases(
     let livemode = is_live_key(secret.value.expose());
     ctx.livemode = Some(livemode);
 
-    let decision = authorize(gateway, &service, ctx, livemode);
+    let decision = authorize(gateway, &service, ctx, livemode, rate_limit);
     let verdict = decision.verdict;
     let denial = decision.denial.clone();
     let inject_idempotency_key = decision.inject_idempotency_key;
     ctx.decision = Some(decision);
     if verdict == Verdict::Deny {
-        let denial = denial.unwrap_or_else(|| keygate_policies::Denial {
-            status: 403,
-            code: "keygate_policy_denied",
-            message: "The request was denied by keygate's policy.".into(),
-        });
-        return Err(ProxyError::PolicyDenied {
-            status: StatusCode::from_u16(denial.status).unwrap_or(StatusCode::FORBIDDEN),
-            code: denial.code,
-            message: denial.message,
-        });
+        return Err(policy_denied(denial));
     }
     if inject_idempotency_key {
         let key = format!("keygate-{}", Uuid::new_v4());
@@ -288,6 +289,20 @@ async fn run_phases(
     test_hooks::panic_after_forward(&panic_hook);
     ctx.outcome = Outcome::Completed;
     Ok(respond(ctx, upstream))
+}
+
+/// The error for a `deny` decision.
+fn policy_denied(denial: Option<keygate_policies::Denial>) -> ProxyError {
+    let denial = denial.unwrap_or_else(|| keygate_policies::Denial {
+        status: 403,
+        code: "keygate_policy_denied",
+        message: "The request was denied by keygate's policy.".into(),
+    });
+    ProxyError::PolicyDenied {
+        status: StatusCode::from_u16(denial.status).unwrap_or(StatusCode::FORBIDDEN),
+        code: denial.code,
+        message: denial.message,
+    }
 }
 
 /// Header count and size limits, answered in Stripe JSON (hyper's own, larger, buffer limit is a
@@ -463,7 +478,13 @@ pub fn is_live_key(key: &str) -> bool {
     key.starts_with("sk_live_") || key.starts_with("rk_live_")
 }
 
-fn authorize(gateway: &Gateway, service: &str, ctx: &RequestContext, livemode: bool) -> Decision {
+fn authorize(
+    gateway: &Gateway,
+    service: &str,
+    ctx: &RequestContext,
+    livemode: bool,
+    rate_limit: RateLimitToken,
+) -> Decision {
     let headers = &ctx.request_headers;
     let facts = RequestFacts {
         method: ctx.method.as_str(),
@@ -476,7 +497,7 @@ fn authorize(gateway: &Gateway, service: &str, ctx: &RequestContext, livemode: b
         idempotency_key: header_str(headers, "idempotency-key"),
         livemode,
     };
-    gateway.engine.decide(service, &facts)
+    gateway.engine.decide_after_rate_limit(service, &facts, rate_limit)
 }
 
 /// Builds the upstream request: the client's headers minus hop-by-hop, `Host`, `Authorization`
