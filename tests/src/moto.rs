@@ -112,6 +112,19 @@ impl Moto {
         ]
     }
 
+    /// The audit lake's S3 settings for this server (path-style, plain HTTP, the test
+    /// credentials).
+    pub fn s3_config(&self) -> keygate_auditlog::S3Config {
+        keygate_auditlog::S3Config {
+            endpoint: Some(self.url()),
+            region: Some(REGION.into()),
+            allow_http: true,
+            virtual_hosted_style: false,
+            access_key_id: Some(ACCESS_KEY_ID.into()),
+            secret_access_key: Some(SECRET_ACCESS_KEY.into()),
+        }
+    }
+
     /// Sends a signal to the server: `STOP` freezes it (connections hang, as a store that stops
     /// answering), `CONT` thaws it.
     pub fn signal(&self, name: &str) {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use keygate_auditlog::{AuditConfig, AuditLog, Exchange, HttpMessage, LocalKek, Outcome, S3Config, SigningKey};
+use keygate_auditlog::{AuditConfig, AuditLog, Exchange, HttpMessage, LocalKek, Outcome, SigningKey};
 use keygate_tests::moto::Moto;
 
 fn exchange(i: usize) -> Exchange {
@@ -45,19 +45,11 @@ fn metric(log: &AuditLog, name: &str) -> f64 {
 async fn a_hanging_store_shows_in_the_backlog_gauges_and_readiness_and_loses_nothing() {
     let moto = Moto::start();
     moto.create_bucket("audit-lake");
-    let env: std::collections::BTreeMap<_, _> = moto.env().into_iter().collect();
     let dir = tempfile::tempdir().unwrap();
     let cfg = AuditConfig {
         wal_dir: dir.path().join("wal"),
         lake: "s3://audit-lake/outage".into(),
-        s3: S3Config {
-            endpoint: Some(moto.url()),
-            region: Some(keygate_tests::moto::REGION.into()),
-            allow_http: true,
-            virtual_hosted_style: false,
-            access_key_id: Some(env["AWS_ACCESS_KEY_ID"].clone()),
-            secret_access_key: Some(env["AWS_SECRET_ACCESS_KEY"].clone()),
-        },
+        s3: moto.s3_config(),
         kek: "set-by-test".into(),
         signing_key: "set-by-test".into(),
         roll: keygate_auditlog::RollConfig { max_bytes: 4096, max_age: Duration::from_secs(60) },

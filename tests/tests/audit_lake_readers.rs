@@ -188,15 +188,7 @@ fn vault_store_config(bao: &OpenBao, dir: &Path) -> SecretsConfig {
 }
 
 fn s3_config(moto: &Moto) -> S3Config {
-    let env: BTreeMap<_, _> = moto.env().into_iter().collect();
-    S3Config {
-        endpoint: Some(moto.url()),
-        region: Some(keygate_tests::moto::REGION.into()),
-        allow_http: true,
-        virtual_hosted_style: false,
-        access_key_id: Some(env["AWS_ACCESS_KEY_ID"].clone()),
-        secret_access_key: Some(env["AWS_SECRET_ACCESS_KEY"].clone()),
-    }
+    moto.s3_config()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
