@@ -115,7 +115,17 @@ pub struct AuditConfig {
     /// WAL absorbs the backlog. Default 5m.
     #[serde(with = "humantime_serde")]
     pub max_lake_lag: Duration,
+    /// Records that may wait for the WAL writer (the queue between the request path and the
+    /// WAL thread). A record that finds the queue full is refused at once with an unavailable
+    /// error (the proxy answers 503 `keygate_audit_unavailable`) and counted in
+    /// `keygate_audit_queue_full_total`, instead of growing memory. Default 65536.
+    pub queue_capacity: usize,
 }
+
+/// Default of [`AuditConfig::queue_capacity`].
+pub const DEFAULT_QUEUE_CAPACITY: usize = 65_536;
+/// Largest [`AuditConfig::queue_capacity`] accepted.
+pub const MAX_QUEUE_CAPACITY: usize = 16 * 1024 * 1024;
 
 impl Default for AuditConfig {
     fn default() -> Self {
@@ -138,6 +148,7 @@ impl Default for AuditConfig {
             zstd_level: 3,
             lake_timeout: Duration::from_secs(30),
             max_lake_lag: Duration::from_secs(300),
+            queue_capacity: DEFAULT_QUEUE_CAPACITY,
         }
     }
 }
@@ -188,6 +199,12 @@ impl AuditConfig {
         }
         if let Some(id) = &self.writer_id {
             crate::lake::check_writer_id(id)?;
+        }
+        if !(1..=MAX_QUEUE_CAPACITY).contains(&self.queue_capacity) {
+            return Err(AuditError::Config(format!(
+                "audit.queue_capacity is {}; use a number of records from 1 to {MAX_QUEUE_CAPACITY} (default {DEFAULT_QUEUE_CAPACITY})",
+                self.queue_capacity
+            )));
         }
         if !(1..=19).contains(&self.zstd_level) {
             return Err(AuditError::Config("audit.zstd_level must be between 1 and 19".into()));

@@ -28,7 +28,9 @@ pub struct AuditLog {
 }
 
 struct Inner {
-    tx: std::sync::mpsc::Sender<Command>,
+    /// Bounded (`audit.queue_capacity`): the request path never blocks on it (see `send`).
+    tx: std::sync::mpsc::SyncSender<Command>,
+    queue_capacity: usize,
     shared: Arc<Shared>,
     durability: Durability,
     zstd_level: i32,
@@ -110,7 +112,7 @@ impl AuditLog {
         metrics.unknown_outcomes.inc_by(recovery.unknown_rows.len() as u64);
 
         let (ship_tx, ship_rx) = mpsc::unbounded_channel();
-        let (tx, rx) = std::sync::mpsc::channel();
+        let (tx, rx) = std::sync::mpsc::sync_channel(config.queue_capacity);
         let writer = Writer::new(
             WriterConfig {
                 writer_id: writer_id.clone(),
@@ -172,6 +174,7 @@ impl AuditLog {
         Ok(AuditLog {
             inner: Some(Arc::new(Inner {
                 tx,
+                queue_capacity: config.queue_capacity,
                 shared,
                 durability: config.durability,
                 zstd_level: config.zstd_level,
@@ -258,8 +261,22 @@ impl AuditLog {
         Ok(())
     }
 
+    /// Queues a record for the WAL writer without waiting: a full queue is an unavailable error
+    /// (counted in `keygate_audit_queue_full_total`), never a wait or memory growth.
     fn send(&self, i: &Inner, cmd: Command) -> Result<(), AuditError> {
-        i.tx.send(cmd).map_err(|_| AuditError::Closed)
+        i.tx.try_send(cmd).map_err(|error| match error {
+            std::sync::mpsc::TrySendError::Full(_) => {
+                i.shared.metrics.queue_full.inc();
+                AuditError::WalUnavailable {
+                    dir: i.shared.dir.clone(),
+                    reason: format!(
+                        "the queue to the WAL writer is full ({} records waiting, audit.queue_capacity)",
+                        i.queue_capacity
+                    ),
+                }
+            }
+            std::sync::mpsc::TrySendError::Disconnected(_) => AuditError::Closed,
+        })
     }
 
     /// Records the intent of a mutation before it is forwarded; durable when this returns.
@@ -298,9 +315,13 @@ impl AuditLog {
     pub async fn shutdown(self) -> Result<(), AuditError> {
         let Some(i) = self.inner else { return Ok(()) };
         let (ack, done) = oneshot::channel();
-        let writer_result = match i.tx.send(Command::Shutdown { ack }) {
-            Ok(()) => done.await.unwrap_or(Err(AuditError::Closed)),
-            Err(_) => Err(AuditError::Closed),
+        // Shutdown always gets through: it waits for room in the queue (on a blocking thread,
+        // while the WAL thread drains it) instead of failing like a record would.
+        let tx = i.tx.clone();
+        let sent = tokio::task::spawn_blocking(move || tx.send(Command::Shutdown { ack }).is_ok()).await;
+        let writer_result = match sent {
+            Ok(true) => done.await.unwrap_or(Err(AuditError::Closed)),
+            _ => Err(AuditError::Closed),
         };
         let thread = i.thread.lock().ok().and_then(|mut t| t.take());
         if let Some(t) = thread {

@@ -25,6 +25,8 @@ pub struct Metrics {
     pub lake_failures: Counter,
     pub unknown_outcomes: Counter,
     pub redaction_failures: Counter,
+    /// Records refused because the queue to the WAL writer was full (`audit.queue_capacity`).
+    pub queue_full: Counter,
 }
 
 impl Default for Metrics {
@@ -45,6 +47,7 @@ impl Default for Metrics {
             lake_failures: Counter::default(),
             unknown_outcomes: Counter::default(),
             redaction_failures: Counter::default(),
+            queue_full: Counter::default(),
         }
     }
 }
@@ -83,6 +86,11 @@ impl Metrics {
             "redaction_failures",
             "Rows whose redaction failed (panicked) and that record fixed fields only",
             self.redaction_failures.clone(),
+        );
+        r.register(
+            "queue_full",
+            "Records refused (503) because audit.queue_capacity records were already waiting for the WAL writer",
+            self.queue_full.clone(),
         );
     }
 }

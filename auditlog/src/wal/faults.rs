@@ -6,7 +6,7 @@
 //! the exact failure paths the invariants of [`crate::wal::writer`] speak about, in-process and
 //! without root. Unarmed, each check is one atomic load.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 /// Which operation fails.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,6 +25,10 @@ pub struct WalFaults {
     write: AtomicU32,
     fsync: AtomicU32,
     create: AtomicU32,
+    /// While set, the WAL thread waits before each write (a stalled disk or writer).
+    stall: AtomicBool,
+    /// Set while the WAL thread is waiting in a stall.
+    stalled: AtomicBool,
 }
 
 /// The value that keeps a fault armed until [`WalFaults::clear`].
@@ -44,15 +48,39 @@ impl WalFaults {
         self.counter(fault).store(times, Ordering::SeqCst);
     }
 
+    /// Stalls the WAL thread before its next write until [`WalFaults::resume_writes`] (a disk
+    /// that stops answering): records pile up in the queue to the writer.
+    pub fn stall_writes(&self) {
+        self.stall.store(true, Ordering::SeqCst);
+    }
+
+    /// Lets a stalled WAL thread go on.
+    pub fn resume_writes(&self) {
+        self.stall.store(false, Ordering::SeqCst);
+    }
+
+    /// Whether the WAL thread is waiting in a stall right now.
+    pub fn writer_stalled(&self) -> bool {
+        self.stalled.load(Ordering::SeqCst)
+    }
+
     /// Disarms every fault.
     pub fn clear(&self) {
         for fault in [Fault::Write, Fault::Fsync, Fault::CreateSegment] {
             self.counter(fault).store(0, Ordering::SeqCst);
         }
+        self.resume_writes();
     }
 
     /// The error this operation fails with, if a fault is armed for it (consuming one).
     pub(crate) fn take(&self, fault: Fault) -> Option<std::io::Error> {
+        if fault == Fault::Write && self.stall.load(Ordering::SeqCst) {
+            self.stalled.store(true, Ordering::SeqCst);
+            while self.stall.load(Ordering::SeqCst) {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            self.stalled.store(false, Ordering::SeqCst);
+        }
         let counter = self.counter(fault);
         let armed = counter
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| match n {

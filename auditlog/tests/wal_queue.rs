@@ -1,0 +1,105 @@
+//! The queue between the request path and the WAL writer is bounded (`audit.queue_capacity`,
+//! issue 14): with the WAL thread stalled, records beyond the capacity are refused at once with an
+//! unavailable error (the proxy's 503) and counted; every record that was accepted reaches the
+//! lake once the writer goes on, and shutdown gets through a full queue.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use keygate_auditlog::{AuditConfig, AuditLog, Durability};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_beyond_the_queue_capacity_fail_fast_and_accepted_ones_are_kept() {
+    let env = env();
+    let mut cfg = env.cfg.clone();
+    cfg.queue_capacity = 4;
+    // `async`: a record returns as soon as it is queued, so the test knows what is in the queue.
+    cfg.durability = Durability::Async;
+    let log = env.open_cfg(&cfg).await;
+    let faults = log.wal_faults().unwrap();
+    faults.stall_writes();
+
+    // The first record is taken by the WAL thread, which then stalls writing it.
+    let mut accepted = Vec::new();
+    let first = exchange(0);
+    accepted.push(first.event_id);
+    log.record(first, None).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !faults.writer_stalled() {
+        assert!(std::time::Instant::now() < deadline, "the WAL thread never reached its write");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Four fit in the queue.
+    for i in 1..=4 {
+        let ex = exchange(i);
+        accepted.push(ex.event_id);
+        log.record(ex, None).await.unwrap();
+    }
+    // Beyond the capacity: refused at once, rows and intents alike, while the writer is stalled.
+    for i in 5..8 {
+        let error = log.record(exchange(i), None).await.unwrap_err();
+        assert!(error.is_unavailable(), "{error}");
+        assert!(error.to_string().contains("queue_capacity"), "names the setting: {error}");
+    }
+    let error = log.record_intent(&exchange(8)).await.unwrap_err();
+    assert!(error.is_unavailable(), "{error}");
+    assert!(faults.writer_stalled(), "the refusals did not wait for the writer");
+    assert_eq!(log.metrics().unwrap().queue_full.get(), 4);
+    let mut registry = prometheus_client::registry::Registry::default();
+    log.register_metrics(&mut registry);
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    assert!(text.contains("keygate_audit_queue_full_total 4"), "{text}");
+
+    // The writer goes on; shutdown (always let through) commits everything accepted.
+    faults.resume_writes();
+    log.shutdown().await.unwrap();
+    let rows = read_lake(&open_lake(&env.lake_dir())).await;
+    let got: Vec<_> = rows.iter().map(|r| r.row.columns.event_id).collect();
+    assert_eq!(got, accepted, "every accepted record once, in order; no refused one");
+    assert_chains(&rows);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_gets_through_a_full_queue() {
+    let env = env();
+    let mut cfg = env.cfg.clone();
+    cfg.queue_capacity = 1;
+    cfg.durability = Durability::Async;
+    let log = env.open_cfg(&cfg).await;
+    let faults = log.wal_faults().unwrap();
+    faults.stall_writes();
+    log.record(exchange(0), None).await.unwrap();
+    while !faults.writer_stalled() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    log.record(exchange(1), None).await.unwrap();
+    assert!(log.record(exchange(2), None).await.unwrap_err().is_unavailable());
+    // Shutdown waits for room in the full queue rather than failing; the writer is let go soon.
+    let resume = {
+        let faults = faults.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            faults.resume_writes();
+        })
+    };
+    tokio::time::timeout(Duration::from_secs(60), log.shutdown()).await.expect("shutdown returned").unwrap();
+    resume.await.unwrap();
+    assert_eq!(read_lake(&open_lake(&env.lake_dir())).await.len(), 2);
+}
+
+#[test]
+fn a_queue_capacity_of_zero_is_refused() {
+    let cfg = AuditConfig {
+        kek: "env://K".into(),
+        signing_key: "env://S".into(),
+        queue_capacity: 0,
+        ..AuditConfig::default()
+    };
+    let error = cfg.validate().unwrap_err();
+    assert!(error.to_string().contains("audit.queue_capacity"), "{error}");
+    let _ = AuditLog::disabled();
+}
