@@ -779,3 +779,38 @@ fn notes_tell_a_service_how_to_reach_keygate_and_mint_its_token() {
     let sts = render(&value_set("aws-statefulset-values.yaml"));
     assert!(sts.notes.contains("exec statefulset/keygate -- keygate token new"), "{}", sts.notes);
 }
+
+/// The limits and audit keys of issue 14 pass the schema and reach keygate's configuration.
+#[test]
+fn the_connection_buffer_and_audit_queue_limits_reach_the_keygate_config() {
+    let limits = json!({
+        "idle_timeout": "2m",
+        "http2_max_concurrent_streams": 64,
+        "http2_keep_alive_interval": "20s",
+        "http2_keep_alive_timeout": "10s",
+        "max_buffered_bytes": 268435456,
+        "buffer_wait": "2s",
+        "buffered_share_per_connection": 0.25,
+        "buffered_share_per_service": 0.5
+    });
+    let audit = json!({"lake_timeout": "20s", "max_lake_lag": "10m", "queue_capacity": 4096});
+    let values = json!({"config": {"limits": limits.clone(), "audit": audit.clone()}});
+    let (accepted, message) = schema_check(&values);
+    assert!(accepted, "the schema refuses the new keys:\n{message}");
+    let rendered = render_with(&values);
+    let config = rendered.config();
+    for (key, value) in limits.as_object().unwrap() {
+        assert_eq!(&config["limits"][key], value, "limits.{key} in the rendered config");
+    }
+    for (key, value) in audit.as_object().unwrap() {
+        assert_eq!(&config["audit"][key], value, "audit.{key} in the rendered config");
+    }
+    // Out of range: refused by the schema.
+    for bad in [
+        json!({"config": {"limits": {"buffered_share_per_service": 0}}}),
+        json!({"config": {"limits": {"http2_max_concurrent_streams": 0}}}),
+        json!({"config": {"audit": {"queue_capacity": 0}}}),
+    ] {
+        assert!(!schema_check(&bad).0, "accepted {bad}");
+    }
+}
