@@ -9,6 +9,9 @@
 //! under libFuzzer: `cargo bolero test -p keygate-auditlog --test fuzz_redact redact_target`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+use common::strings_of;
+
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -50,21 +53,6 @@ const SEEDS: &[&str] = &[
 
 const CONTENT_TYPES: &[&str] =
     &["", "application/x-www-form-urlencoded", "application/json", "text/plain", "multipart/form-data; boundary=b"];
-
-fn strings_of(value: &Value, out: &mut Vec<String>) {
-    match value {
-        Value::String(s) => out.push(s.clone()),
-        Value::Array(items) => items.iter().for_each(|v| strings_of(v, out)),
-        Value::Object(map) => {
-            for (k, v) in map {
-                out.push(k.clone());
-                strings_of(v, out);
-            }
-        }
-        Value::Number(n) => out.push(n.to_string()),
-        Value::Null | Value::Bool(_) => {}
-    }
-}
 
 fn has_12_consecutive_digits(s: &str) -> bool {
     let mut run = 0;

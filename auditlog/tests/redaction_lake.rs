@@ -131,20 +131,6 @@ fn digits_only(s: &str) -> String {
     s.chars().filter(char::is_ascii_digit).collect()
 }
 
-fn strings_of(value: &serde_json::Value, out: &mut Vec<String>) {
-    match value {
-        serde_json::Value::String(s) => out.push(s.clone()),
-        serde_json::Value::Array(items) => items.iter().for_each(|v| strings_of(v, out)),
-        serde_json::Value::Object(map) => {
-            for (k, v) in map {
-                out.push(k.clone());
-                strings_of(v, out);
-            }
-        }
-        _ => {}
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn planted_canaries_in_every_encoding_never_reach_wal_lake_columns_or_payloads() {
     let env = env();

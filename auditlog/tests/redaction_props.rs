@@ -26,6 +26,9 @@
 //! - Not everything is masked: the planted `amount` survives wherever the body was recorded.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+use common::strings_of;
+
 use bytes::Bytes;
 use keygate_auditlog::row::redact_exchange;
 use keygate_auditlog::{Exchange, HttpMessage};
@@ -387,21 +390,6 @@ impl Plan {
         v.push(self.identity.1.clone());
         v.push(self.dob_year.clone());
         v
-    }
-}
-
-fn strings_of(value: &Value, out: &mut Vec<String>) {
-    match value {
-        Value::String(s) => out.push(s.clone()),
-        Value::Array(items) => items.iter().for_each(|v| strings_of(v, out)),
-        Value::Object(map) => {
-            for (k, v) in map {
-                out.push(k.clone());
-                strings_of(v, out);
-            }
-        }
-        Value::Number(n) => out.push(n.to_string()),
-        Value::Null | Value::Bool(_) => {}
     }
 }
 

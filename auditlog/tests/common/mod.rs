@@ -226,3 +226,19 @@ pub fn segments(dir: &Path) -> Vec<PathBuf> {
 pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
+
+/// Every string in a JSON document (keys, string values, numbers as text), for canary scans.
+pub fn strings_of(value: &serde_json::Value, out: &mut Vec<String>) {
+    match value {
+        serde_json::Value::String(s) => out.push(s.clone()),
+        serde_json::Value::Array(items) => items.iter().for_each(|v| strings_of(v, out)),
+        serde_json::Value::Object(map) => {
+            for (k, v) in map {
+                out.push(k.clone());
+                strings_of(v, out);
+            }
+        }
+        serde_json::Value::Number(n) => out.push(n.to_string()),
+        serde_json::Value::Null | serde_json::Value::Bool(_) => {}
+    }
+}
