@@ -68,17 +68,11 @@ fn parse_with(input: &[u8], repeats: bool) -> Result<Vec<(String, String)>, Form
             return Err(FormError::BadName);
         }
         if !repeats && !name.ends_with("[]") && !seen.insert(name.clone()) {
-            return Err(FormError::Duplicate(printable_name(&name)));
+            return Err(FormError::Duplicate(crate::echo_name(&name)));
         }
         pairs.push((name, value));
     }
     Ok(pairs)
-}
-
-/// A name for an error message: names are the client's own structure, not its data, but are cut
-/// short and stripped of anything unusual.
-fn printable_name(name: &str) -> String {
-    name.chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '[' | ']' | '-' | '.')).take(64).collect()
 }
 
 /// Percent- and `+`-decodes one name or value.

@@ -55,7 +55,7 @@ fn classify(error: serde_json::Error) -> JsonError {
     let text = error.to_string();
     if let Some(rest) = text.strip_prefix("duplicate key ") {
         let key = rest.split(" at line").next().unwrap_or("").trim_matches('`');
-        return JsonError::Duplicate(key.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '_').take(64).collect());
+        return JsonError::Duplicate(crate::echo_name(key));
     }
     if text.starts_with("recursion limit exceeded") {
         return JsonError::TooDeep;

@@ -278,6 +278,16 @@ fn split_media_type(value: &str) -> (&str, Vec<(&str, &str)>) {
     (media_type, params)
 }
 
+/// A client-chosen name (header, parameter, JSON key) as a refusal message may quote it: only
+/// `[A-Za-z0-9_.\[\]-]`, at most 64 characters, and withheld entirely when it holds anything
+/// shaped like a credential (messages never repeat a secret, even the client's own).
+pub fn echo_name(name: &str) -> String {
+    if contains_credential(name) || name.contains("secret") {
+        return "(name withheld: it looks like a credential)".to_owned();
+    }
+    name.chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '[' | ']' | '-' | '.')).take(64).collect()
+}
+
 /// Query or body parameter names that carry credentials (`?api_key=`, as some HTTP clients send).
 pub fn is_credential_name(name: &str) -> bool {
     ["api_key", "apikey", "key", "access_token", "token", "authorization", "bearer", "client_secret_key"]
