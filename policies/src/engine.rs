@@ -1,11 +1,18 @@
 //! The decider: `PolicyEngine::decide()` turns one request of one service into a `Decision`.
 //!
 //! Order of checks: rate limit, rules (first match wins, default deny), idempotency, budget.
-//! The rate limit needs only the head, so the proxy takes its token first, before the body is
-//! read (`rate_limit_from_head`), and decides the rest with `decide_after_rate_limit`.
 //! In `enforce` mode the first failing check decides. In `report` mode every request goes
 //! through: the verdict is `would_deny` with the first failing check, and money that moves is
 //! still charged to the budget.
+//!
+//! Rate limits and budgets are counted in a limit store (`keygate-limits`), which the engine
+//! never calls: it says what must be acquired ([`PolicyEngine::plan_rate_limit`], from the head
+//! alone, before the body is read) and what must be charged ([`Decision::charge`], from
+//! [`PolicyEngine::evaluate`]); the proxy does both in its store and hands the results back
+//! ([`PolicyEngine::rate_limited`], [`PolicyEngine::apply_charge`]), which turn them into the
+//! same decisions as before. [`PolicyEngine::decide`] (and `rate_limit_from_head`,
+//! `decide_after_rate_limit`) do all of it against the engine's own in-memory state, on the same
+//! arithmetic: that is what `keygate policy test` and the engine's tests run.
 //!
 //! Invariants: no I/O; the body is parsed at most once, and only when a rule that could apply
 //! has parameter conditions or the request is a `POST` (amount and currency for budgets and the
@@ -15,9 +22,10 @@
 use std::sync::{Arc, PoisonError};
 
 use arc_swap::ArcSwap;
+use keygate_limits::{ChargeOutcome, ChargeRequest, ManualClock, MemoryLimits, RateOutcome, RateSpec, SystemClock};
 
 use crate::conditions::{self, Failure};
-use crate::limits::{EngineClock, ManualClock, ServiceState};
+use crate::limits::{budget_key, rate_spec};
 use crate::model::{Effect, IdempotencyMode, Mode, ServicePolicy};
 use crate::operations::{Operation, is_normal_path, match_operation};
 use crate::params::{NameFilter, RequestParams};
@@ -121,6 +129,11 @@ pub struct Decision {
     /// Idempotency mode `inject`, a `POST` without `Idempotency-Key`, and the request goes
     /// through: the proxy adds a fresh key.
     pub inject_idempotency_key: bool,
+    /// The budget charge this request needs before it may be forwarded (a money-moving request
+    /// of a service with a budget in its currency, going upstream), from
+    /// [`PolicyEngine::evaluate`]: the caller charges it in its store and hands the outcome to
+    /// [`PolicyEngine::apply_charge`]. `None` when nothing is to be charged, or once charged.
+    pub charge: Option<Box<ChargeRequest>>,
 }
 
 /// Whether a request's rate-limit token was already taken from its head
@@ -135,6 +148,18 @@ pub enum RateLimitToken {
     /// The bucket was empty at the head and the service is in `report` mode, so the request
     /// goes on: the decision is `would_deny` with rule `rate-limit`.
     Exceeded,
+}
+
+/// What the head check must acquire, from [`PolicyEngine::plan_rate_limit`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum HeadPlan {
+    /// Refuse at once (an unknown service).
+    Refuse(Decision),
+    /// The service has no rate limit: go on with [`RateLimitToken::Taken`].
+    Unlimited,
+    /// Take one request of this rate from the store: allowed → go on with
+    /// [`RateLimitToken::Taken`]; limited → [`PolicyEngine::rate_limited`].
+    Acquire(RateSpec),
 }
 
 /// What [`PolicyEngine::rate_limit_from_head`] found.
@@ -172,60 +197,46 @@ impl<'a> LazyParams<'a> {
     }
 }
 
-/// A policy set plus per-instance state (rate limiters, budgets). `Send + Sync`; share it.
+/// A policy set, plus the in-memory rate limiters and budgets that [`decide`](Self::decide)
+/// counts in. `Send + Sync`; share it.
 #[derive(Debug)]
 pub struct PolicyEngine {
     /// Lock-free reads on the request path; `replace` swaps the whole snapshot.
     current: ArcSwap<Snapshot>,
-    /// Serialises `replace` so that two reloads cannot interleave their state carry-over.
+    /// Serialises `replace`.
     replacing: std::sync::Mutex<()>,
-    clock: EngineClock,
+    /// What `decide` (not the proxy, which has its store) counts in.
+    memory: MemoryLimits,
 }
 
 #[derive(Debug)]
 struct Snapshot {
     set: PolicySet,
-    /// Parallel to `set`'s services.
-    states: Vec<Arc<ServiceState>>,
-}
-
-impl Snapshot {
-    fn build(set: PolicySet, previous: Option<&Snapshot>, clock: &EngineClock) -> Snapshot {
-        let states = set
-            .services()
-            .map(|service| {
-                let old = previous.and_then(|p| p.set.index_of(&service.name).map(|i| p.states[i].as_ref()));
-                Arc::new(ServiceState::new(service.rate_limit, &service.budgets, old, clock))
-            })
-            .collect();
-        Snapshot { set, states }
-    }
 }
 
 impl PolicyEngine {
-    /// An engine on the real monotonic clock.
+    /// An engine whose own counts follow the wall clock.
     pub fn new(set: PolicySet) -> PolicyEngine {
-        PolicyEngine::with_clock_source(set, EngineClock::real())
+        PolicyEngine::with_memory(set, MemoryLimits::new(Arc::new(SystemClock)))
     }
 
-    /// An engine whose rate limits and budgets follow `clock` (tests, `keygate policy test`).
+    /// An engine whose own rate limits and budgets follow `clock` (tests, `keygate policy test`).
     pub fn with_manual_clock(set: PolicySet, clock: &ManualClock) -> PolicyEngine {
-        PolicyEngine::with_clock_source(set, EngineClock::Manual(clock.clone()))
+        PolicyEngine::with_memory(set, MemoryLimits::new(Arc::new(clock.clone())))
     }
 
-    fn with_clock_source(set: PolicySet, clock: EngineClock) -> PolicyEngine {
-        let snapshot = Snapshot::build(set, None, &clock);
-        PolicyEngine { current: ArcSwap::from_pointee(snapshot), replacing: std::sync::Mutex::new(()), clock }
+    fn with_memory(set: PolicySet, memory: MemoryLimits) -> PolicyEngine {
+        PolicyEngine { current: ArcSwap::from_pointee(Snapshot { set }), replacing: std::sync::Mutex::new(()), memory }
     }
 
-    /// Hot reload: decisions from now on use `set`. Services that still exist keep their rate
-    /// limiter (if its configuration is unchanged) and their budget spending (per currency, if
-    /// the window is unchanged). In-flight `decide` calls finish on the set they started with.
+    /// Hot reload: decisions from now on use `set`. Counts are kept by what they count (a
+    /// service's rate limit by its rate and burst, a budget by service, currency and window), so
+    /// an unchanged rate limit keeps its limiter, a budget with the same window keeps its
+    /// spending (a new ceiling applies to it at once), and a changed rate or window starts
+    /// afresh. In-flight `decide` calls finish on the set they started with.
     pub fn replace(&self, set: PolicySet) {
         let _one_at_a_time = self.replacing.lock().unwrap_or_else(PoisonError::into_inner);
-        let previous = self.snapshot();
-        let next = Arc::new(Snapshot::build(set, Some(&previous), &self.clock));
-        self.current.store(next);
+        self.current.store(Arc::new(Snapshot { set }));
     }
 
     /// The set in force.
@@ -233,37 +244,45 @@ impl PolicyEngine {
         self.snapshot().set.clone()
     }
 
-    /// What has been charged to `service`'s `currency` budget in the current window.
+    /// What [`decide`](Self::decide) has charged to `service`'s `currency` budget in the
+    /// current window (the engine's own count, not the proxy's store).
     pub fn budget_spent(&self, service: &str, currency: &str) -> Option<i64> {
         let snapshot = self.snapshot();
-        let index = snapshot.set.index_of(service)?;
-        let budget = snapshot.states[index].budget(currency)?;
-        Some(budget.spent(self.clock.now_nanos()))
+        let policy = snapshot.set.service(service)?;
+        let budget = policy.budgets.iter().find(|b| b.currency == currency)?;
+        Some(self.memory.spent(&budget_key(service, budget)))
     }
 
     fn snapshot(&self) -> Arc<Snapshot> {
         self.current.load_full()
     }
 
-    /// The cheap refusal, from the request head alone (before the body is read or a key is
-    /// fetched): takes `service`'s rate-limit token. Over the limit in `enforce` mode, returns
-    /// the denial [`decide`](Self::decide) would have made (rule `rate-limit`, 429
-    /// `keygate_rate_limited`; no amount or currency, the body being unread); an unknown service
-    /// is refused too. Otherwise the token to pass to
-    /// [`decide_after_rate_limit`](Self::decide_after_rate_limit), which then takes no second one.
-    pub fn rate_limit_from_head(&self, service: &str, method: &str, path: &str) -> HeadCheck {
+    /// What the head check must acquire for `service` (before the body is read or a key is
+    /// fetched): nothing, one request of its rate, or a refusal (an unknown service).
+    pub fn plan_rate_limit(&self, service: &str, method: &str, path: &str) -> HeadPlan {
+        let snapshot = self.current.load();
+        let Some(policy) = snapshot.set.service(service) else {
+            return HeadPlan::Refuse(unknown_service(service, match_operation(method, path)));
+        };
+        match policy.rate_limit {
+            Some(rate) => HeadPlan::Acquire(rate_spec(rate)),
+            None => HeadPlan::Unlimited,
+        }
+    }
+
+    /// The store found `service` over its rate limit: in `enforce` mode the denial
+    /// [`decide`](Self::decide) would have made (rule `rate-limit`, 429 `keygate_rate_limited`;
+    /// no amount or currency, the body being unread); in `report` mode, go on with
+    /// [`RateLimitToken::Exceeded`].
+    pub fn rate_limited(&self, service: &str, method: &str, path: &str) -> HeadCheck {
         let snapshot = self.current.load();
         let operation = match_operation(method, path);
-        let Some(index) = snapshot.set.index_of(service) else {
+        let Some(policy) = snapshot.set.service(service) else {
             return HeadCheck::Refuse(unknown_service(service, operation));
         };
-        let policy = snapshot.set.service_at(index);
-        let Some(limiter) = &snapshot.states[index].limiter else {
+        let Some(rate) = policy.rate_limit else {
             return HeadCheck::Continue(RateLimitToken::Taken);
         };
-        if limiter.try_acquire() {
-            return HeadCheck::Continue(RateLimitToken::Taken);
-        }
         if policy.mode == Mode::Report {
             return HeadCheck::Continue(RateLimitToken::Exceeded);
         }
@@ -279,7 +298,7 @@ impl PolicyEngine {
             livemode: false,
         };
         let mut ctx = Ctx { policy, facts: &facts, operation, denied: None };
-        deny_rate_limited(&mut ctx, limiter.config);
+        deny_rate_limited(&mut ctx, rate);
         let Some(denied) = ctx.denied else {
             return HeadCheck::Continue(RateLimitToken::Exceeded);
         };
@@ -292,7 +311,23 @@ impl PolicyEngine {
             currency: None,
             denial: Some(denied.denial),
             inject_idempotency_key: false,
+            charge: None,
         })
+    }
+
+    /// The cheap refusal, from the request head alone, against the engine's own rate limiters:
+    /// [`plan_rate_limit`](Self::plan_rate_limit), acquired in memory, then
+    /// [`rate_limited`](Self::rate_limited) when over. Returns the token to pass to
+    /// [`decide_after_rate_limit`](Self::decide_after_rate_limit), which then takes no second one.
+    pub fn rate_limit_from_head(&self, service: &str, method: &str, path: &str) -> HeadCheck {
+        match self.plan_rate_limit(service, method, path) {
+            HeadPlan::Refuse(decision) => HeadCheck::Refuse(decision),
+            HeadPlan::Unlimited => HeadCheck::Continue(RateLimitToken::Taken),
+            HeadPlan::Acquire(rate) => match self.memory.acquire(service, rate) {
+                RateOutcome::Allowed => HeadCheck::Continue(RateLimitToken::Taken),
+                RateOutcome::Limited { .. } => self.rate_limited(service, method, path),
+            },
+        }
     }
 
     /// Decides one request of `service` (the authenticated service name), taking its
@@ -302,27 +337,41 @@ impl PolicyEngine {
     }
 
     /// [`decide`](Self::decide) for a request whose rate-limit token `token` says whether it was
-    /// already taken ([`rate_limit_from_head`](Self::rate_limit_from_head)).
+    /// already taken ([`rate_limit_from_head`](Self::rate_limit_from_head)): evaluates, then
+    /// charges the budget in the engine's own memory.
     pub fn decide_after_rate_limit(&self, service: &str, facts: &RequestFacts<'_>, token: RateLimitToken) -> Decision {
+        let decision = self.evaluate(service, facts, token);
+        match decision.charge.clone() {
+            Some(request) => {
+                let outcome = self.memory.charge(&request);
+                self.apply_charge(service, decision, &outcome)
+            }
+            None => decision,
+        }
+    }
+
+    /// The decision before its budget is charged: [`Decision::charge`] names what the caller must
+    /// charge (then [`apply_charge`](Self::apply_charge)). `token` says whether the rate-limit
+    /// token was taken from the head; [`RateLimitToken::Pending`] takes it from the engine's own
+    /// limiters.
+    pub fn evaluate(&self, service: &str, facts: &RequestFacts<'_>, token: RateLimitToken) -> Decision {
         let snapshot = self.current.load();
         let operation = match_operation(facts.method, facts.path);
-        let Some(index) = snapshot.set.index_of(service) else {
+        let Some(policy) = snapshot.set.service(service) else {
             return unknown_service(service, operation);
         };
-        let policy = snapshot.set.service_at(index);
-        let state = &snapshot.states[index];
         let mut params = LazyParams::new(facts, &policy.names);
         let mut ctx = Ctx { policy, facts, operation, denied: None };
 
         // 1. Rate limit: every request of the service takes one token, here or from its head.
-        if let Some(limiter) = &state.limiter {
+        if let Some(rate) = policy.rate_limit {
             let exceeded = match token {
-                RateLimitToken::Pending => !limiter.try_acquire(),
+                RateLimitToken::Pending => self.memory.acquire(service, rate_spec(rate)) != RateOutcome::Allowed,
                 RateLimitToken::Taken => false,
                 RateLimitToken::Exceeded => true,
             };
             if exceeded {
-                deny_rate_limited(&mut ctx, limiter.config);
+                deny_rate_limited(&mut ctx, rate);
             }
         }
 
@@ -383,11 +432,13 @@ impl PolicyEngine {
             (None, None)
         };
 
-        // 4. Budget: charged only for money that actually moves.
+        // 4. Budget: charged only for money that actually moves (by the caller, in its store).
         let money_moving = operation.is_some_and(|op| MONEY_MOVING_OPERATIONS.contains(&op.name));
-        if money_moving && !policy.budgets.is_empty() && ctx.forwards() {
-            charge_budget(&mut ctx, state, &self.clock, amount, currency.as_deref());
-        }
+        let charge = if money_moving && !policy.budgets.is_empty() && ctx.forwards() {
+            budget_charge(&mut ctx, amount, currency.as_deref())
+        } else {
+            None
+        };
 
         let verdict = match (&ctx.denied, policy.mode) {
             (None, _) => Verdict::Allow,
@@ -409,6 +460,7 @@ impl PolicyEngine {
                 currency,
                 denial: Some(denied.denial),
                 inject_idempotency_key,
+                charge,
             },
             None => {
                 let rule = allowed_by.map(|i| &policy.rules[i]);
@@ -424,10 +476,74 @@ impl PolicyEngine {
                     currency,
                     denial: None,
                     inject_idempotency_key,
+                    charge,
                 }
             }
         }
     }
+
+    /// Applies the store's answer to a decision's [`charge`](Decision::charge): within the
+    /// budget, the decision stands; over it, the request is denied (`enforce`) or reported
+    /// `would_deny` (`report`, where the store charged it anyway) with rule `budget:<currency>`,
+    /// unless an earlier check already failed (the first failing check is the one reported).
+    pub fn apply_charge(&self, service: &str, mut decision: Decision, outcome: &ChargeOutcome) -> Decision {
+        let Some(request) = decision.charge.take() else {
+            return decision;
+        };
+        if !outcome.exceeded || decision.denial.is_some() {
+            return decision;
+        }
+        let snapshot = self.current.load();
+        let Some(policy) = snapshot.set.service(service) else {
+            return unknown_service(service, operation_by_name_static(decision.operation));
+        };
+        let facts = RequestFacts {
+            method: "POST",
+            path: "",
+            query: None,
+            content_type: None,
+            body: b"",
+            stripe_account: None,
+            stripe_context: None,
+            idempotency_key: None,
+            livemode: false,
+        };
+        let mut ctx = Ctx { policy, facts: &facts, operation: None, denied: None };
+        let currency = &request.key.currency;
+        ctx.deny(
+            format!("budget:{currency}"),
+            format!(
+                "{currency} budget of {} per {} would be exceeded: {} spent, this request {}",
+                request.max,
+                humantime::format_duration(request.key.window),
+                outcome.spent_before,
+                request.amount
+            ),
+            403,
+            CODE_BUDGET_EXCEEDED,
+            format!(
+                "Retry when earlier spending leaves the window, or ask the owner of policy file {} to raise the budget.",
+                policy.file_name()
+            ),
+        );
+        if let Some(denied) = ctx.denied {
+            decision.verdict = match policy.mode {
+                Mode::Enforce => Verdict::Deny,
+                Mode::Report => Verdict::WouldDeny,
+            };
+            decision.rule = denied.rule;
+            decision.reason = denied.reason;
+            decision.denial = Some(denied.denial);
+            decision.inject_idempotency_key = decision.inject_idempotency_key && decision.verdict.forwards();
+        }
+        decision
+    }
+}
+
+/// The operation of a decision, looked up again by name (for a decision whose service vanished
+/// in a reload between evaluation and charge).
+fn operation_by_name_static(name: Option<&'static str>) -> Option<&'static Operation> {
+    name.and_then(crate::operations::operation_by_name)
 }
 
 /// The first denial of a decision.
@@ -481,7 +597,7 @@ fn deny_rate_limited(ctx: &mut Ctx<'_, '_>, config: crate::model::RateLimit) {
         format!("rate limit of {}/s with bursts of {} exceeded", config.per_second, config.burst),
         429,
         CODE_RATE_LIMITED,
-        "Slow down and retry with backoff; the limit is per keygate instance.".to_owned(),
+        "Slow down and retry with backoff.".to_owned(),
     );
 }
 
@@ -502,6 +618,7 @@ fn unknown_service(service: &str, operation: Option<&'static Operation>) -> Deci
         }),
         reason,
         inject_idempotency_key: false,
+        charge: None,
     }
 }
 
@@ -595,15 +712,11 @@ fn default_deny_reason(
     }
 }
 
-fn charge_budget(
-    ctx: &mut Ctx<'_, '_>,
-    state: &ServiceState,
-    clock: &EngineClock,
-    amount: Option<i64>,
-    currency: Option<&str>,
-) {
+/// What a money-moving request must charge: `None` when the service has no budget in its
+/// currency; a denial (`budget:unpriced`) when amount or currency cannot be read.
+fn budget_charge(ctx: &mut Ctx<'_, '_>, amount: Option<i64>, currency: Option<&str>) -> Option<Box<ChargeRequest>> {
+    let policy = ctx.policy;
     let (Some(amount), Some(currency)) = (amount, currency) else {
-        let policy = ctx.policy;
         ctx.deny(
             "budget:unpriced".to_owned(),
             "money-moving request without a readable `amount` and `currency`, so it cannot be counted against the budget".to_owned(),
@@ -615,32 +728,16 @@ fn charge_budget(
                 policy.file_name()
             ),
         );
-        return;
+        return None;
     };
-    let Some(budget) = state.budget(currency) else {
-        return;
-    };
+    let budget = policy.budgets.iter().find(|b| b.currency == currency)?;
     // Report mode: the request goes through, so its money moves and counts, over budget or not.
-    let force = ctx.policy.mode == Mode::Report;
-    if let Err(exceeded) = budget.charge(clock.now_nanos(), amount, force) {
-        let config = &budget.config;
-        let policy = ctx.policy;
-        ctx.deny(
-            format!("budget:{currency}"),
-            format!(
-                "{currency} budget of {} per {} would be exceeded: {} spent, this request {amount}",
-                config.max,
-                humantime::format_duration(config.window),
-                exceeded.spent
-            ),
-            403,
-            CODE_BUDGET_EXCEEDED,
-            format!(
-                "Retry when earlier spending leaves the window, or ask the owner of policy file {} to raise the budget (budgets are per keygate instance).",
-                policy.file_name()
-            ),
-        );
-    }
+    Some(Box::new(ChargeRequest {
+        key: budget_key(&policy.name, budget),
+        max: budget.max,
+        amount,
+        force: policy.mode == Mode::Report,
+    }))
 }
 
 /// How one rule fared against a request (for `explain`).

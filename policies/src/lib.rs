@@ -6,7 +6,9 @@
 //!
 //! - [`operations`](mod@operations): the embedded Stripe operation table and [`match_operation`].
 //! - [`PolicySet::load_dir`]: one YAML file per service, validated as a whole folder.
-//! - [`PolicyEngine`]: rules, rate limits, budgets and idempotency, per keygate instance.
+//! - [`PolicyEngine`]: rules, rate limits, budgets and idempotency; rate limits and budgets are
+//!   named for the caller's limit store (`keygate-limits`), or counted in the engine's memory by
+//!   [`PolicyEngine::decide`].
 //! - [`check`], [`explain`], [`run_tests`]: the `keygate policy …` tools, as library functions.
 //!
 //! The policy grammar is documented in `docs/policies.md`.
@@ -25,9 +27,9 @@ mod tools;
 
 pub use engine::{
     CODE_BUDGET_EXCEEDED, CODE_IDEMPOTENCY_KEY_REQUIRED, CODE_POLICY_DENIED, CODE_RATE_LIMITED, Decision, Denial,
-    HeadCheck, MONEY_MOVING_OPERATIONS, PolicyEngine, RateLimitToken, RequestFacts, RuleTrace, Verdict,
+    HeadCheck, HeadPlan, MONEY_MOVING_OPERATIONS, PolicyEngine, RateLimitToken, RequestFacts, RuleTrace, Verdict,
 };
-pub use limits::ManualClock;
+pub use keygate_limits::{ChargeOutcome, ChargeRequest, ManualClock, RateOutcome, RateSpec};
 pub use loader::{PolicyLoadError, Problem, is_valid_token_hash, parse_policy_text};
 pub use model::{
     Budget, Effect, HeaderCondition, IdempotencyMode, KeyMode, Mode, ParamCondition, RateLimit, Rule, ServicePolicy,

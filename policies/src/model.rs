@@ -203,9 +203,9 @@ pub struct ServicePolicy {
     pub mode: Mode,
     /// Idempotency-Key handling for mutations.
     pub idempotency: IdempotencyMode,
-    /// Request rate limit, per keygate instance.
+    /// Request rate limit (counted in the proxy's limit store: shared by every replica with Redis).
     pub rate_limit: Option<RateLimit>,
-    /// Money budgets, per keygate instance, one per currency.
+    /// Money budgets, one per currency (counted in the proxy's limit store).
     pub budgets: Vec<Budget>,
     /// Ordered rules; the first that matches decides.
     pub rules: Vec<Rule>,

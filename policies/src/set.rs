@@ -122,12 +122,4 @@ impl PolicySet {
     pub fn ptr_eq(&self, other: &PolicySet) -> bool {
         Arc::ptr_eq(&self.inner, &other.inner)
     }
-
-    pub(crate) fn index_of(&self, name: &str) -> Option<usize> {
-        self.inner.by_name.get(name).copied()
-    }
-
-    pub(crate) fn service_at(&self, index: usize) -> &ServicePolicy {
-        &self.inner.services[index]
-    }
 }

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keygate_policies::{
-    CODE_BUDGET_EXCEEDED, CODE_RATE_LIMITED, Decision, HeadCheck, ManualClock, PolicyEngine, PolicySet, RateLimitToken,
-    RequestFacts, Verdict,
+    CODE_BUDGET_EXCEEDED, CODE_RATE_LIMITED, ChargeOutcome, Decision, HeadCheck, ManualClock, PolicyEngine, PolicySet,
+    RateLimitToken, RequestFacts, Verdict,
 };
 
 const PAYER: &str = r#"
@@ -287,11 +287,73 @@ fn hot_reload_keeps_state_of_services_that_remain() {
     engine.replace(PolicySet::load_dir(dir.path()).unwrap());
     assert_eq!((0..4).filter(|_| balance(&engine).verdict == Verdict::Allow).count(), 3);
 
-    // Service removed, then back: its state starts afresh.
+    // Service removed, then back: money spent in the window still counts (counts are kept by
+    // service, currency and window, as in the proxy's limit store, not by policy snapshot).
     let other = tempfile::tempdir().unwrap();
     std::fs::write(other.path().join("other.yaml"), "service: other\nstripe_key: \"vault://x#y\"\n").unwrap();
     engine.replace(PolicySet::load_dir(other.path()).unwrap());
     assert_eq!(balance(&engine).rule, "unknown-service");
     engine.replace(PolicySet::load_dir(dir.path()).unwrap());
+    assert_eq!(engine.budget_spent("payer", "usd"), Some(2000));
+    // A changed window is another budget, which starts afresh.
+    std::fs::write(
+        dir.path().join("payer.yaml"),
+        PAYER
+            .replace("MODE", "enforce")
+            .replace("RATE", "10")
+            .replace("BURST", "3")
+            .replace("MAX", "2000")
+            .replace("window: 1h", "window: 2h"),
+    )
+    .unwrap();
+    engine.replace(PolicySet::load_dir(dir.path()).unwrap());
     assert_eq!(engine.budget_spent("payer", "usd"), Some(0));
+}
+
+#[test]
+fn evaluate_names_the_charge_and_apply_charge_turns_the_store_answer_into_the_decision() {
+    let dir = policy_dir("enforce", "1000", "1000", "100");
+    let engine = PolicyEngine::new(PolicySet::load_dir(dir.path()).unwrap());
+    let facts = RequestFacts {
+        method: "POST",
+        path: "/v1/payment_intents",
+        query: None,
+        content_type: Some("application/x-www-form-urlencoded"),
+        body: b"amount=80&currency=usd",
+        stripe_account: None,
+        stripe_context: None,
+        idempotency_key: Some("k"),
+        livemode: false,
+    };
+    let evaluated = engine.evaluate("payer", &facts, RateLimitToken::Taken);
+    assert_eq!(evaluated.verdict, Verdict::Allow);
+    let charge = evaluated.charge.clone().expect("a money-moving request under a budget names its charge");
+    assert_eq!(
+        (charge.key.service.as_str(), charge.key.currency.as_str(), charge.max, charge.amount, charge.force),
+        ("payer", "usd", 100, 80, false)
+    );
+    assert_eq!(charge.key.window, Duration::from_secs(3600));
+    // evaluate charges nothing itself.
+    assert_eq!(engine.budget_spent("payer", "usd"), Some(0));
+    // Within budget: the decision stands, the charge is consumed.
+    let fits = ChargeOutcome { spent_before: 0, exceeded: false, charge: None };
+    let allowed = engine.apply_charge("payer", evaluated.clone(), &fits);
+    assert_eq!((allowed.verdict, allowed.charge), (Verdict::Allow, None));
+    // Over: the same denial the in-memory decide gives.
+    let over = ChargeOutcome { spent_before: 30, exceeded: true, charge: None };
+    let denied = engine.apply_charge("payer", evaluated, &over);
+    assert_eq!((denied.verdict, denied.rule.as_str()), (Verdict::Deny, "budget:usd"));
+    assert_eq!(denied.reason, "usd budget of 100 per 1h would be exceeded: 30 spent, this request 80");
+    assert_eq!(denied.denial.unwrap().code, CODE_BUDGET_EXCEEDED);
+    // Reads name no charge.
+    assert_eq!(
+        engine
+            .evaluate(
+                "payer",
+                &RequestFacts { method: "GET", path: "/v1/balance", body: b"", content_type: None, ..facts },
+                RateLimitToken::Taken
+            )
+            .charge,
+        None
+    );
 }

@@ -32,11 +32,11 @@ use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde_saphyr::Spanned;
 
 use crate::engine::{PolicyEngine, Verdict};
-use crate::limits::ManualClock;
 use crate::loader::{self, Problem};
 use crate::schema::Scalar;
 use crate::set::PolicySet;
 use crate::tools::explain::DescribedRequest;
+use keygate_limits::ManualClock;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
