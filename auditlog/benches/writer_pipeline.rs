@@ -90,6 +90,7 @@ fn pipeline(exchanges: &[Exchange]) -> Vec<u8> {
 
 fn file_meta(rows: usize) -> FileMeta {
     FileMeta {
+        table: keygate_auditlog::table::Table::Audit,
         writer_id: "bench".into(),
         first_seq: 1,
         last_seq: rows as u64,

@@ -246,6 +246,18 @@ pub fn row_aad(writer_id: &str, file_first_seq: u64, event_id: &uuid::Uuid) -> V
     aad
 }
 
+/// Associated data of a `webhooks` row's payload: binds it to the writer, the file, the event
+/// and the table (an `audit` payload does not open as a webhook's, nor the other way round).
+pub fn webhook_row_aad(writer_id: &str, file_first_seq: u64, event_id: &uuid::Uuid) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(64 + writer_id.len());
+    aad.extend_from_slice(b"keygate-webhooks-row-v1\0");
+    aad.extend_from_slice(writer_id.as_bytes());
+    aad.push(0);
+    aad.extend_from_slice(&file_first_seq.to_be_bytes());
+    aad.extend_from_slice(event_id.as_bytes());
+    aad
+}
+
 /// Associated data of an intent's payload inside a WAL segment (never copied to the lake).
 pub fn intent_aad(writer_id: &str, segno: u64, event_id: &uuid::Uuid) -> Vec<u8> {
     let mut aad = Vec::with_capacity(64 + writer_id.len());

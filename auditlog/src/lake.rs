@@ -1,13 +1,15 @@
 //! The lake: an object store (local folder or S3) and its layout.
 //!
 //! ```text
-//! <lake>/audit/dt=YYYY-MM-DD/hour=HH/<writer>-<first_seq:020>.parquet   one per WAL segment
-//! <lake>/manifests/<writer>/<first_seq:020>.json                         its signed manifest
+//! <lake>/audit/dt=YYYY-MM-DD/hour=HH/<writer>-<first_seq:020>.parquet     one per WAL segment
+//! <lake>/manifests/<writer>/<first_seq:020>.json                           its signed manifest
+//! <lake>/webhooks/dt=YYYY-MM-DD/hour=HH/<writer>-<first_seq:020>.parquet  one per WAL segment with webhook rows
+//! <lake>/webhook-manifests/<writer>/<first_seq:020>.json                   its signed manifest
 //! ```
 //!
 //! Invariants: objects are only ever created, never overwritten (`PutMode::Create`; large files
 //! are uploaded in parts under `_staging/` and then copied with create-only semantics); the
-//! manifests live outside `audit/` so that table readers (Athena, DuckDB globs) see only Parquet.
+//! manifests live outside the table folders so that table readers (Athena, DuckDB globs) see only Parquet.
 
 use std::sync::Arc;
 
@@ -18,6 +20,7 @@ use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutOptions,
 
 use crate::config::S3Config;
 use crate::error::AuditError;
+use crate::table::Table;
 
 /// Checks that a writer id can be used in object names.
 pub fn check_writer_id(id: &str) -> Result<(), AuditError> {
@@ -150,12 +153,18 @@ impl Lake {
     /// URL of the `audit/` table folder, for query engines: `s3://bucket/prefix/audit/` or
     /// `file:///abs/lake/audit/`.
     pub fn table_url(&self) -> String {
+        self.table_url_of(Table::Audit)
+    }
+
+    /// URL of a table's folder, for query engines.
+    pub fn table_url_of(&self, table: Table) -> String {
         let p = self.prefix.as_ref();
+        let t = table.name();
         match self.root_url.scheme() {
-            "file" if p.is_empty() => "file:///audit/".to_owned(),
-            "file" => format!("file:///{p}/audit/"),
-            _ if p.is_empty() => format!("{}/audit/", self.root_url.as_str().trim_end_matches('/')),
-            _ => format!("{}/{p}/audit/", self.root_url.as_str().trim_end_matches('/')),
+            "file" if p.is_empty() => format!("file:///{t}/"),
+            "file" => format!("file:///{p}/{t}/"),
+            _ if p.is_empty() => format!("{}/{t}/", self.root_url.as_str().trim_end_matches('/')),
+            _ => format!("{}/{p}/{t}/", self.root_url.as_str().trim_end_matches('/')),
         }
     }
 
@@ -216,10 +225,16 @@ impl Lake {
 /// `audit/dt=YYYY-MM-DD/hour=HH/<writer>-<first_seq>.parquet` for a file whose first row was
 /// logged at `logged_at_us`.
 pub fn data_path(writer_id: &str, first_seq: u64, logged_at_us: i64) -> Result<ObjPath, AuditError> {
+    data_path_of(Table::Audit, writer_id, first_seq, logged_at_us)
+}
+
+/// `<table>/dt=YYYY-MM-DD/hour=HH/<writer>-<first_seq>.parquet`.
+pub fn data_path_of(table: Table, writer_id: &str, first_seq: u64, logged_at_us: i64) -> Result<ObjPath, AuditError> {
     let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(logged_at_us) * 1000)
         .map_err(|e| AuditError::corrupt("row timestamp", e.to_string()))?;
     Ok(ObjPath::from(format!(
-        "audit/dt={:04}-{:02}-{:02}/hour={:02}/{writer_id}-{first_seq:020}.parquet",
+        "{}/dt={:04}-{:02}-{:02}/hour={:02}/{writer_id}-{first_seq:020}.parquet",
+        table.name(),
         t.year(),
         u8::from(t.month()),
         t.day(),
@@ -229,7 +244,12 @@ pub fn data_path(writer_id: &str, first_seq: u64, logged_at_us: i64) -> Result<O
 
 /// `manifests/<writer>/<first_seq>.json`.
 pub fn manifest_path(writer_id: &str, first_seq: u64) -> ObjPath {
-    ObjPath::from(format!("manifests/{writer_id}/{first_seq:020}.json"))
+    manifest_path_of(Table::Audit, writer_id, first_seq)
+}
+
+/// `<manifest prefix of table>/<writer>/<first_seq>.json`.
+pub fn manifest_path_of(table: Table, writer_id: &str, first_seq: u64) -> ObjPath {
+    ObjPath::from(format!("{}/{writer_id}/{first_seq:020}.json", table.manifest_prefix()))
 }
 
 /// Writer id and first seq from a data file name `<writer>-<first_seq>.parquet`.

@@ -8,6 +8,9 @@
 //! `object_store`, create-only, Hive layout) → signed [`manifest`] per file. [`verify`] checks the
 //! hash chain, the files and the manifests; [`query`] runs SQL over the lake.
 //!
+//! Two tables share that path: `audit` (egress exchanges) and `webhooks` (Stripe webhook events
+//! received and delivered, [`webhook`]); see [`table`].
+//!
 //! Invariants held across modules: nothing unredacted touches disk; nothing is acknowledged
 //! before it is durable; a WAL segment is deleted only after its file and manifest are committed;
 //! lake objects are never overwritten.
@@ -29,8 +32,10 @@ pub mod query;
 pub mod redact;
 pub mod row;
 pub mod shipper;
+pub mod table;
 pub mod verify;
 pub mod wal;
+pub mod webhook;
 
 pub use config::{AuditConfig, Durability, RollConfig, S3Config};
 pub use crypto::{KekRing, KeyEncryptionKey, LocalKek, SigningKey, VerifyingKey};
@@ -38,4 +43,6 @@ pub use error::AuditError;
 pub use exchange::{Exchange, HttpMessage, IntentId, Outcome};
 pub use keys::TransitKek;
 pub use log::AuditLog;
+pub use table::Table;
 pub use wal::frame::{MAX_AUDITED_EXCHANGE_BYTES, MAX_FRAME_BODY};
+pub use webhook::{WebhookKind, WebhookRecord};

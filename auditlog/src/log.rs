@@ -15,7 +15,7 @@ use crate::exchange::{Exchange, IntentId};
 use crate::lake::{Lake, check_writer_id};
 use crate::metrics::Metrics;
 use crate::payload::prepare_reporting;
-use crate::shipper::{Backoff, Shipper, lake_head};
+use crate::shipper::{Backoff, Shipper};
 use crate::wal::faults::WalFaults;
 use crate::wal::recovery::recover;
 use crate::wal::state::{DirLock, lock_dir, writer_id};
@@ -87,11 +87,8 @@ impl AuditLog {
         let next_segno = recovery.max_segno.map_or(1, |s| s + 1);
         let start = match recovery.start.clone() {
             Some(s) => s,
-            None if configured => match lake_head(&lake, &writer_id).await? {
-                Some(h) => StartPoint { next_segno, next_seq: h.last_seq + 1, head: h.chain_head_out },
-                None => StartPoint { next_segno, next_seq: 1, head: [0; 32] },
-            },
-            None => StartPoint { next_segno, next_seq: 1, head: [0; 32] },
+            None if configured => crate::shipper::start_from_lake(&lake, &writer_id, next_segno).await?,
+            None => StartPoint { next_segno, next_seq: 1, head: [0; 32], webhooks: Default::default() },
         };
         let metrics = Metrics::default();
         let shared = Arc::new(Shared {
@@ -154,7 +151,7 @@ impl AuditLog {
             shared: shared.clone(),
             signing_key,
             backoff: Backoff { initial: config.retry_initial_backoff, max: config.retry_max_backoff },
-            head: None,
+            head: Default::default(),
             attempt_timeout: config.lake_timeout,
         };
         // Keeps the lag gauge current between scrapes of /readyz (ends with the log).
@@ -306,6 +303,30 @@ impl AuditLog {
                 self.is_ready().map_err(|reason| AuditError::WalUnavailable { dir: i.shared.dir.clone(), reason })?;
                 self.send(i, Command::Row { prepared, intent, ack: None })
             }
+        }
+    }
+
+    /// Records a webhook event or delivery outcome in the `webhooks` table. Returns when the row
+    /// is durable: fsynced for `received` and `duplicate` rows always (the 2xx to Stripe waits
+    /// for it) and for every row under `durability: sync`, sharing group commit with egress rows;
+    /// queued under `async` otherwise. An error that `is_unavailable()` means the row is not
+    /// durable: answer Stripe 503 so that it retries.
+    pub async fn record_webhook(&self, record: crate::webhook::WebhookRecord) -> Result<(), AuditError> {
+        let Some(i) = &self.inner else { return Ok(()) };
+        let (prepared, failed) = crate::webhook::prepare_webhook(&record, i.zstd_level)?;
+        crate::wal::segment::check_payload_fits(prepared.compressed.as_ref().map_or(0, Vec::len))?;
+        if failed {
+            i.shared.metrics.redaction_failures.inc();
+            tracing::error!(event_id = %record.event_id, "webhook redaction failed; the row records fixed fields only");
+        }
+        let sync = record.kind.always_durable();
+        if sync || i.durability == Durability::Sync {
+            let (ack, done) = oneshot::channel();
+            self.send(i, Command::WebhookRow { prepared, sync, ack: Some(ack) })?;
+            done.await.map_err(|_| AuditError::Closed)?
+        } else {
+            self.is_ready().map_err(|reason| AuditError::WalUnavailable { dir: i.shared.dir.clone(), reason })?;
+            self.send(i, Command::WebhookRow { prepared, sync, ack: None })
         }
     }
 

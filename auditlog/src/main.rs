@@ -16,9 +16,10 @@ use arrow::datatypes::{DataType, Field, Schema};
 use base64::Engine as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use keygate_auditlog::Table;
 use keygate_auditlog::crypto::KekRing;
 use keygate_auditlog::lake::Lake;
-use keygate_auditlog::query::{Decryptor, event_sql, run_sql};
+use keygate_auditlog::query::{Decryptor, event_sql_in, run_sql};
 use keygate_auditlog::verify::{VerifyOptions, verify};
 use keygate_auditlog::{AuditConfig, AuditError, keys};
 use keygate_secrets::{SecretStore, SecretsConfig};
@@ -52,7 +53,7 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Runs SQL over table `audit` (partition columns `dt` = 'YYYY-MM-DD' and `hour` = 'HH' prune files).
+    /// Runs SQL over tables `audit` and `webhooks` (partition columns `dt` = 'YYYY-MM-DD' and `hour` = 'HH' prune files).
     Query {
         /// The SQL, e.g. "SELECT service, count(*) FROM audit WHERE dt = '2026-11-29' GROUP BY 1".
         sql: String,
@@ -234,11 +235,16 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Cmd::Show { event_id } => {
             let id = uuid::Uuid::parse_str(event_id)
                 .map_err(|_| CliError::Usage(format!("{event_id} is not an event_id (a UUID)")))?;
-            let batches = run_sql(&lake, &event_sql(&id)).await?;
+            let mut batches = Vec::new();
+            for table in Table::ALL {
+                for b in run_sql(&lake, &event_sql_in(table, &id)).await? {
+                    batches.push((table, b));
+                }
+            }
             let ring = ctx.ring().await?;
             let mut decryptor = if ring.is_empty() { None } else { Some(Decryptor::new(&lake, ring).await?) };
             let mut shown = 0;
-            for b in &batches {
+            for (table, b) in &batches {
                 for row in 0..b.num_rows() {
                     let mut obj = row_json(b, row)?;
                     let payload = match &mut decryptor {
@@ -251,11 +257,14 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
                             let seq = b.column_by_name("seq").and_then(|c| {
                                 c.as_any().downcast_ref::<arrow::array::UInt64Array>().map(|a| a.value(row))
                             });
-                            let bytes = b
-                                .column_by_name("payload")
-                                .and_then(|c| c.as_any().downcast_ref::<BinaryArray>().map(|a| a.value(row).to_vec()));
+                            let bytes = b.column_by_name("payload").and_then(|c| {
+                                c.as_any()
+                                    .downcast_ref::<BinaryArray>()
+                                    .filter(|a| !a.is_null(row))
+                                    .map(|a| a.value(row).to_vec())
+                            });
                             match (s("writer_id"), seq, bytes) {
-                                (Some(w), Some(seq), Some(p)) => d.decrypt(&w, seq, event_id, &p).await?,
+                                (Some(w), Some(seq), Some(p)) => d.decrypt_in(*table, &w, seq, event_id, &p).await?,
                                 _ => serde_json::Value::Null,
                             }
                         }

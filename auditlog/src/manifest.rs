@@ -17,6 +17,10 @@ const DOMAIN: &[u8] = b"keygate-audit-manifest-v1\0";
 #[serde(deny_unknown_fields)]
 pub struct ManifestBody {
     pub version: u32,
+    /// The table of the file: absent for `audit` (as in manifests written before there were
+    /// other tables, whose signed bytes must not change), `webhooks` for that table.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub table: Option<String>,
     pub writer_id: String,
     /// The data file's path inside the lake.
     pub file: String,
@@ -91,6 +95,7 @@ mod tests {
     fn body() -> ManifestBody {
         ManifestBody {
             version: 1,
+            table: None,
             writer_id: "w".into(),
             file: "audit/dt=2026-01-01/hour=00/w-1.parquet".into(),
             file_sha256: "00".repeat(32),

@@ -9,6 +9,8 @@ use prometheus_client::registry::Registry;
 #[derive(Clone, Debug)]
 pub struct Metrics {
     pub records: Counter,
+    /// `webhooks` rows appended to the WAL.
+    pub webhook_records: Counter,
     pub intents: Counter,
     pub wal_bytes: Gauge,
     pub wal_segments_backlog: Gauge,
@@ -33,6 +35,7 @@ impl Default for Metrics {
     fn default() -> Self {
         Metrics {
             records: Counter::default(),
+            webhook_records: Counter::default(),
             intents: Counter::default(),
             wal_bytes: Gauge::default(),
             wal_segments_backlog: Gauge::default(),
@@ -57,6 +60,11 @@ impl Metrics {
     pub fn register(&self, registry: &mut Registry) {
         let r = registry.sub_registry_with_prefix("keygate_audit");
         r.register("records", "Rows appended to the WAL", self.records.clone());
+        r.register(
+            "webhook_records",
+            "Webhook rows (received, rejected, delivery outcomes) appended to the WAL",
+            self.webhook_records.clone(),
+        );
         r.register("intents", "Intents appended to the WAL", self.intents.clone());
         r.register("wal_bytes", "Bytes held by WAL segments on disk", self.wal_bytes.clone());
         r.register(

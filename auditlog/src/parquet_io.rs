@@ -1,5 +1,6 @@
 //! The lake file format: Arrow schema of the `audit` table, and Parquet encoding and decoding of
-//! a file's rows with the metadata a reader needs to decrypt them.
+//! a file's rows of any table ([`crate::table::TableRow`]) with the metadata a reader needs to
+//! decrypt them.
 //!
 //! Invariants: the schema is the table's contract (DuckDB, Athena and DataFusion read it as is);
 //! encoding is deterministic for the same rows, so a file rebuilt from the WAL after a crash has
@@ -25,10 +26,13 @@ use parquet::schema::types::ColumnPath;
 
 use crate::error::AuditError;
 use crate::row::{ChainedRow, RowColumns};
+use crate::table::{Table, TableRow};
 
 /// Key-value metadata of every lake file.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FileMeta {
+    /// The table the file belongs to (from its `keygate.format`).
+    pub table: Table,
     pub writer_id: String,
     pub first_seq: u64,
     pub last_seq: u64,
@@ -39,6 +43,8 @@ pub struct FileMeta {
 
 pub const META_FORMAT: &str = "keygate.format";
 pub const FORMAT_V1: &str = "keygate-audit-v1";
+/// `keygate.format` of a `webhooks` table file.
+pub const FORMAT_WEBHOOKS_V1: &str = "keygate-webhooks-v1";
 const META_WRITER: &str = "keygate.writer_id";
 const META_FIRST_SEQ: &str = "keygate.first_seq";
 const META_LAST_SEQ: &str = "keygate.last_seq";
@@ -90,7 +96,7 @@ pub static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
 
 fn props(meta: &FileMeta) -> WriterProperties {
     let kv = vec![
-        KeyValue::new(META_FORMAT.to_owned(), FORMAT_V1.to_owned()),
+        KeyValue::new(META_FORMAT.to_owned(), meta.table.format().to_owned()),
         KeyValue::new(META_WRITER.to_owned(), meta.writer_id.clone()),
         KeyValue::new(META_FIRST_SEQ.to_owned(), meta.first_seq.to_string()),
         KeyValue::new(META_LAST_SEQ.to_owned(), meta.last_seq.to_string()),
@@ -104,8 +110,12 @@ fn props(meta: &FileMeta) -> WriterProperties {
         .set_compression(Compression::ZSTD(level))
         .set_key_value_metadata(Some(kv))
         .set_max_row_group_row_count(Some(128 * 1024));
-    for col in ["payload", "prev_hash", "hash", "event_id", "idempotency_key", "request_id"] {
-        b = b.set_column_dictionary_enabled(ColumnPath::from(col), false);
+    let unique: &[&str] = match meta.table {
+        Table::Audit => &["payload", "prev_hash", "hash", "event_id", "idempotency_key", "request_id"],
+        Table::Webhooks => &["payload", "prev_hash", "hash", "event_id", "stripe_event_id"],
+    };
+    for col in unique {
+        b = b.set_column_dictionary_enabled(ColumnPath::from(*col), false);
     }
     for col in ["payload", "prev_hash", "hash"] {
         b = b.set_column_statistics_enabled(ColumnPath::from(col), EnabledStatistics::None);
@@ -211,15 +221,18 @@ pub fn to_batch(rows: &[ChainedRow]) -> Result<RecordBatch, AuditError> {
         .map_err(|e| AuditError::Parquet { what: "building a record batch".into(), reason: e.to_string() })
 }
 
-/// Encodes a lake file.
-pub fn encode(rows: &[ChainedRow], meta: &FileMeta) -> Result<Vec<u8>, AuditError> {
+/// Encodes a lake file of `C`'s table (`meta.table` must be that table).
+pub fn encode<C: TableRow>(rows: &[ChainedRow<C>], meta: &FileMeta) -> Result<Vec<u8>, AuditError> {
     let pq = |e: parquet::errors::ParquetError| AuditError::Parquet {
         what: "encoding a lake file".into(),
         reason: e.to_string(),
     };
-    let batch = to_batch(rows)?;
+    if meta.table != C::TABLE {
+        return Err(AuditError::corrupt("lake file", format!("{} rows in a {} file", C::TABLE, meta.table)));
+    }
+    let batch = C::to_batch(rows)?;
     let mut out = Vec::with_capacity(rows.iter().map(|r| r.payload.len() + 256).sum());
-    let mut w = ArrowWriter::try_new(&mut out, SCHEMA.clone(), Some(props(meta))).map_err(pq)?;
+    let mut w = ArrowWriter::try_new(&mut out, C::TABLE.schema(), Some(props(meta))).map_err(pq)?;
     w.write(&batch).map_err(pq)?;
     w.close().map_err(pq)?;
     Ok(out)
@@ -243,9 +256,10 @@ fn meta_from_kv(kv: Option<&Vec<KeyValue>>) -> Result<FileMeta, AuditError> {
         .unwrap_or_default();
     let get =
         |k: &str| map.get(k).copied().ok_or_else(|| AuditError::corrupt("lake file metadata", format!("missing {k}")));
-    if get(META_FORMAT)? != FORMAT_V1 {
-        return Err(AuditError::corrupt("lake file metadata", "not a keygate-audit-v1 file"));
-    }
+    let format = get(META_FORMAT)?;
+    let table = Table::from_format(format).ok_or_else(|| {
+        AuditError::corrupt("lake file metadata", format!("not a keygate lake file (format `{format}`)"))
+    })?;
     let num = |k: &str| -> Result<u64, AuditError> {
         get(k)?.parse().map_err(|_| AuditError::corrupt("lake file metadata", format!("{k} is not a number")))
     };
@@ -254,6 +268,7 @@ fn meta_from_kv(kv: Option<&Vec<KeyValue>>) -> Result<FileMeta, AuditError> {
         .map_err(|_| AuditError::corrupt("lake file metadata", "bad chain_head_in"))?;
     use base64::Engine as _;
     Ok(FileMeta {
+        table,
         writer_id: get(META_WRITER)?.to_owned(),
         first_seq: num(META_FIRST_SEQ)?,
         last_seq: num(META_LAST_SEQ)?,
@@ -265,20 +280,32 @@ fn meta_from_kv(kv: Option<&Vec<KeyValue>>) -> Result<FileMeta, AuditError> {
     })
 }
 
-/// Decodes a whole lake file into rows and its metadata.
+/// Decodes a whole `audit` lake file into rows and its metadata.
 pub fn decode(bytes: Bytes) -> Result<(FileMeta, Vec<ChainedRow>), AuditError> {
+    decode_table::<RowColumns>(bytes)
+}
+
+/// Decodes a whole lake file of `C`'s table into rows and its metadata; a file of another table
+/// is refused.
+pub fn decode_table<C: TableRow>(bytes: Bytes) -> Result<(FileMeta, Vec<ChainedRow<C>>), AuditError> {
     let pq = |e: parquet::errors::ParquetError| AuditError::Parquet {
         what: "reading a lake file".into(),
         reason: e.to_string(),
     };
     let builder = ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(pq)?;
     let meta = meta_from_kv(builder.metadata().file_metadata().key_value_metadata())?;
+    if meta.table != C::TABLE {
+        return Err(AuditError::corrupt(
+            "lake file",
+            format!("a {} file where a {} file belongs", meta.table, C::TABLE),
+        ));
+    }
     let reader = builder.build().map_err(pq)?;
     let mut rows = Vec::new();
     for batch in reader {
         let batch =
             batch.map_err(|e| AuditError::Parquet { what: "reading a lake file".into(), reason: e.to_string() })?;
-        rows.extend(from_batch(&batch)?);
+        rows.extend(C::from_batch(&batch)?);
     }
     Ok((meta, rows))
 }

@@ -30,7 +30,7 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
 }
 
-fn compress(data: &[u8], level: i32) -> Result<Vec<u8>, AuditError> {
+pub(crate) fn compress(data: &[u8], level: i32) -> Result<Vec<u8>, AuditError> {
     let fail = |e: std::io::Error| AuditError::corrupt("payload compression", e.to_string());
     COMPRESSOR.with(|cell| {
         let mut slot = cell.try_borrow_mut().map_err(|e| AuditError::corrupt("payload compression", e.to_string()))?;

@@ -1,6 +1,7 @@
-//! SQL over the lake with DataFusion: table `audit` (the Parquet files under `audit/`, with the
-//! Hive partition columns `dt` and `hour`, so that `WHERE dt = … AND hour = …` prunes files), and
-//! decryption of payloads for readers who hold the key-encryption key.
+//! SQL over the lake with DataFusion: tables `audit` and `webhooks` (the Parquet files under
+//! `audit/` and `webhooks/`, with the Hive partition columns `dt` and `hour`, so that
+//! `WHERE dt = … AND hour = …` prunes files), and decryption of payloads for readers who hold the
+//! key-encryption key.
 //!
 //! Invariant: decryption needs the KEK; without it a payload is opaque bytes, and a payload
 //! moved to another row or file does not decrypt (the associated data binds it).
@@ -22,24 +23,28 @@ use parquet::arrow::async_reader::{ParquetObjectReader, ParquetRecordBatchStream
 use crate::crypto::{DataKey, KekRing};
 use crate::error::AuditError;
 use crate::lake::{Lake, parse_data_name};
-use crate::parquet_io::{FileMeta, SCHEMA};
+use crate::parquet_io::FileMeta;
 use crate::payload::{file_key, open_payload};
+use crate::table::Table;
+use crate::webhook::open_webhook_payload;
 
 fn q(e: impl std::fmt::Display) -> AuditError {
     AuditError::Query(e.to_string())
 }
 
-/// A DataFusion session with the lake registered as table `audit`.
+/// A DataFusion session with the lake's tables registered (`audit`, `webhooks`).
 pub async fn session(lake: &Lake) -> Result<SessionContext, AuditError> {
     let ctx = SessionContext::new();
     ctx.register_object_store(&lake.root_url, lake.root_store.clone());
-    let options = ListingOptions::new(Arc::new(ParquetFormat::default()))
-        .with_file_extension(".parquet")
-        .with_table_partition_cols(vec![("dt".to_owned(), DataType::Utf8), ("hour".to_owned(), DataType::Utf8)]);
-    let url = ListingTableUrl::parse(lake.table_url()).map_err(q)?;
-    let config = ListingTableConfig::new(url).with_listing_options(options).with_schema(SCHEMA.clone());
-    let table = ListingTable::try_new(config).map_err(q)?;
-    ctx.register_table("audit", Arc::new(table)).map_err(q)?;
+    for t in Table::ALL {
+        let options = ListingOptions::new(Arc::new(ParquetFormat::default()))
+            .with_file_extension(".parquet")
+            .with_table_partition_cols(vec![("dt".to_owned(), DataType::Utf8), ("hour".to_owned(), DataType::Utf8)]);
+        let url = ListingTableUrl::parse(lake.table_url_of(t)).map_err(q)?;
+        let config = ListingTableConfig::new(url).with_listing_options(options).with_schema(t.schema());
+        let table = ListingTable::try_new(config).map_err(q)?;
+        ctx.register_table(t.name(), Arc::new(table)).map_err(q)?;
+    }
     Ok(ctx)
 }
 
@@ -55,8 +60,8 @@ pub async fn run_sql(lake: &Lake, sql: &str) -> Result<Vec<RecordBatch>, AuditEr
 pub struct Decryptor {
     lake: Lake,
     ring: KekRing,
-    /// writer → first_seq → file path, from the data file names.
-    files: BTreeMap<String, BTreeMap<u64, ObjPath>>,
+    /// (table, writer) → first_seq → file path, from the data file names.
+    files: BTreeMap<(Table, String), BTreeMap<u64, ObjPath>>,
     keys: HashMap<ObjPath, Arc<(FileMeta, DataKey)>>,
 }
 
@@ -68,22 +73,24 @@ impl Decryptor {
                     .into(),
             ));
         }
-        let mut files: BTreeMap<String, BTreeMap<u64, ObjPath>> = BTreeMap::new();
-        for o in lake.list("audit/").await? {
-            if let Some((writer, first)) = o.location.filename().and_then(parse_data_name) {
-                files.entry(writer).or_default().insert(first, o.location.clone());
+        let mut files: BTreeMap<(Table, String), BTreeMap<u64, ObjPath>> = BTreeMap::new();
+        for table in Table::ALL {
+            for o in lake.list(&format!("{}/", table.name())).await? {
+                if let Some((writer, first)) = o.location.filename().and_then(parse_data_name) {
+                    files.entry((table, writer)).or_default().insert(first, o.location.clone());
+                }
             }
         }
         Ok(Decryptor { lake: lake.clone(), ring, files, keys: HashMap::new() })
     }
 
-    async fn key_for(&mut self, writer: &str, seq: u64) -> Result<Arc<(FileMeta, DataKey)>, AuditError> {
+    async fn key_for(&mut self, table: Table, writer: &str, seq: u64) -> Result<Arc<(FileMeta, DataKey)>, AuditError> {
         let path = self
             .files
-            .get(writer)
+            .get(&(table, writer.to_owned()))
             .and_then(|m| m.range(..=seq).next_back())
             .map(|(_, p)| p.clone())
-            .ok_or_else(|| AuditError::Query(format!("no lake file holds seq {seq} of writer {writer}")))?;
+            .ok_or_else(|| AuditError::Query(format!("no {table} lake file holds seq {seq} of writer {writer}")))?;
         if let Some(k) = self.keys.get(&path) {
             return Ok(k.clone());
         }
@@ -98,7 +105,26 @@ impl Decryptor {
         Ok(entry)
     }
 
-    /// The redacted exchange of one row, as pretty JSON.
+    /// The redacted exchange (or webhook event) of one row of `table`, as JSON.
+    pub async fn decrypt_in(
+        &mut self,
+        table: Table,
+        writer: &str,
+        seq: u64,
+        event_id: &str,
+        payload: &[u8],
+    ) -> Result<serde_json::Value, AuditError> {
+        let entry = self.key_for(table, writer, seq).await?;
+        let id = uuid::Uuid::parse_str(event_id)
+            .map_err(|_| AuditError::Query(format!("event_id {event_id} is not a UUID")))?;
+        let value = match table {
+            Table::Audit => serde_json::to_value(open_payload(&entry.1, &entry.0, &id, payload)?),
+            Table::Webhooks => serde_json::to_value(open_webhook_payload(&entry.1, &entry.0, &id, payload)?),
+        };
+        value.map_err(|e| AuditError::corrupt("payload", e.to_string()))
+    }
+
+    /// The redacted exchange of one `audit` row, as JSON.
     pub async fn decrypt(
         &mut self,
         writer: &str,
@@ -106,11 +132,26 @@ impl Decryptor {
         event_id: &str,
         payload: &[u8],
     ) -> Result<serde_json::Value, AuditError> {
-        let entry = self.key_for(writer, seq).await?;
-        let id = uuid::Uuid::parse_str(event_id)
-            .map_err(|_| AuditError::Query(format!("event_id {event_id} is not a UUID")))?;
-        let doc = open_payload(&entry.1, &entry.0, &id, payload)?;
-        serde_json::to_value(doc).map_err(|e| AuditError::corrupt("payload", e.to_string()))
+        self.decrypt_in(Table::Audit, writer, seq, event_id, payload).await
+    }
+
+    /// Decrypts a row of either table: `likely` first, then the other (a payload opens only
+    /// under its own table's associated data, so a wrong guess fails cleanly).
+    async fn decrypt_any(
+        &mut self,
+        likely: Table,
+        writer: &str,
+        seq: u64,
+        event_id: &str,
+        payload: &[u8],
+    ) -> Result<serde_json::Value, AuditError> {
+        match self.decrypt_in(likely, writer, seq, event_id, payload).await {
+            Ok(v) => Ok(v),
+            Err(first) => {
+                let other = if likely == Table::Audit { Table::Webhooks } else { Table::Audit };
+                self.decrypt_in(other, writer, seq, event_id, payload).await.map_err(|_| first)
+            }
+        }
     }
 
     /// Appends a `payload_json` column to each batch; needs `writer_id`, `seq`, `event_id` and
@@ -132,13 +173,22 @@ impl Decryptor {
             let (Some(writer), Some(seq), Some(event), Some(payload)) = (writer, seq, event, payload) else {
                 return Err(AuditError::Query("writer_id, seq, event_id or payload has an unexpected type".into()));
             };
+            // A result with webhook columns (and none only `audit` has) most likely holds
+            // `webhooks` rows.
+            let has = |name: &str| b.column_by_name(name).is_some();
+            let likely = if (has("endpoint") || has("stripe_event_id") || has("kind")) && !has("operation") {
+                Table::Webhooks
+            } else {
+                Table::Audit
+            };
             let mut col = StringBuilder::new();
             for i in 0..b.num_rows() {
                 if writer.is_null(i) || seq.is_null(i) || event.is_null(i) || payload.is_null(i) {
                     col.append_null();
                     continue;
                 }
-                let v = self.decrypt(writer.value(i), seq.value(i), event.value(i), payload.value(i)).await?;
+                let v =
+                    self.decrypt_any(likely, writer.value(i), seq.value(i), event.value(i), payload.value(i)).await?;
                 col.append_value(v.to_string());
             }
             let mut fields: Vec<Arc<Field>> = b.schema().fields().iter().cloned().collect();
@@ -151,9 +201,14 @@ impl Decryptor {
     }
 }
 
-/// SQL for one event, with partition pruning from the UUIDv7 timestamp when there is one.
+/// SQL for one `audit` event, with partition pruning from the UUIDv7 timestamp when there is one.
 pub fn event_sql(event_id: &uuid::Uuid) -> String {
-    let mut sql = format!("SELECT * FROM audit WHERE event_id = '{event_id}'");
+    event_sql_in(Table::Audit, event_id)
+}
+
+/// SQL for one event of `table`, with partition pruning from the UUIDv7 timestamp.
+pub fn event_sql_in(table: Table, event_id: &uuid::Uuid) -> String {
+    let mut sql = format!("SELECT * FROM {table} WHERE event_id = '{event_id}'");
     if let Some(ts) = event_id.get_timestamp() {
         let (secs, _) = ts.to_unix();
         let day = |s: u64| {

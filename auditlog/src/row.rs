@@ -45,13 +45,15 @@ pub struct RowColumns {
     pub response_bytes: u64,
 }
 
-/// A row with its position in its writer's chain.
+/// A row with its position in its writer's chain of its table (`audit` rows by default; see
+/// [`crate::table::TableRow`]).
 #[derive(Debug, Clone, PartialEq)]
-pub struct ChainedRow {
+pub struct ChainedRow<C = RowColumns> {
     pub writer_id: String,
     pub seq: u64,
-    pub columns: RowColumns,
-    /// `[version][nonce][ciphertext]` of the zstd-compressed redacted payload document.
+    pub columns: C,
+    /// `[version][nonce][ciphertext]` of the zstd-compressed redacted payload document; empty for
+    /// a `webhooks` row recorded without a body.
     pub payload: Vec<u8>,
     pub prev_hash: [u8; 32],
     pub hash: [u8; 32],
@@ -143,7 +145,7 @@ fn redact_exchange_inner(ex: &Exchange) -> (RowColumns, PayloadDoc) {
 /// The client address: a socket address written by keygate is kept as it is (an IPv4 address
 /// can hold 12 digits, which the digit rule would mask); anything else goes through the text
 /// rules.
-fn redact_peer(peer: &str) -> String {
+pub(crate) fn redact_peer(peer: &str) -> String {
     if peer.parse::<std::net::SocketAddr>().is_ok() || peer.parse::<std::net::IpAddr>().is_ok() {
         peer.to_owned()
     } else {
@@ -221,47 +223,47 @@ pub fn unknown_outcome(mut columns: RowColumns, now: SystemTime) -> RowColumns {
     columns
 }
 
-struct Canon(Sha256);
+pub(crate) struct Canon(pub(crate) Sha256);
 
 impl Canon {
-    fn str(&mut self, s: &str) {
+    pub(crate) fn str(&mut self, s: &str) {
         self.0.update([1u8]);
         self.0.update((s.len() as u64).to_be_bytes());
         self.0.update(s.as_bytes());
     }
-    fn opt_str(&mut self, s: &Option<String>) {
+    pub(crate) fn opt_str(&mut self, s: &Option<String>) {
         match s {
             Some(s) => self.str(s),
             None => self.0.update([0u8]),
         }
     }
-    fn u64(&mut self, v: u64) {
+    pub(crate) fn u64(&mut self, v: u64) {
         self.0.update([1u8]);
         self.0.update(v.to_be_bytes());
     }
-    fn opt_u64(&mut self, v: Option<u64>) {
+    pub(crate) fn opt_u64(&mut self, v: Option<u64>) {
         match v {
             Some(v) => self.u64(v),
             None => self.0.update([0u8]),
         }
     }
-    fn i64(&mut self, v: i64) {
+    pub(crate) fn i64(&mut self, v: i64) {
         self.0.update([1u8]);
         self.0.update(v.to_be_bytes());
     }
-    fn opt_i64(&mut self, v: Option<i64>) {
+    pub(crate) fn opt_i64(&mut self, v: Option<i64>) {
         match v {
             Some(v) => self.i64(v),
             None => self.0.update([0u8]),
         }
     }
-    fn opt_bool(&mut self, v: Option<bool>) {
+    pub(crate) fn opt_bool(&mut self, v: Option<bool>) {
         match v {
             Some(v) => self.0.update([1u8, u8::from(v)]),
             None => self.0.update([0u8]),
         }
     }
-    fn bytes(&mut self, b: &[u8]) {
+    pub(crate) fn bytes(&mut self, b: &[u8]) {
         self.0.update([1u8]);
         self.0.update((b.len() as u64).to_be_bytes());
         self.0.update(b);
@@ -304,6 +306,28 @@ pub fn row_hash(prev_hash: &[u8; 32], writer_id: &str, seq: u64, c: &RowColumns,
     h.u64(c.response_bytes);
     h.bytes(payload);
     h.0.finalize().into()
+}
+
+impl crate::table::TableRow for RowColumns {
+    const TABLE: crate::table::Table = crate::table::Table::Audit;
+    fn event_id(&self) -> uuid::Uuid {
+        self.event_id
+    }
+    fn received_at_us(&self) -> i64 {
+        self.received_at_us
+    }
+    fn chain_hash(prev_hash: &[u8; 32], writer_id: &str, seq: u64, columns: &Self, payload: &[u8]) -> [u8; 32] {
+        row_hash(prev_hash, writer_id, seq, columns, payload)
+    }
+    fn aad(writer_id: &str, file_first_seq: u64, event_id: &uuid::Uuid) -> Vec<u8> {
+        crate::crypto::row_aad(writer_id, file_first_seq, event_id)
+    }
+    fn to_batch(rows: &[ChainedRow<Self>]) -> Result<arrow::array::RecordBatch, crate::error::AuditError> {
+        crate::parquet_io::to_batch(rows)
+    }
+    fn from_batch(batch: &arrow::array::RecordBatch) -> Result<Vec<ChainedRow<Self>>, crate::error::AuditError> {
+        crate::parquet_io::from_batch(batch)
+    }
 }
 
 #[cfg(test)]

@@ -2,8 +2,8 @@
 //! then deletes the segments.
 //!
 //! Invariants:
-//! * A segment is deleted only after its Parquet file *and* that file's manifest are committed,
-//!   and after `chain-head.json` records where the chain continues.
+//! * A segment is deleted only after its Parquet files (one per table it holds rows of) *and*
+//!   their manifests are committed, and after `chain-head.json` records where the chains continue.
 //! * Replay is idempotent: the lake's newest manifest for this writer says the last committed
 //!   `seq`; a segment at or below it is deleted without writing anything, and a file that already
 //!   exists (crash between file and manifest) is adopted when it holds the same rows.
@@ -19,11 +19,12 @@ use tokio::sync::mpsc;
 
 use crate::crypto::SigningKey;
 use crate::error::AuditError;
-use crate::lake::{Lake, Put, data_path, manifest_path};
+use crate::lake::{Lake, Put, data_path_of, manifest_path_of};
 use crate::manifest::{Manifest, ManifestBody, sha256_hex};
 use crate::parquet_io::{self, FileMeta};
 use crate::row::ChainedRow;
-use crate::wal::segment::read_segment;
+use crate::table::{Table, TableRow};
+use crate::wal::segment::{ChainPos, SegmentHeader, WalRow, read_segment};
 use crate::wal::state::{ChainHead, sync_dir, write_chain_head};
 use crate::wal::writer::{SealedSegment, Shared};
 
@@ -35,9 +36,14 @@ pub struct LakeHead {
     pub manifest_sha256: String,
 }
 
-/// Reads the newest manifest of `writer_id`, if any.
+/// Reads the newest `audit` manifest of `writer_id`, if any.
 pub async fn lake_head(lake: &Lake, writer_id: &str) -> Result<Option<LakeHead>, AuditError> {
-    let list = lake.list(&format!("manifests/{writer_id}/")).await?;
+    lake_head_of(lake, Table::Audit, writer_id).await
+}
+
+/// Reads the newest manifest of `writer_id` in `table`, if any.
+pub async fn lake_head_of(lake: &Lake, table: Table, writer_id: &str) -> Result<Option<LakeHead>, AuditError> {
+    let list = lake.list(&format!("{}/{writer_id}/", table.manifest_prefix())).await?;
     let Some(last) = list.iter().rfind(|m| m.location.as_ref().ends_with(".json")) else {
         return Ok(None);
     };
@@ -50,6 +56,21 @@ pub async fn lake_head(lake: &Lake, writer_id: &str) -> Result<Option<LakeHead>,
     hex::decode_to_slice(&m.body.chain_head_out, &mut out)
         .map_err(|_| AuditError::corrupt(last.location.to_string(), "bad chain_head_out"))?;
     Ok(Some(LakeHead { last_seq: m.body.last_seq, chain_head_out: out, manifest_sha256: sha256_hex(&bytes) }))
+}
+
+/// Where a writer without WAL state continues its chains: after the lake's newest manifests of
+/// each table (a StatefulSet pod that lost its volume, with its `writer_id` configured).
+pub async fn start_from_lake(
+    lake: &Lake,
+    writer_id: &str,
+    next_segno: u64,
+) -> Result<crate::wal::writer::StartPoint, AuditError> {
+    let pos = |h: Option<LakeHead>| {
+        h.map_or_else(ChainPos::default, |h| ChainPos { next_seq: h.last_seq + 1, head: h.chain_head_out })
+    };
+    let audit = pos(lake_head_of(lake, Table::Audit, writer_id).await?);
+    let webhooks = pos(lake_head_of(lake, Table::Webhooks, writer_id).await?);
+    Ok(crate::wal::writer::StartPoint { next_segno, next_seq: audit.next_seq, head: audit.head, webhooks })
 }
 
 /// Back-off settings.
@@ -67,7 +88,8 @@ pub struct Shipper {
     pub shared: Arc<Shared>,
     pub signing_key: SigningKey,
     pub backoff: Backoff,
-    pub head: Option<Option<LakeHead>>,
+    /// Per table ([`Table::index`]): the lake's newest manifest of this writer, once read.
+    pub head: [Option<Option<LakeHead>>; 2],
     /// Longest one commit attempt may take before it counts as failed and is retried (a store
     /// that hangs must show as failures, not as silence).
     pub attempt_timeout: Duration,
@@ -145,11 +167,13 @@ impl Shipper {
         let dir = self.shared.dir.join("set-aside");
         let path = seg.path.clone();
         let reason_text = reason.clone();
-        let moved = tokio::task::spawn_blocking(move || -> std::io::Result<(u64, Option<(u64, u64)>)> {
-            let range = read_segment(&path)
-                .ok()
-                .flatten()
-                .map(|c| (c.header.first_seq, c.rows.last().map_or(c.header.first_seq, |r| r.seq)));
+        type Ranges = (Option<(u64, u64)>, Option<(u64, u64)>);
+        let moved = tokio::task::spawn_blocking(move || -> std::io::Result<(u64, Ranges)> {
+            let contents = read_segment(&path).ok().flatten();
+            let range =
+                contents.as_ref().map(|c| (c.header.first_seq, c.rows.last().map_or(c.header.first_seq, |r| r.seq)));
+            let webhooks =
+                contents.as_ref().and_then(|c| Some((c.header.webhooks_start.next_seq, c.webhook_rows.last()?.seq)));
             let name = path.file_name().map(|n| n.to_owned()).unwrap_or_default();
             let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
             std::fs::create_dir_all(&dir)?;
@@ -158,19 +182,19 @@ impl Shipper {
             std::fs::write(dir.join(reason_name), reason_text)?;
             std::fs::rename(&path, dir.join(&name))?;
             std::fs::File::open(&dir)?.sync_all()?;
-            Ok((len, range))
+            Ok((len, (range, webhooks)))
         })
         .await;
-        let range = match moved {
-            Ok(Ok((len, range))) => {
+        let (range, webhooks_range) = match moved {
+            Ok(Ok((len, ranges))) => {
                 self.shared.sub_bytes(len);
-                range
+                ranges
             }
             Ok(Err(e)) => {
                 tracing::error!(segment = %seg.path.display(), error = %e, "could not move the segment to set-aside/; it stays where it is");
-                None
+                (None, None)
             }
-            Err(_) => None,
+            Err(_) => (None, None),
         };
         let seqs = range.map_or_else(|| "unknown seqs".to_owned(), |(a, b)| format!("seq {a}..={b}"));
         tracing::error!(segment = %seg.path.display(), %seqs, error = %reason, "audit WAL segment set aside after a permanent lake error; later segments keep flowing (docs/audit-lake.md, Set-aside segments)");
@@ -186,6 +210,8 @@ impl Shipper {
             "segno": seg.segno,
             "first_seq": range.map(|r| r.0),
             "last_seq": range.map(|r| r.1),
+            "webhooks_first_seq": webhooks_range.map(|r| r.0),
+            "webhooks_last_seq": webhooks_range.map(|r| r.1),
             "reason": reason,
             "set_aside_at_us": crate::row::micros(std::time::SystemTime::now()),
             "signing_key": self.signing_key.public_key_hex(),
@@ -203,16 +229,18 @@ impl Shipper {
         }
     }
 
-    async fn current_head(&mut self) -> Result<Option<LakeHead>, AuditError> {
-        if let Some(h) = &self.head {
+    async fn current_head(&mut self, table: Table) -> Result<Option<LakeHead>, AuditError> {
+        if let Some(h) = &self.head[table.index()] {
             return Ok(h.clone());
         }
-        let h = lake_head(&self.lake, &self.writer_id).await?;
-        self.head = Some(h.clone());
+        let h = lake_head_of(&self.lake, table, &self.writer_id).await?;
+        self.head[table.index()] = Some(h.clone());
         Ok(h)
     }
 
-    /// Ships one segment (idempotent).
+    /// Ships one segment (idempotent): its `audit` rows, then its `webhooks` rows, each into its
+    /// table's file with its own manifest and chain; then records where both chains continue and
+    /// deletes the segment.
     pub async fn ship(&mut self, seg: &SealedSegment) -> Result<(), AuditError> {
         let path = seg.path.clone();
         let read = tokio::task::spawn_blocking(move || read_segment(&path))
@@ -228,12 +256,28 @@ impl Shipper {
         // The rows are moved, not copied, into the file's rows: a segment can be tens of
         // megabytes, and each copy of it is peak memory of the process.
         let header = contents.header;
-        let chain_start = (header.first_seq, header.prev_hash);
-        let logged_at_us = contents.rows.first().map(|r| r.logged_at_us);
-        let chained: Vec<ChainedRow> = contents
-            .rows
+        let audit_start = ChainPos { next_seq: header.first_seq, head: header.prev_hash };
+        let audit_after = self.ship_table(seg, &header, contents.rows, audit_start, seg.upto_seq).await?;
+        let webhooks_after =
+            self.ship_table(seg, &header, contents.webhook_rows, header.webhooks_start, seg.webhooks_upto_seq).await?;
+        self.remove_segment(seg, Some((audit_after, webhooks_after))).await
+    }
+
+    /// Commits one table's rows of a segment (those below `upto`) as a lake file and its
+    /// manifest, unless the lake already holds them; returns where the table's chain continues.
+    async fn ship_table<C: TableRow>(
+        &mut self,
+        seg: &SealedSegment,
+        header: &SegmentHeader,
+        rows: Vec<WalRow<C>>,
+        start: ChainPos,
+        upto: u64,
+    ) -> Result<ChainPos, AuditError> {
+        let table = C::TABLE;
+        let logged_at_us = rows.first().map(|r| r.logged_at_us);
+        let chained: Vec<ChainedRow<C>> = rows
             .into_iter()
-            .filter(|r| r.seq < seg.upto_seq)
+            .filter(|r| r.seq < upto)
             .map(|r| ChainedRow {
                 writer_id: self.writer_id.clone(),
                 seq: r.seq,
@@ -244,35 +288,39 @@ impl Shipper {
             })
             .collect();
         let chain_after = match chained.last() {
-            Some(r) => (r.seq + 1, r.hash),
-            None => chain_start,
+            Some(r) => ChainPos { next_seq: r.seq + 1, head: r.hash },
+            None => start,
         };
         let (Some(first), Some(last), Some(first_logged_at_us)) = (chained.first(), chained.last(), logged_at_us)
         else {
-            return self.remove_segment(seg, Some(chain_after)).await;
+            return Ok(chain_after);
         };
         let (first_seq, first_prev_hash, last_seq, last_hash) = (first.seq, first.prev_hash, last.seq, last.hash);
-        let head = self.current_head().await?;
+        let head = self.current_head(table).await?;
         let committed = head.as_ref().map_or(0, |h| h.last_seq);
         if last_seq <= committed {
-            return self.remove_segment(seg, Some(chain_after)).await;
+            return Ok(chain_after);
         }
         if first_seq <= committed {
             return Err(AuditError::corrupt(
                 seg.path.display().to_string(),
                 format!(
-                    "rows {first_seq}..={last_seq} overlap the lake, which already holds up to seq {committed} for writer {}: two keygate instances share this writer id",
+                    "{table} rows {first_seq}..={last_seq} overlap the lake, which already holds up to seq {committed} for writer {}: two keygate instances share this writer id",
                     self.writer_id
                 ),
             ));
         }
-        if first_seq != header.first_seq {
-            return Err(AuditError::corrupt(seg.path.display().to_string(), "first row does not start the segment"));
+        if first_seq != start.next_seq {
+            return Err(AuditError::corrupt(
+                seg.path.display().to_string(),
+                format!("first {table} row does not start the segment"),
+            ));
         }
         if head.is_some() && first_seq != committed + 1 {
-            tracing::error!(writer = %self.writer_id, expected = committed + 1, found = first_seq, "gap in the audit chain: WAL segments were lost");
+            tracing::error!(writer = %self.writer_id, %table, expected = committed + 1, found = first_seq, "gap in the audit chain: WAL segments were lost");
         }
         let meta = FileMeta {
+            table,
             writer_id: self.writer_id.clone(),
             first_seq,
             last_seq,
@@ -284,7 +332,7 @@ impl Shipper {
             tokio::task::spawn_blocking(move || parquet_io::encode(&chained, &meta).map(|e| (e, chained)))
                 .await
                 .map_err(|e| AuditError::corrupt("lake file", e.to_string()))??;
-        let path = data_path(&self.writer_id, first_seq, first_logged_at_us)?;
+        let path = data_path_of(table, &self.writer_id, first_seq, first_logged_at_us)?;
         let bytes = Bytes::from(encoded);
         let file_bytes = match self.lake.put_create(&path, bytes.clone()).await? {
             Put::Created => bytes,
@@ -292,6 +340,7 @@ impl Shipper {
         };
         let body = ManifestBody {
             version: 1,
+            table: table.manifest_tag(),
             writer_id: self.writer_id.clone(),
             file: path.to_string(),
             file_sha256: sha256_hex(&file_bytes),
@@ -302,13 +351,13 @@ impl Shipper {
             chain_head_in: hex::encode(first_prev_hash),
             chain_head_out: hex::encode(last_hash),
             prev_manifest_sha256: head.as_ref().map(|h| h.manifest_sha256.clone()),
-            received_at_min_us: chained.iter().map(|r| r.columns.received_at_us).min().unwrap_or(0),
-            received_at_max_us: chained.iter().map(|r| r.columns.received_at_us).max().unwrap_or(0),
+            received_at_min_us: chained.iter().map(|r| r.columns.received_at_us()).min().unwrap_or(0),
+            received_at_max_us: chained.iter().map(|r| r.columns.received_at_us()).max().unwrap_or(0),
             kek_id: header.kek_id.clone(),
             signing_key: self.signing_key.public_key_hex(),
         };
         let manifest = Manifest::sign(body, &self.signing_key)?;
-        let mpath = manifest_path(&self.writer_id, first_seq);
+        let mpath = manifest_path_of(table, &self.writer_id, first_seq);
         let mut mbytes = Bytes::from(manifest.to_bytes()?);
         if self.lake.put_create(&mpath, mbytes.clone()).await? == Put::AlreadyExists {
             let existing = self.lake.get(&mpath).await?.unwrap_or_default();
@@ -321,22 +370,27 @@ impl Shipper {
             }
             mbytes = existing;
         }
-        self.head = Some(Some(LakeHead { last_seq, chain_head_out: last_hash, manifest_sha256: sha256_hex(&mbytes) }));
+        self.head[table.index()] =
+            Some(Some(LakeHead { last_seq, chain_head_out: last_hash, manifest_sha256: sha256_hex(&mbytes) }));
         self.shared.metrics.lake_commits.inc();
         self.shared.metrics.lake_rows.inc_by(chained.len() as u64);
         tracing::info!(file = %path, rows = chained.len(), "audit lake file committed");
-        self.remove_segment(seg, Some(chain_after)).await
+        Ok(chain_after)
     }
 
     /// A file already at `path` (a crash after its upload, before its manifest) is adopted when
     /// its rows are the ones we would write.
-    async fn adopt_existing(&self, path: &object_store::path::Path, rows: &[ChainedRow]) -> Result<Bytes, AuditError> {
+    async fn adopt_existing<C: TableRow>(
+        &self,
+        path: &object_store::path::Path,
+        rows: &[ChainedRow<C>],
+    ) -> Result<Bytes, AuditError> {
         let existing = self
             .lake
             .get(path)
             .await?
             .ok_or_else(|| AuditError::corrupt(path.to_string(), "reported existing but cannot be read"))?;
-        let (_, found) = parquet_io::decode(existing.clone())?;
+        let (_, found) = parquet_io::decode_table::<C>(existing.clone())?;
         if found.len() == rows.len() && found.iter().zip(rows).all(|(a, b)| a.seq == b.seq && a.hash == b.hash) {
             Ok(existing)
         } else {
@@ -347,7 +401,7 @@ impl Shipper {
     async fn remove_segment(
         &self,
         seg: &SealedSegment,
-        chain_after: Option<(u64, [u8; 32])>,
+        chain_after: Option<(ChainPos, ChainPos)>,
     ) -> Result<(), AuditError> {
         let dir = self.shared.dir.clone();
         let path = seg.path.clone();
@@ -355,8 +409,15 @@ impl Shipper {
         let segno = seg.segno;
         let shared = self.shared.clone();
         tokio::task::spawn_blocking(move || {
-            if let Some((next_seq, head)) = chain_after {
-                write_chain_head(&dir, &ChainHead { writer_id, next_seq, head, next_segno: segno + 1 })?;
+            if let Some((audit, webhooks)) = chain_after {
+                let head = ChainHead {
+                    writer_id,
+                    next_seq: audit.next_seq,
+                    head: audit.head,
+                    next_segno: segno + 1,
+                    webhooks,
+                };
+                write_chain_head(&dir, &head)?;
             }
             let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
             match std::fs::remove_file(&path) {

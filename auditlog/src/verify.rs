@@ -9,7 +9,7 @@
 //!
 //! Invariant: verify reads only; every finding names the object and, where it can, the row.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use bytes::Bytes;
 use serde::Serialize;
@@ -19,7 +19,9 @@ use crate::error::AuditError;
 use crate::lake::Lake;
 use crate::manifest::{Manifest, sha256_hex};
 use crate::parquet_io;
-use crate::row::row_hash;
+use crate::row::{ChainedRow, RowColumns};
+use crate::table::{Table, TableRow};
+use crate::webhook::WebhookColumns;
 
 /// What kind of tampering (or loss) a finding is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, PartialOrd, Ord)]
@@ -56,6 +58,8 @@ impl FindingKind {
 /// One problem found.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Finding {
+    /// The table whose file, manifest or rows the finding is about.
+    pub table: Table,
     pub kind: FindingKind,
     /// The lake object concerned (data file or manifest).
     pub file: String,
@@ -108,34 +112,73 @@ struct Loaded {
     seq_from_name: u64,
 }
 
-/// Verifies the lake. `progress(done, total)` is called after each manifest.
+/// Verifies the lake: every table ([`Table::ALL`]), each writer's chain of each table on its
+/// own. `progress(done, total)` is called after each manifest.
 pub async fn verify(
     lake: &Lake,
     opts: &VerifyOptions,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<VerifyReport, AuditError> {
     let mut report = VerifyReport { trusted_keys: !opts.trusted_keys.is_empty(), ..Default::default() };
+    let mut listings = Vec::new();
+    for table in Table::ALL {
+        listings.push((table, list_manifests(lake, table).await?));
+    }
+    let total: u64 = listings.iter().flat_map(|(_, l)| l.values()).map(|v| v.len() as u64).sum();
+    let mut done = 0u64;
+    let mut writers = BTreeSet::new();
+    for (table, by_writer) in listings {
+        writers.extend(by_writer.keys().cloned());
+        verify_table(lake, table, by_writer, opts, &mut report, &mut || {
+            done += 1;
+            progress(done, total);
+        })
+        .await?;
+    }
+    report.writers = writers.len();
+    annotate_set_aside_gaps(lake, opts, &mut report).await?;
+    report.findings.sort_by(|a, b| {
+        (a.table, &a.writer, a.seq, &a.file, a.kind).cmp(&(b.table, &b.writer, b.seq, &b.file, b.kind))
+    });
+    Ok(report)
+}
+
+/// A table's manifests by writer: `(first_seq from the name, path)`.
+async fn list_manifests(lake: &Lake, table: Table) -> Result<BTreeMap<String, Vec<(u64, String)>>, AuditError> {
+    let prefix = table.manifest_prefix();
+    let mut by_writer: BTreeMap<String, Vec<(u64, String)>> = BTreeMap::new();
+    for o in lake.list(&format!("{prefix}/")).await? {
+        let p = o.location.to_string();
+        let mut parts = p.split('/');
+        let (Some(top), Some(writer), Some(name), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        if top != prefix {
+            continue;
+        }
+        let Some(seq) = name.strip_suffix(".json").and_then(|s| s.parse::<u64>().ok()) else { continue };
+        by_writer.entry(writer.to_owned()).or_default().push((seq, p));
+    }
+    Ok(by_writer)
+}
+
+/// Verifies one table; `tick` is called after each manifest.
+async fn verify_table(
+    lake: &Lake,
+    table: Table,
+    by_writer: BTreeMap<String, Vec<(u64, String)>>,
+    opts: &VerifyOptions,
+    report: &mut VerifyReport,
+    tick: &mut impl FnMut(),
+) -> Result<(), AuditError> {
     let data: BTreeMap<String, u64> = lake
-        .list("audit/")
+        .list(&format!("{}/", table.name()))
         .await?
         .into_iter()
         .filter(|o| o.location.as_ref().ends_with(".parquet"))
         .map(|o| (o.location.to_string(), o.size))
         .collect();
-    let mut by_writer: BTreeMap<String, Vec<(u64, String)>> = BTreeMap::new();
-    for o in lake.list("manifests/").await? {
-        let p = o.location.to_string();
-        let mut parts = p.split('/');
-        let (Some("manifests"), Some(writer), Some(name), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            continue;
-        };
-        let Some(seq) = name.strip_suffix(".json").and_then(|s| s.parse::<u64>().ok()) else { continue };
-        by_writer.entry(writer.to_owned()).or_default().push((seq, p));
-    }
-    let total: u64 = by_writer.values().map(|v| v.len() as u64).sum();
-    let mut done = 0u64;
     let mut named: HashSet<String> = HashSet::new();
     // file sha → file path, to recognise files that were swapped.
     let mut sha_owner: HashMap<String, String> = HashMap::new();
@@ -154,14 +197,13 @@ pub async fn verify(
         }
         all.insert(writer, loaded);
     }
-    report.writers = all.len();
     for (writer, loaded) in &all {
         let mut prev: Option<&Loaded> = None;
         for cur in loaded {
-            done += 1;
-            progress(done, total);
+            tick();
             report.manifests += 1;
             let f = |kind, file: &str, row, seq, detail: String| Finding {
+                table,
                 kind,
                 file: file.to_owned(),
                 row,
@@ -207,7 +249,7 @@ pub async fn verify(
                 };
                 report.findings.push(f(FindingKind::BadSignature, &cur.path, None, Some(b.first_seq), detail));
             }
-            if b.writer_id != *writer || b.first_seq != cur.seq_from_name {
+            if b.writer_id != *writer || b.first_seq != cur.seq_from_name || b.table != table.manifest_tag() {
                 report.findings.push(f(
                     FindingKind::Reordered,
                     &cur.path,
@@ -276,13 +318,13 @@ pub async fn verify(
                 _ => {}
             }
             prev = Some(cur);
-            check_file(lake, m, data.get(&b.file).copied(), &sha_owner, writer, &mut report).await?;
+            check_file(lake, table, m, data.get(&b.file).copied(), &sha_owner, writer, report).await?;
         }
     }
-    annotate_set_aside_gaps(lake, opts, &mut report).await?;
     for file in data.keys() {
         if !named.contains(file) {
             report.findings.push(Finding {
+                table,
                 kind: FindingKind::Unsigned,
                 file: file.clone(),
                 row: None,
@@ -292,9 +334,8 @@ pub async fn verify(
             });
         }
     }
-    report.files = data.len();
-    report.findings.sort_by(|a, b| (&a.writer, a.seq, &a.file, a.kind).cmp(&(&b.writer, b.seq, &b.file, b.kind)));
-    Ok(report)
+    report.files += data.len();
+    Ok(())
 }
 
 /// Gap notes (`gaps/<writer>/<segno>.json`) are written by keygate when it sets a WAL segment
@@ -308,6 +349,7 @@ async fn annotate_set_aside_gaps(
     struct Note {
         writer: String,
         first_seq: Option<u64>,
+        webhooks_first_seq: Option<u64>,
         reason: String,
         signed: bool,
         path: String,
@@ -329,6 +371,7 @@ async fn annotate_set_aside_gaps(
         notes.push(Note {
             writer: note["writer_id"].as_str().unwrap_or_default().to_owned(),
             first_seq: note["first_seq"].as_u64(),
+            webhooks_first_seq: note["webhooks_first_seq"].as_u64(),
             reason: note["reason"].as_str().unwrap_or("no reason recorded").to_owned(),
             signed,
             path,
@@ -336,8 +379,12 @@ async fn annotate_set_aside_gaps(
     }
     for finding in report.findings.iter_mut().filter(|f| f.kind == FindingKind::Missing) {
         let Some(note) = notes.iter().find(|n| {
+            let unknown = n.first_seq.is_none() && n.webhooks_first_seq.is_none();
             finding.writer.as_deref() == Some(n.writer.as_str())
-                && (n.first_seq.is_none() || n.first_seq == finding.seq)
+                && match finding.table {
+                    Table::Audit => n.first_seq.is_none() || n.first_seq == finding.seq,
+                    Table::Webhooks => unknown || n.webhooks_first_seq == finding.seq,
+                }
         }) else {
             continue;
         };
@@ -354,6 +401,7 @@ async fn annotate_set_aside_gaps(
 
 async fn check_file(
     lake: &Lake,
+    table: Table,
     m: &Manifest,
     size: Option<u64>,
     sha_owner: &HashMap<String, String>,
@@ -362,12 +410,17 @@ async fn check_file(
 ) -> Result<(), AuditError> {
     let b = &m.body;
     let f = |kind, row, seq, detail: String| Finding {
+        table,
         kind,
         file: b.file.clone(),
         row,
         seq,
         writer: Some(writer.to_owned()),
         detail,
+    };
+    let check_rows = |bytes: Bytes, report: &mut VerifyReport, changed: bool| match table {
+        Table::Audit => check_rows::<RowColumns>(bytes, m, writer, report, changed),
+        Table::Webhooks => check_rows::<WebhookColumns>(bytes, m, writer, report, changed),
     };
     if size.is_none() {
         report.findings.push(f(
@@ -382,7 +435,7 @@ async fn check_file(
     let sha = sha256_hex(&bytes);
     if sha == b.file_sha256 && bytes.len() as u64 == b.file_bytes {
         // Identical to what was signed; still walk the rows to catch a writer that signed bad data.
-        check_rows(bytes, m, writer, report, false);
+        check_rows(bytes, report, false);
         return Ok(());
     }
     if let Some(owner) = sha_owner.get(&sha) {
@@ -403,7 +456,7 @@ async fn check_file(
         ));
         return Ok(());
     }
-    if !check_rows(bytes, m, writer, report, true) {
+    if !check_rows(bytes, report, true) {
         report.findings.push(f(
             FindingKind::Changed,
             None,
@@ -415,9 +468,10 @@ async fn check_file(
 }
 
 /// Walks a file's rows; returns true when it reported something row-level.
-fn check_rows(bytes: Bytes, m: &Manifest, writer: &str, report: &mut VerifyReport, changed: bool) -> bool {
+fn check_rows<C: TableRow>(bytes: Bytes, m: &Manifest, writer: &str, report: &mut VerifyReport, changed: bool) -> bool {
     let b = &m.body;
     let f = |kind, row, seq, detail: String| Finding {
+        table: C::TABLE,
         kind,
         file: b.file.clone(),
         row,
@@ -425,7 +479,7 @@ fn check_rows(bytes: Bytes, m: &Manifest, writer: &str, report: &mut VerifyRepor
         writer: Some(writer.to_owned()),
         detail,
     };
-    let (_, rows) = match parquet_io::decode(bytes) {
+    let (_, rows): (_, Vec<ChainedRow<C>>) = match parquet_io::decode_table::<C>(bytes) {
         Ok(x) => x,
         Err(e) => {
             report.findings.push(f(
@@ -445,7 +499,7 @@ fn check_rows(bytes: Bytes, m: &Manifest, writer: &str, report: &mut VerifyRepor
     }
     for (i, r) in rows.iter().enumerate() {
         let expected_seq = b.first_seq + i as u64;
-        let recomputed = row_hash(&r.prev_hash, &r.writer_id, r.seq, &r.columns, &r.payload);
+        let recomputed = C::chain_hash(&r.prev_hash, &r.writer_id, r.seq, &r.columns, &r.payload);
         if r.seq != expected_seq {
             report.findings.push(f(
                 FindingKind::Reordered,

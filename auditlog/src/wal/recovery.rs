@@ -14,7 +14,7 @@ use std::time::SystemTime;
 use crate::crypto::{DataKey, KeyEncryptionKey, intent_aad};
 use crate::error::AuditError;
 use crate::row::{PayloadDoc, unknown_outcome};
-use crate::wal::segment::{SegmentHeader, WalIntent, list_segments, read_segment};
+use crate::wal::segment::{ChainPos, SegmentHeader, WalIntent, list_segments, read_segment};
 use crate::wal::state::{ChainHead, read_chain_head};
 use crate::wal::writer::{Prepared, SealedSegment, StartPoint};
 
@@ -44,6 +44,8 @@ pub async fn recover(
 ) -> Result<Recovery, AuditError> {
     let mut headers: Vec<(SegmentHeader, PathBuf)> = Vec::new();
     let mut last_state: Option<(u64, [u8; 32])> = None;
+    // The same for the `webhooks` chain.
+    let mut last_webhooks: Option<ChainPos> = None;
     let mut bytes_on_disk = 0u64;
     let mut truncated = Vec::new();
     let mut max_segno = None;
@@ -92,20 +94,28 @@ pub async fn recover(
             Some(r) => (r.seq + 1, r.hash),
             None => (contents.header.first_seq, contents.header.prev_hash),
         });
+        last_webhooks = Some(match contents.webhook_rows.last() {
+            Some(r) => ChainPos { next_seq: r.seq + 1, head: r.hash },
+            None => contents.header.webhooks_start,
+        });
         headers.push((contents.header, path));
     }
 
     // A segment's rows are valid below the next segment's first seq.
     let mut sealed = Vec::with_capacity(headers.len());
     for (i, (h, path)) in headers.iter().enumerate() {
-        let upto = match headers.get(i + 1) {
-            Some((next, _)) => next.first_seq,
-            None => last_state.map_or(h.first_seq, |(next_seq, _)| next_seq),
+        let (upto, webhooks_upto) = match headers.get(i + 1) {
+            Some((next, _)) => (next.first_seq, next.webhooks_start.next_seq),
+            None => (
+                last_state.map_or(h.first_seq, |(next_seq, _)| next_seq),
+                last_webhooks.map_or(h.webhooks_start.next_seq, |p| p.next_seq),
+            ),
         };
         sealed.push(SealedSegment {
             segno: h.segno,
             path: path.clone(),
             upto_seq: upto,
+            webhooks_upto_seq: webhooks_upto,
             sealed_at_us: crate::row::micros(SystemTime::now()),
         });
     }
@@ -152,14 +162,17 @@ pub async fn recover(
     }
 
     let start = match last_state {
-        Some((next_seq, head)) => {
-            Some(StartPoint { next_segno: max_segno.map_or(1, |s| s + 1), next_seq, head })
-        }
-        None => read_chain_head(dir)?.map(|ChainHead { writer_id: stored, next_seq, head, next_segno }| {
+        Some((next_seq, head)) => Some(StartPoint {
+            next_segno: max_segno.map_or(1, |s| s + 1),
+            next_seq,
+            head,
+            webhooks: last_webhooks.unwrap_or_default(),
+        }),
+        None => read_chain_head(dir)?.map(|ChainHead { writer_id: stored, next_seq, head, next_segno, webhooks }| {
             if stored != writer_id {
                 tracing::warn!(stored = %stored, writer_id = %writer_id, "chain-head.json names another writer; ignoring it");
             }
-            StartPoint { next_segno: next_segno.max(max_segno.map_or(1, |s| s + 1)), next_seq, head }
+            StartPoint { next_segno: next_segno.max(max_segno.map_or(1, |s| s + 1)), next_seq, head, webhooks }
         }),
     };
     Ok(Recovery { start, sealed, unknown_rows, bytes_on_disk, truncated, max_segno })

@@ -6,6 +6,9 @@
 //!   completes, if any.
 //! * An intent frame is a mutation about to go upstream; it becomes an `outcome = unknown` row if
 //!   no row completes it.
+//! * A webhook row frame is a `webhooks` lake row. It has its own `seq` and chain: the header
+//!   also names where that chain continues (`webhooks_start`; segments written before the table
+//!   existed lack it and continue from seq 1).
 //!
 //! Invariant: a segment's rows are valid only below the `first_seq` of the next segment. A segment
 //! is abandoned after a failed write or fsync, and the next one restarts from the last durable
@@ -18,11 +21,37 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::AuditError;
 use crate::row::RowColumns;
+use crate::table::{Table, TableRow};
 use crate::wal::frame::{FrameDecoder, Tail, encode_frame};
+use crate::webhook::WebhookColumns;
 
 pub const KIND_HEADER: u8 = 1;
 pub const KIND_ROW: u8 = 2;
 pub const KIND_INTENT: u8 = 3;
+pub const KIND_WEBHOOK_ROW: u8 = 4;
+
+/// Where a table's chain continues: the next `seq` and the hash it links to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChainPos {
+    pub next_seq: u64,
+    #[serde(with = "hex_32")]
+    pub head: [u8; 32],
+}
+
+impl Default for ChainPos {
+    /// A chain that has no row yet.
+    fn default() -> Self {
+        ChainPos { next_seq: 1, head: [0; 32] }
+    }
+}
+
+/// The frame kind of a table's rows.
+pub fn row_kind(table: Table) -> u8 {
+    match table {
+        Table::Audit => KIND_ROW,
+        Table::Webhooks => KIND_WEBHOOK_ROW,
+    }
+}
 
 /// First frame of every segment.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -37,10 +66,13 @@ pub struct SegmentHeader {
     #[serde(with = "b64")]
     pub wrapped_key: Vec<u8>,
     pub created_at_us: i64,
+    /// Where the `webhooks` chain continues in this segment.
+    #[serde(default)]
+    pub webhooks_start: ChainPos,
 }
 
 #[derive(Serialize, Deserialize)]
-struct RowMeta {
+struct RowMeta<C> {
     seq: u64,
     #[serde(with = "hex_32")]
     prev_hash: [u8; 32],
@@ -49,7 +81,7 @@ struct RowMeta {
     logged_at_us: i64,
     #[serde(default)]
     intent: Option<uuid::Uuid>,
-    columns: RowColumns,
+    columns: C,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -58,16 +90,16 @@ struct IntentMeta {
     columns: RowColumns,
 }
 
-/// A row as kept in the WAL.
+/// A row as kept in the WAL (an `audit` row by default).
 #[derive(Debug, Clone, PartialEq)]
-pub struct WalRow {
+pub struct WalRow<C = RowColumns> {
     pub seq: u64,
     pub prev_hash: [u8; 32],
     pub hash: [u8; 32],
     /// When the writer appended it: decides the lake partition of the file.
     pub logged_at_us: i64,
     pub intent: Option<uuid::Uuid>,
-    pub columns: RowColumns,
+    pub columns: C,
     pub payload: Vec<u8>,
 }
 
@@ -111,8 +143,8 @@ pub fn check_payload_fits(compressed_len: usize) -> Result<(), AuditError> {
     Ok(())
 }
 
-/// Appends a row frame.
-pub fn encode_row(r: &WalRow, out: &mut Vec<u8>) -> Result<(), AuditError> {
+/// Appends a row frame of `C`'s table.
+pub fn encode_row<C: TableRow>(r: &WalRow<C>, out: &mut Vec<u8>) -> Result<(), AuditError> {
     let meta = serde_json::to_vec(&RowMeta {
         seq: r.seq,
         prev_hash: r.prev_hash,
@@ -122,7 +154,7 @@ pub fn encode_row(r: &WalRow, out: &mut Vec<u8>) -> Result<(), AuditError> {
         columns: r.columns.clone(),
     })
     .map_err(|e| AuditError::corrupt("WAL row", e.to_string()))?;
-    encode_meta_and_payload(KIND_ROW, &meta, &r.payload, out)
+    encode_meta_and_payload(row_kind(C::TABLE), &meta, &r.payload, out)
 }
 
 /// Appends an intent frame.
@@ -149,6 +181,8 @@ pub struct SegmentContents {
     pub header: SegmentHeader,
     pub rows: Vec<WalRow>,
     pub intents: Vec<WalIntent>,
+    /// `webhooks` rows, in `seq` order.
+    pub webhook_rows: Vec<WalRow<WebhookColumns>>,
     /// Bytes of good frames from the start.
     pub valid_len: u64,
     /// Length of the file.
@@ -175,18 +209,32 @@ pub fn decode_segment(bytes: &[u8]) -> Option<SegmentContents> {
     let header: SegmentHeader = serde_json::from_slice(first.data).ok()?;
     let mut rows = Vec::new();
     let mut intents = Vec::new();
+    let mut webhook_rows = Vec::new();
     let mut valid_len = dec.valid_len();
     let mut torn = None;
     for frame in dec.by_ref() {
         let parsed = match frame.kind {
             KIND_ROW => split_meta(frame.data).and_then(|(meta, payload)| {
-                let m: RowMeta = serde_json::from_slice(meta).ok()?;
+                let m: RowMeta<RowColumns> = serde_json::from_slice(meta).ok()?;
                 rows.push(WalRow {
                     seq: m.seq,
                     prev_hash: m.prev_hash,
                     hash: m.hash,
                     logged_at_us: m.logged_at_us,
                     intent: m.intent,
+                    columns: m.columns,
+                    payload: payload.to_vec(),
+                });
+                Some(())
+            }),
+            KIND_WEBHOOK_ROW => split_meta(frame.data).and_then(|(meta, payload)| {
+                let m: RowMeta<WebhookColumns> = serde_json::from_slice(meta).ok()?;
+                webhook_rows.push(WalRow {
+                    seq: m.seq,
+                    prev_hash: m.prev_hash,
+                    hash: m.hash,
+                    logged_at_us: m.logged_at_us,
+                    intent: None,
                     columns: m.columns,
                     payload: payload.to_vec(),
                 });
@@ -210,7 +258,15 @@ pub fn decode_segment(bytes: &[u8]) -> Option<SegmentContents> {
     {
         torn = Some(format!("{reason} at byte {offset}"));
     }
-    Some(SegmentContents { header, rows, intents, valid_len: valid_len as u64, file_len: bytes.len() as u64, torn })
+    Some(SegmentContents {
+        header,
+        rows,
+        intents,
+        webhook_rows,
+        valid_len: valid_len as u64,
+        file_len: bytes.len() as u64,
+        torn,
+    })
 }
 
 /// File name of segment `segno`.
@@ -303,6 +359,7 @@ mod tests {
                 kek_id: "local:x".into(),
                 wrapped_key: vec![1, 2, 3],
                 created_at_us: 0,
+                webhooks_start: ChainPos::default(),
             },
             &mut out,
         )

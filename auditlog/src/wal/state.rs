@@ -14,7 +14,8 @@ use serde::{Deserialize, Serialize};
 use crate::error::AuditError;
 use crate::wal::segment::hex_32;
 
-/// Where the next segment continues the chain.
+/// Where the next segment continues the chains (`audit`'s at the top level, for files written
+/// before the `webhooks` table existed).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ChainHead {
     pub writer_id: String,
@@ -22,6 +23,9 @@ pub struct ChainHead {
     #[serde(with = "hex_32")]
     pub head: [u8; 32],
     pub next_segno: u64,
+    /// Where the `webhooks` chain continues (absent in older files: it starts at seq 1).
+    #[serde(default)]
+    pub webhooks: crate::wal::segment::ChainPos,
 }
 
 const LOCK: &str = "LOCK";

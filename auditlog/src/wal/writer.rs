@@ -23,12 +23,15 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::{Durability, RollConfig};
-use crate::crypto::{DataKey, KeyEncryptionKey, intent_aad, row_aad};
+use crate::crypto::{DataKey, KeyEncryptionKey, intent_aad, row_aad, webhook_row_aad};
 use crate::error::AuditError;
 use crate::metrics::Metrics;
 use crate::row::{RowColumns, micros, row_hash, unknown_outcome};
 use crate::wal::faults::{Fault, WalFaults};
-use crate::wal::segment::{SegmentHeader, WalIntent, WalRow, encode_header, encode_intent, encode_row, segment_path};
+use crate::wal::segment::{
+    ChainPos, SegmentHeader, WalIntent, WalRow, encode_header, encode_intent, encode_row, segment_path,
+};
+use crate::webhook::{PreparedWebhook, webhook_row_hash};
 
 /// A redacted, compressed record waiting to be sealed and appended.
 #[derive(Debug, Clone)]
@@ -42,9 +45,24 @@ pub type Ack = oneshot::Sender<Result<(), AuditError>>;
 /// What callers send to the writer thread.
 #[derive(Debug)]
 pub enum Command {
-    Row { prepared: Prepared, intent: Option<uuid::Uuid>, ack: Option<Ack> },
-    Intent { prepared: Prepared, ack: Ack },
-    Shutdown { ack: Ack },
+    Row {
+        prepared: Prepared,
+        intent: Option<uuid::Uuid>,
+        ack: Option<Ack>,
+    },
+    Intent {
+        prepared: Prepared,
+        ack: Ack,
+    },
+    /// A `webhooks` row; `sync` makes it wait for its fsync whatever the durability setting.
+    WebhookRow {
+        prepared: PreparedWebhook,
+        sync: bool,
+        ack: Option<Ack>,
+    },
+    Shutdown {
+        ack: Ack,
+    },
 }
 
 /// A segment the writer no longer appends to, for the lake shipper.
@@ -55,6 +73,8 @@ pub struct SealedSegment {
     /// Rows with `seq >= upto_seq` are superseded (written after the last durable point of an
     /// abandoned segment) and are not shipped.
     pub upto_seq: u64,
+    /// The same bound for the segment's `webhooks` rows.
+    pub webhooks_upto_seq: u64,
     /// When it was handed to the shipper (µs since the epoch), for the lake lag.
     pub sealed_at_us: i64,
 }
@@ -131,6 +151,8 @@ pub struct StartPoint {
     pub next_segno: u64,
     pub next_seq: u64,
     pub head: [u8; 32],
+    /// Where the `webhooks` chain continues.
+    pub webhooks: ChainPos,
 }
 
 /// Writer settings.
@@ -147,6 +169,8 @@ struct Active {
     path: PathBuf,
     segno: u64,
     first_seq: u64,
+    /// First `seq` of the segment's `webhooks` rows (their file's first seq, in their AAD).
+    webhooks_first_seq: u64,
     key: DataKey,
     bytes: u64,
     first_row: Option<(Instant, i64)>,
@@ -169,6 +193,9 @@ pub struct Writer {
     head: [u8; 32],
     durable_seq: u64,
     durable_head: [u8; 32],
+    /// The `webhooks` chain: where it continues, and where it stood at the last fsync.
+    webhooks: ChainPos,
+    webhooks_durable: ChainPos,
     open_intents: HashMap<uuid::Uuid, Prepared>,
     /// Intents whose completing rows are written but not yet fsynced: they stay in
     /// `open_intents` (and are carried into the next segment if this one is abandoned) until the
@@ -223,6 +250,8 @@ impl Writer {
             head: start.head,
             durable_seq: start.next_seq,
             durable_head: start.head,
+            webhooks: start.webhooks,
+            webhooks_durable: start.webhooks,
             open_intents: HashMap::new(),
             undurable_completions: Vec::new(),
             quota_exempt: false,
@@ -337,10 +366,13 @@ impl Writer {
         for cmd in cmds {
             let e = clone_unavailable(err, shared);
             match cmd {
-                Command::Row { ack: Some(ack), .. } | Command::Intent { ack, .. } | Command::Shutdown { ack } => {
+                Command::Row { ack: Some(ack), .. }
+                | Command::WebhookRow { ack: Some(ack), .. }
+                | Command::Intent { ack, .. }
+                | Command::Shutdown { ack } => {
                     let _ = ack.send(Err(e));
                 }
-                Command::Row { ack: None, .. } => {}
+                Command::Row { ack: None, .. } | Command::WebhookRow { ack: None, .. } => {}
             }
         }
     }
@@ -362,6 +394,7 @@ impl Writer {
         let mut new_intents = Vec::new();
         let mut completed = Vec::new();
         let mut rows = 0u64;
+        let mut webhook_rows = 0u64;
         let now = SystemTime::now();
         let logged_at_us = micros(now);
         let used = self.shared.bytes_on_disk.load(Ordering::SeqCst);
@@ -399,6 +432,52 @@ impl Writer {
                             completed.push(id);
                         }
                         if ack.is_some() && self.cfg.durability == Durability::Sync {
+                            need_sync = true;
+                        }
+                    }
+                    (ack, res)
+                }
+                Command::WebhookRow { prepared, sync, ack } => {
+                    if !self.quota_exempt && used + buf.len() as u64 > self.shared.quota {
+                        self.shared.metrics.quota_exceeded.inc();
+                        if let Some(ack) = ack {
+                            let _ = ack.send(Err(AuditError::QuotaExceeded { used, quota: self.shared.quota }));
+                        }
+                        continue;
+                    }
+                    let aad =
+                        webhook_row_aad(&self.cfg.writer_id, active.webhooks_first_seq, &prepared.columns.event_id);
+                    let sealed = match &prepared.compressed {
+                        Some(compressed) => active.key.seal(&aad, compressed),
+                        None => Ok(Vec::new()),
+                    };
+                    let res = sealed.and_then(|payload| {
+                        let chain = &mut self.webhooks;
+                        let hash = webhook_row_hash(
+                            &chain.head,
+                            &self.cfg.writer_id,
+                            chain.next_seq,
+                            &prepared.columns,
+                            &payload,
+                        );
+                        let row = WalRow {
+                            seq: chain.next_seq,
+                            prev_hash: chain.head,
+                            hash,
+                            logged_at_us,
+                            intent: None,
+                            columns: prepared.columns,
+                            payload,
+                        };
+                        encode_row(&row, &mut buf)?;
+                        chain.next_seq += 1;
+                        chain.head = hash;
+                        Ok(())
+                    });
+                    if res.is_ok() {
+                        rows += 1;
+                        webhook_rows += 1;
+                        if ack.is_some() && (sync || self.cfg.durability == Durability::Sync) {
                             need_sync = true;
                         }
                     }
@@ -459,7 +538,8 @@ impl Writer {
         }
         active.rows += rows;
         self.shared.add_bytes(buf.len() as u64);
-        self.shared.metrics.records.inc_by(rows);
+        self.shared.metrics.records.inc_by(rows - webhook_rows);
+        self.shared.metrics.webhook_records.inc_by(webhook_rows);
         self.shared.metrics.intents.inc_by(new_intents.len() as u64);
         let sync_due = need_sync
             || (self.cfg.durability == Durability::Async
@@ -504,6 +584,7 @@ impl Writer {
                 active.last_sync = Instant::now();
                 self.durable_seq = self.next_seq;
                 self.durable_head = self.head;
+                self.webhooks_durable = self.webhooks;
                 for id in self.undurable_completions.drain(..) {
                     self.open_intents.remove(&id);
                 }
@@ -526,12 +607,14 @@ impl Writer {
         // those rows completed are open again, and are carried into the next segment.
         self.next_seq = self.durable_seq;
         self.head = self.durable_head;
+        self.webhooks = self.webhooks_durable;
         self.undurable_completions.clear();
         if let Some(active) = self.active.take() {
             self.pending_seal.push(SealedSegment {
                 segno: active.segno,
                 path: active.path,
                 upto_seq: self.durable_seq,
+                webhooks_upto_seq: self.webhooks_durable.next_seq,
                 sealed_at_us: micros(SystemTime::now()),
             });
         }
@@ -543,6 +626,7 @@ impl Writer {
             segno: segment.segno,
             path: segment.path,
             upto_seq: self.next_seq,
+            webhooks_upto_seq: self.webhooks.next_seq,
             sealed_at_us: micros(SystemTime::now()),
         };
         self.hand_to_shipper(sealed);
@@ -651,6 +735,7 @@ impl Writer {
             kek_id: self.kek.key_id(),
             wrapped_key: wrapped,
             created_at_us: micros(SystemTime::now()),
+            webhooks_start: self.webhooks,
         };
         let mut buf = Vec::new();
         encode_header(&header, &mut buf)?;
@@ -685,6 +770,7 @@ impl Writer {
             path,
             segno,
             first_seq: header.first_seq,
+            webhooks_first_seq: header.webhooks_start.next_seq,
             key,
             bytes: buf.len() as u64,
             first_row: None,
