@@ -1,13 +1,24 @@
-//! The budget of buffered request bytes: one process-wide bound on the memory that request bodies
-//! take, whatever the clients do.
+//! The budget of buffered bytes: one process-wide bound on the memory that request and response
+//! bodies take, whatever the clients (and the upstream) do.
 //!
-//! keygate buffers every request body whole (the policy reads it, the audit record keeps it), so
-//! without a bound the memory it takes is `connections × streams × max body`. The budget is a
-//! semaphore counted in KiB ([`UNIT`]): a request reserves its declared `Content-Length` before
-//! the first body byte is read (a body without one grows its reservation as it arrives), holds
-//! the reservation for as long as any copy of the body it keeps lives (the reservation rides
-//! inside the [`Bytes`] of the canonical body, see [`attach`], so the audit record's copy counts
-//! too), and gives it back when the last copy drops.
+//! keygate buffers every request body whole (the policy reads it, the audit record keeps it) and
+//! every response whole (the audit record keeps it too), so without a bound the memory it takes is
+//! `connections × streams × (max body + max response)`. The budget is a semaphore counted in KiB
+//! ([`UNIT`]): a request reserves its declared `Content-Length` before the first body byte is read
+//! (a body without one grows its reservation as it arrives), holds the reservation for as long as
+//! any copy of the body it keeps lives (the reservation rides inside the [`Bytes`] of the
+//! canonical body, see [`attach`], so the audit record's copy counts too), and gives it back when
+//! the last copy drops.
+//!
+//! Responses are paid for the same way. Before a request is sent to Stripe it reserves
+//! `limits.response_buffer_reserve` (64 KiB by default, more than almost every Stripe response)
+//! from all three semaphores below; a request that cannot get it within `buffer_wait` is refused
+//! with 503 `keygate_overloaded` *before anything is sent*. A response larger than its
+//! reservation grows it from the global semaphore only ([`Reservation::grow_global`]; a file
+//! download may be larger than one connection's share), waiting until the upstream deadline: once
+//! a request has reached Stripe, keygate waits for memory rather than refusing, and only a
+//! response that cannot be buffered by the upstream deadline fails (502
+//! `keygate_response_over_budget`, recorded as an upstream error).
 //!
 //! Three semaphores, always taken in the same order (connection, service, global) so that waits
 //! cannot form a cycle:
@@ -62,9 +73,18 @@ impl BudgetLimit {
     /// What is used up, for the error message.
     pub fn what(self) -> &'static str {
         match self {
-            BudgetLimit::Connection => "this connection's share of the request buffer",
-            BudgetLimit::Service => "this service's share of the request buffer",
-            BudgetLimit::Global => "the request buffer shared by every request",
+            BudgetLimit::Connection => "this connection's share of the buffer",
+            BudgetLimit::Service => "this service's share of the buffer",
+            BudgetLimit::Global => "the buffer shared by every request",
+        }
+    }
+
+    /// The 503 `keygate_overloaded` for a request that waited `wait` in vain (nothing was sent).
+    pub fn overloaded(self, wait: Duration) -> crate::error::ProxyError {
+        crate::error::ProxyError::Overloaded {
+            what: self.what(),
+            setting: self.setting(),
+            wait_ms: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
         }
     }
 
@@ -198,6 +218,28 @@ impl Reservation {
         Ok(())
     }
 
+    /// Reserves `bytes` more from the global budget only, waiting until `deadline` at most: a
+    /// response already on its way from Stripe is bounded by the process-wide budget, not by one
+    /// connection's or service's share (which may be smaller than `limits.max_response_bytes`).
+    /// On refusal the reservation keeps what it held before.
+    pub async fn grow_global(&mut self, bytes: u64, deadline: Instant) -> Result<(), BudgetLimit> {
+        let wanted = units(bytes);
+        if wanted == 0 {
+            return Ok(());
+        }
+        match tokio::time::timeout_at(deadline, self.global.clone().acquire_many_owned(wanted)).await {
+            Ok(Ok(permit)) => self.permits.push(permit),
+            Ok(Err(_)) | Err(_) => {
+                self.metrics.limit_hits.get_or_create(&LimitLabels { limit: BudgetLimit::Global.label() }).inc();
+                return Err(BudgetLimit::Global);
+            }
+        }
+        let added = u64::from(wanted) * UNIT;
+        self.bytes += added;
+        self.metrics.buffered_bytes.inc_by(i64::try_from(added).unwrap_or(i64::MAX));
+        Ok(())
+    }
+
     /// Wraps the buffered body so that the reservation lives exactly as long as the bytes do.
     pub fn attach(self, body: Bytes) -> Bytes {
         if self.bytes == 0 {
@@ -312,6 +354,24 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(20)).await;
         drop(first);
         assert_eq!(waiter.await.ok().and_then(Result::ok), Some(4 * UNIT));
+    }
+
+    #[tokio::test]
+    async fn a_response_grows_past_its_connection_share_but_not_past_the_global_budget() {
+        let budget = budget(16 * UNIT, 0.25, 0.5, 50);
+        let connection = budget.connection();
+        let mut response = connection.reserve("a", UNIT, soon(50)).await.unwrap_or_else(|e| panic!("{e:?}"));
+        // 12 KiB more: over the connection's 4 KiB and the service's 8 KiB, inside the global 16.
+        assert!(response.grow_global(12 * UNIT, soon(50)).await.is_ok());
+        assert_eq!(response.bytes(), 13 * UNIT);
+        assert_eq!(response.grow_global(4 * UNIT, soon(30)).await.err(), Some(BudgetLimit::Global));
+        assert_eq!(response.bytes(), 13 * UNIT);
+        // A new request of another connection and service cannot reserve past what is left.
+        let other = budget.connection();
+        assert_eq!(other.reserve("b", 4 * UNIT, soon(30)).await.err(), Some(BudgetLimit::Global));
+        drop(response);
+        assert_eq!(budget.global.available_permits(), 16);
+        assert_eq!(budget.metrics.buffered_bytes.get(), 0);
     }
 
     #[tokio::test]

@@ -190,6 +190,10 @@ pub struct LimitsConfig {
     /// a request that cannot get its share in `buffer_wait` is answered 503 `keygate_overloaded`.
     #[serde(default = "default_max_buffered_bytes")]
     pub max_buffered_bytes: u64,
+    /// What a request reserves of `max_buffered_bytes` for its response before it is sent to
+    /// Stripe (a larger response grows its reservation while it arrives).
+    #[serde(default = "default_response_buffer_reserve")]
+    pub response_buffer_reserve: u64,
     /// How long a request waits for its share of `max_buffered_bytes` before it is refused.
     #[serde(default = "default_buffer_wait", with = "humantime_serde")]
     pub buffer_wait: Duration,
@@ -220,6 +224,7 @@ impl Default for LimitsConfig {
             http2_keep_alive_interval: default_http2_keep_alive_interval(),
             http2_keep_alive_timeout: default_http2_keep_alive_timeout(),
             max_buffered_bytes: default_max_buffered_bytes(),
+            response_buffer_reserve: default_response_buffer_reserve(),
             buffer_wait: default_buffer_wait(),
             buffered_share_per_connection: default_buffered_share_per_connection(),
             buffered_share_per_service: default_buffered_share_per_service(),
@@ -330,6 +335,9 @@ fn default_http2_keep_alive_timeout() -> Duration {
 }
 fn default_max_buffered_bytes() -> u64 {
     256 * 1024 * 1024
+}
+fn default_response_buffer_reserve() -> u64 {
+    64 * 1024
 }
 fn default_buffer_wait() -> Duration {
     Duration::from_secs(1)
@@ -621,6 +629,22 @@ fn validate_buffer_shares(limits: &LimitsConfig) -> Vec<String> {
             limits.connection_buffer_bytes()
         ));
     }
+    if limits.max_response_bytes > limits.max_buffered_bytes {
+        problems.push(format!(
+            "`limits.max_response_bytes` ({}) must be at most `limits.max_buffered_bytes` ({}): responses are \
+             buffered inside that budget, so a larger one could never be read; raise `max_buffered_bytes` or \
+             lower `max_response_bytes`",
+            limits.max_response_bytes, limits.max_buffered_bytes
+        ));
+    }
+    if limits.response_buffer_reserve == 0 || limits.response_buffer_reserve > limits.connection_buffer_bytes() {
+        problems.push(format!(
+            "`limits.response_buffer_reserve` ({}) must be above 0 and at most one connection's share of the \
+             buffer (`limits.max_buffered_bytes` × `limits.buffered_share_per_connection` = {} bytes)",
+            limits.response_buffer_reserve,
+            limits.connection_buffer_bytes()
+        ));
+    }
     if limits.buffered_share_per_service < limits.buffered_share_per_connection {
         problems
             .push("`limits.buffered_share_per_service` must be at least `limits.buffered_share_per_connection`".into());
@@ -781,8 +805,21 @@ mod tests {
         .err()
         .unwrap_or_else(|| panic!("accepted"));
         assert!(error.to_string().contains("`limits.buffered_share_per_service` must be at least"), "{error}");
-        let fits = load_text(
+        // Responses are buffered inside the budget: the largest one must fit it.
+        let error = load_text(
             "policies:\n  dir: POLICIES\nlimits:\n  max_buffered_bytes: 16777216\n  max_file_body_bytes: 2097152\n",
+            &[],
+        )
+        .err()
+        .unwrap_or_else(|| panic!("accepted"));
+        assert!(error.to_string().contains("`limits.max_response_bytes` (67108864) must be at most"), "{error}");
+        let error = load_text("policies:\n  dir: POLICIES\nlimits:\n  response_buffer_reserve: 0\n", &[])
+            .err()
+            .unwrap_or_else(|| panic!("accepted"));
+        assert!(error.to_string().contains("`limits.response_buffer_reserve` (0) must be above 0"), "{error}");
+        let fits = load_text(
+            "policies:\n  dir: POLICIES\nlimits:\n  max_buffered_bytes: 16777216\n  max_file_body_bytes: 2097152\n  \
+             max_response_bytes: 8388608\n",
             &[],
         );
         assert!(fits.is_ok(), "{:?}", fits.err().map(|e| e.to_string()));

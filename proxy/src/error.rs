@@ -103,8 +103,14 @@ pub enum ProxyError {
     )]
     ResponseTooLarge { host: String, limit: u64 },
     #[error(
-        "keygate is overloaded: {what} is used up (`limits.{setting}`) and this request's body could \
-         not be buffered within {wait_ms} ms. Nothing was sent to Stripe; retry in a moment."
+        "Stripe ({host}) answered, but keygate could not buffer the response before the upstream timeout: \
+         the buffer shared by every request (`limits.max_buffered_bytes`) stayed used up. The request \
+         reached Stripe and may have taken effect: retry it with the same Idempotency-Key."
+    )]
+    ResponseOverBudget { host: String },
+    #[error(
+        "keygate is overloaded: {what} is used up (`limits.{setting}`) and this request could \
+         not get its share within {wait_ms} ms. Nothing was sent to Stripe; retry in a moment."
     )]
     Overloaded { what: &'static str, setting: &'static str, wait_ms: u64 },
     #[error("keygate is shutting down and accepts no new requests; retry against another instance.")]
@@ -134,7 +140,8 @@ impl ProxyError {
             | ProxyError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamConnect { .. }
             | ProxyError::UpstreamBroken { .. }
-            | ProxyError::ResponseTooLarge { .. } => StatusCode::BAD_GATEWAY,
+            | ProxyError::ResponseTooLarge { .. }
+            | ProxyError::ResponseOverBudget { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -156,6 +163,7 @@ impl ProxyError {
             ProxyError::UpstreamTimeout { .. } => "keygate_upstream_timeout",
             ProxyError::UpstreamBroken { .. } => "keygate_upstream_failed",
             ProxyError::ResponseTooLarge { .. } => "keygate_response_too_large",
+            ProxyError::ResponseOverBudget { .. } => "keygate_response_over_budget",
             ProxyError::Overloaded { .. } => "keygate_overloaded",
             ProxyError::ShuttingDown => "keygate_shutting_down",
             ProxyError::Internal => "keygate_internal_error",

@@ -96,6 +96,9 @@ pub struct RequestContext {
     pub outcome: Outcome,
     pub error_code: Option<&'static str>,
     pub intent: Option<IntentId>,
+    /// The connection's share of the buffer budget ([`crate::budget`]), from the request's
+    /// extensions; `None` only where no budget applies (tests that call the pipeline directly).
+    pub share: Option<crate::budget::ConnectionShare>,
 }
 
 impl RequestContext {
@@ -123,6 +126,7 @@ impl RequestContext {
             outcome: Outcome::Rejected,
             error_code: None,
             intent: None,
+            share: request.extensions().get::<crate::budget::ConnectionShare>().cloned(),
         }
     }
 
@@ -163,6 +167,7 @@ pub async fn handle(
                     | ProxyError::UpstreamTimeout { .. }
                     | ProxyError::UpstreamBroken { .. }
                     | ProxyError::ResponseTooLarge { .. }
+                    | ProxyError::ResponseOverBudget { .. }
             ) {
                 ctx.outcome = Outcome::UpstreamError;
             } else {
@@ -231,7 +236,7 @@ async fn run_phases(
     };
 
     let (received, reservation) =
-        read_body(gateway, head.extensions.get(), &service, ctx.host, &ctx.request_headers, body).await?;
+        read_body(gateway, ctx.share.as_ref(), &service, ctx.host, &ctx.request_headers, body).await?;
     ctx.request_body = received;
     // Part two: the body, re-serialised in its one encoding; from here on the headers are the
     // allowlisted ones keygate forwards, with the canonical Content-Type.
@@ -402,11 +407,7 @@ async fn read_body(
         return Ok((Bytes::new(), None));
     }
     let wait = limits.buffer_wait;
-    let overloaded = |limit: crate::budget::BudgetLimit| ProxyError::Overloaded {
-        what: limit.what(),
-        setting: limit.setting(),
-        wait_ms: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
-    };
+    let overloaded = |limit: crate::budget::BudgetLimit| limit.overloaded(wait);
     let read_failed = || ProxyError::BadRequest {
         code: "keygate_body_read_failed",
         message: "The request body could not be read (the client closed the connection or sent malformed framing)."
@@ -561,8 +562,19 @@ async fn send_timed(
     ctx: &mut RequestContext,
     request: Request<Full<Bytes>>,
 ) -> Result<UpstreamResponse, ProxyError> {
+    // The response is paid for in the buffer budget before anything is sent: a request that
+    // cannot get its reserve is refused here, with nothing at Stripe (see `crate::budget`).
+    let reservation = match (&ctx.share, &ctx.service) {
+        (Some(share), Some(service)) => {
+            let limits = &gateway.config.limits;
+            let deadline = tokio::time::Instant::now() + limits.buffer_wait;
+            let reserved = share.reserve(service, limits.response_buffer_reserve, deadline).await;
+            Some(reserved.map_err(|limit| limit.overloaded(limits.buffer_wait))?)
+        }
+        _ => None,
+    };
     let started = Instant::now();
-    let result = gateway.upstream.send(ctx.host, request).await;
+    let result = gateway.upstream.send(ctx.host, request, reservation).await;
     let elapsed = started.elapsed();
     ctx.upstream_us = Some(ctx.upstream_us.unwrap_or(0) + u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX));
     gateway

@@ -5,19 +5,21 @@
 //! the only retry (after a 401 on a rotated key) is a pipeline decision.
 //!
 //! Invariant: a response is read whole, under `limits.max_response_bytes`, within
-//! `upstreams.timeout` counted from the moment the request is sent.
+//! `upstreams.timeout` counted from the moment the request is sent, and every byte of it is paid
+//! for in the buffer budget ([`crate::budget`]) before it is buffered.
 
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Request, Uri};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls_pki_types::pem::PemObject;
 
+use crate::budget::Reservation;
 use crate::config::{UpstreamsConfig, parse_base_url};
 use crate::error::ProxyError;
 use crate::routing::StripeHost;
@@ -134,28 +136,69 @@ impl Upstream {
         })
     }
 
-    /// Sends a request and reads the whole response.
-    pub async fn send(&self, host: StripeHost, request: Request<Full<Bytes>>) -> Result<UpstreamResponse, ProxyError> {
+    /// Sends a request and reads the whole response, paid for in the buffer budget by
+    /// `reservation` (taken by the caller before sending; `None` only where no budget applies):
+    /// a response larger than the reservation grows it from the global budget, waiting until the
+    /// upstream deadline ([`crate::budget`]). The reservation then rides inside the returned body.
+    pub async fn send(
+        &self,
+        host: StripeHost,
+        request: Request<Full<Bytes>>,
+        mut reservation: Option<Reservation>,
+    ) -> Result<UpstreamResponse, ProxyError> {
+        use hyper::body::Body as _;
+        /// A response grows its reservation at least this much at a time.
+        const GROW_STEP: u64 = 64 * 1024;
         let started = Instant::now();
+        let deadline = tokio::time::Instant::now() + self.timeout;
         let host_name = self.base(host).authority().map(|a| a.to_string()).unwrap_or_default();
-        let exchange = async {
-            let response = self.client.request(request).await.map_err(|error| classify(&host_name, &error))?;
-            let (head, body) = response.into_parts();
-            let limit = usize::try_from(self.max_response_bytes).unwrap_or(usize::MAX);
-            let body = Limited::new(body, limit).collect().await.map_err(|error| {
-                if error.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
-                    ProxyError::ResponseTooLarge { host: host_name.clone(), limit: self.max_response_bytes }
-                } else {
-                    ProxyError::UpstreamBroken { host: host_name.clone(), detail: error.to_string() }
-                }
-            })?;
-            Ok::<_, ProxyError>((head, body.to_bytes()))
-        };
-        match tokio::time::timeout(self.timeout, exchange).await {
-            Ok(Ok((head, body))) => Ok(UpstreamResponse { head, body, elapsed: started.elapsed() }),
-            Ok(Err(error)) => Err(error),
-            Err(_) => Err(ProxyError::UpstreamTimeout { host: host_name, timeout_s: self.timeout.as_secs().max(1) }),
+        let timed_out =
+            || ProxyError::UpstreamTimeout { host: host_name.clone(), timeout_s: self.timeout.as_secs().max(1) };
+        let limit = self.max_response_bytes;
+        let too_large = || ProxyError::ResponseTooLarge { host: host_name.clone(), limit };
+        let over_budget = |_| ProxyError::ResponseOverBudget { host: host_name.clone() };
+
+        let response = tokio::time::timeout_at(deadline, self.client.request(request))
+            .await
+            .map_err(|_| timed_out())?
+            .map_err(|error| classify(&host_name, &error))?;
+        let (head, mut body) = response.into_parts();
+        let declared = head
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|length| length > limit) {
+            return Err(too_large());
         }
+        if let (Some(reservation), Some(length)) = (reservation.as_mut(), declared)
+            && length > reservation.bytes()
+        {
+            reservation.grow_global(length - reservation.bytes(), deadline).await.map_err(over_budget)?;
+        }
+        let capacity = usize::try_from(declared.unwrap_or(0).min(limit)).unwrap_or(0);
+        let mut buffer = bytes::BytesMut::with_capacity(capacity);
+        while !body.is_end_stream() {
+            let Some(frame) = tokio::time::timeout_at(deadline, body.frame()).await.map_err(|_| timed_out())? else {
+                break;
+            };
+            let frame = frame
+                .map_err(|error| ProxyError::UpstreamBroken { host: host_name.clone(), detail: error_chain(&error) })?;
+            let Ok(data) = frame.into_data() else { continue };
+            let total = (buffer.len() as u64).saturating_add(data.len() as u64);
+            if total > limit {
+                return Err(too_large());
+            }
+            if let Some(reservation) = reservation.as_mut()
+                && total > reservation.bytes()
+            {
+                let more = (total - reservation.bytes()).max(GROW_STEP).min(limit.saturating_sub(reservation.bytes()));
+                reservation.grow_global(more, deadline).await.map_err(over_budget)?;
+            }
+            buffer.extend_from_slice(&data);
+        }
+        let body = crate::budget::attach(reservation, buffer.freeze());
+        Ok(UpstreamResponse { head, body, elapsed: started.elapsed() })
     }
 }
 

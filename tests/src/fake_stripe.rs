@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
+use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -47,6 +48,9 @@ pub enum Behavior {
     /// 401 unless the request carries one of these keys (Stripe during a key roll, while the
     /// old key has not expired yet).
     AnyKeyOf(Vec<String>),
+    /// 200 declaring a body of `length` bytes, of which only `sent` ever arrive: the response
+    /// stays unfinished (a large, slow download) until the client gives up.
+    StallBody { length: usize, sent: usize },
 }
 
 /// The fake upstream, running on a free loopback port until dropped.
@@ -117,7 +121,7 @@ async fn answer(
     request: Request<Incoming>,
     received: &Mutex<Vec<Received>>,
     behavior: &Mutex<Behavior>,
-) -> Response<Full<Bytes>> {
+) -> Response<BoxBody<Bytes, Infallible>> {
     let (parts, body) = request.into_parts();
     let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
     let record = Received {
@@ -139,7 +143,12 @@ async fn answer(
     match behavior {
         Behavior::Hang => {
             tokio::time::sleep(Duration::from_secs(3600)).await;
-            Response::new(Full::new(Bytes::new()))
+            Response::new(Full::new(Bytes::new()).boxed())
+        }
+        Behavior::StallBody { length, sent } => {
+            let mut response = Response::new(Stalled(Some(Bytes::from(vec![b'x'; sent.min(length)]))).boxed());
+            response.headers_mut().insert("content-length", http::HeaderValue::from(length));
+            response
         }
         Behavior::Delay(delay) => {
             tokio::time::sleep(delay).await;
@@ -155,8 +164,27 @@ async fn answer(
     }
 }
 
-fn json(status: u16, body: &'static str) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+/// A body that yields its one chunk and then never ends.
+struct Stalled(Option<Bytes>);
+
+impl hyper::body::Body for Stalled {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        match self.0.take() {
+            Some(chunk) => std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(chunk)))),
+            // Never woken: the body stays unfinished until the connection is dropped.
+            None => std::task::Poll::Pending,
+        }
+    }
+}
+
+fn json(status: u16, body: &'static str) -> Response<BoxBody<Bytes, Infallible>> {
+    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())).boxed());
     *response.status_mut() = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::OK);
     let headers = response.headers_mut();
     headers.insert("content-type", http::HeaderValue::from_static("application/json"));

@@ -510,7 +510,7 @@ async fn one_services_flood_leaves_the_other_services_their_share_of_the_buffer(
         &fake,
         &format!(
             "  max_buffered_bytes: {}\n  buffered_share_per_connection: 0.125\n  buffered_share_per_service: 0.5\n  \
-             buffer_wait: 1s\n  max_body_bytes: {MIB}\n  max_file_body_bytes: {MIB}\n  body_read_timeout: 30s\n",
+             buffer_wait: 1s\n  max_body_bytes: {MIB}\n  max_file_body_bytes: {MIB}\n  max_response_bytes: {MIB}\n  body_read_timeout: 30s\n",
             16 * MIB
         ),
     );
@@ -700,7 +700,7 @@ async fn a_flood_of_unfinished_http2_bodies_stays_inside_the_buffer_budget() {
         &format!(
             "  max_buffered_bytes: {max_buffered}\n  buffered_share_per_connection: 0.125\n  \
              buffered_share_per_service: 0.5\n  buffer_wait: 1s\n  max_body_bytes: {MIB}\n  \
-             max_file_body_bytes: {MIB}\n  body_read_timeout: 30s\n"
+             max_file_body_bytes: {MIB}\n  max_response_bytes: {MIB}\n  body_read_timeout: 30s\n"
         ),
     );
     let addr = setup.keygate.proxy;
@@ -781,4 +781,70 @@ async fn a_flood_of_unfinished_http2_bodies_stays_inside_the_buffer_budget() {
     })
     .await;
     drop(senders);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_are_paid_for_in_the_buffer_budget_and_a_request_without_room_is_never_sent() {
+    let fake = FakeStripe::start(Behavior::Ok).await;
+    let url = fake.url();
+    let mut options = SetupOptions::new(&url);
+    options.hosts_yaml =
+        Some(format!("  api: {url}\n  files: {url}\n  connect: {url}\n  meter_events: {url}\n  timeout: 3s\n"));
+    let budget = 4 * MIB;
+    options.extra_config = format!(
+        "limits:\n  max_buffered_bytes: {budget}\n  buffered_share_per_connection: 0.5\n  \
+         buffered_share_per_service: 1.0\n  buffer_wait: 300ms\n  max_body_bytes: {MIB}\n  \
+         max_file_body_bytes: {MIB}\n  max_response_bytes: {budget}\n"
+    );
+    let setup = ProxySetup::start(options);
+    let addr = setup.keygate.proxy;
+    let token = setup.token.clone();
+
+    // A 4 MiB response of which Stripe sends all but 16 KiB and then stalls: keygate pays for the
+    // whole declared length in the budget while it waits for the rest.
+    fake.set_behavior(Behavior::StallBody { length: budget as usize, sent: (budget - 16 * 1024) as usize });
+    let download = tokio::task::spawn_blocking({
+        let token = token.clone();
+        move || request(addr, "GET", "/v1/customers", &token, &[], "")
+    });
+    let mut held = 0;
+    for _ in 0..200 {
+        held = buffered_bytes(&setup);
+        if held >= 3 * MIB {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(held >= 3 * MIB, "only {held} bytes of the stalled response are paid for in the budget");
+    assert!(held <= budget, "{held} bytes held, over max_buffered_bytes {budget}");
+
+    // Another request finds no room for its response: refused with 503 before it is sent.
+    fake.set_behavior(Behavior::Ok);
+    let sent_before = fake.received().len();
+    let refused = blocking({
+        let token = token.clone();
+        move || request(addr, "GET", "/v1/customers", &token, &[], "").expect("response")
+    })
+    .await;
+    assert_eq!(refused.status, 503, "{refused:?}");
+    assert_eq!(refused.json()["error"]["code"], "keygate_overloaded");
+    assert!(refused.json()["error"]["message"].as_str().unwrap_or_default().contains("max_buffered_bytes"));
+    assert_eq!(fake.received().len(), sent_before, "a request without room for its response reached the upstream");
+    assert!(limit_hits(&setup, "buffered_bytes") >= 1, "{}", setup.keygate.metrics());
+
+    // The stalled response ends at the upstream timeout and gives its bytes back; then the same
+    // request is served.
+    let download = download.await.unwrap().expect("download response");
+    assert_eq!(download.status, 504, "{download:?}");
+    let mut left = buffered_bytes(&setup);
+    for _ in 0..100 {
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        left = buffered_bytes(&setup);
+    }
+    assert_eq!(left, 0, "the stalled response's reservation was not given back");
+    get_ok(addr, &token);
+    assert_eq!(fake.received().len(), sent_before + 1);
 }
