@@ -2,8 +2,11 @@
 
 Usage: audit_read_lake.py EXPECTATIONS_JSON
 
-EXPECTATIONS_JSON names the lake (a folder, or s3://bucket/prefix with an endpoint), the expected
-rows (event_id -> plaintext columns), and canary strings that must not appear. Both pyarrow and
+EXPECTATIONS_JSON names the lake (a folder, or s3://bucket/prefix with an endpoint), the table
+(`audit` by default, or `webhooks`), the expected rows (event_id -> plaintext columns), canary
+strings that must not appear, and optionally `group_by` (columns DuckDB counts by; default
+service and outcome) and `null_payload` (event ids whose payload must be null: webhook rows
+recorded without a body). Both pyarrow and
 DuckDB must see exactly the expected rows with exactly those column values. Prints one JSON line
 with what was found (row counts, files, the KEK ids in the files' footers, DuckDB's counts by
 service and outcome); exits 1 with a message on the first mismatch.
@@ -30,6 +33,9 @@ def main():
     lake = exp["lake"]
     expected = exp["rows"]  # event_id -> {column: value}
     canaries = [c.encode() for c in exp["canaries"]]
+    tname = exp.get("table", "audit")
+    group_by = exp.get("group_by", ["service", "outcome"])
+    null_payload = set(exp.get("null_payload", []))
 
     if lake.startswith("s3://"):
         s3 = exp["s3"]
@@ -37,10 +43,10 @@ def main():
             access_key=s3["access_key"], secret_key=s3["secret_key"], region=s3["region"],
             endpoint_override=s3["endpoint"], scheme="http",
         )
-        root = lake[len("s3://"):].rstrip("/") + "/audit"
+        root = lake[len("s3://"):].rstrip("/") + "/" + tname
     else:
         fs = pafs.LocalFileSystem()
-        root = lake.rstrip("/") + "/audit"
+        root = lake.rstrip("/") + "/" + tname
 
     # pyarrow: Hive partitions, every row, every file's raw bytes.
     dataset = ds.dataset(root, format="parquet", partitioning="hive", filesystem=fs)
@@ -64,8 +70,14 @@ def main():
             if r[k] != v:
                 fail(f"row {eid}: {k} = {r[k]!r}, expected {v!r}")
         p = r["payload"]
+        if eid in null_payload:
+            if p is not None:
+                fail(f"row {eid}: payload should be null")
+            p = b"\x01"
+        elif p is None:
+            fail(f"row {eid}: payload is null")
         # Encrypted: version byte, nonce, ciphertext. No zstd frame, no JSON, no request line.
-        if p[0] != 1 or b"\x28\xb5\x2f\xfd" in p or b"POST /v1" in p or b'"request"' in p:
+        if p[0] != 1 or b"\x28\xb5\x2f\xfd" in p or b"POST /v1" in p or b'"request"' in p or b'"event"' in p:
             fail(f"row {eid}: payload is not opaque ciphertext")
         if len(r["hash"]) != 32 or len(r["prev_hash"]) != 32:
             fail(f"row {eid}: hashes are not 32 bytes")
@@ -80,7 +92,7 @@ def main():
         footer = pq.read_metadata(pa.BufferReader(data)).metadata or {}
         kek_ids.add(footer.get(b"keygate.kek_id", b"").decode())
         # The exact bytes of the object, for DuckDB below (same relative layout).
-        local = os.path.join(mirror.name, "audit", os.path.relpath(info, root))
+        local = os.path.join(mirror.name, tname, os.path.relpath(info, root))
         os.makedirs(os.path.dirname(local), exist_ok=True)
         with open(local, "wb") as f:
             f.write(data)
@@ -93,7 +105,7 @@ def main():
     import duckdb
 
     con = duckdb.connect()
-    glob = (root if not lake.startswith("s3://") else os.path.join(mirror.name, "audit")) + "/*/*/*.parquet"
+    glob = (root if not lake.startswith("s3://") else os.path.join(mirror.name, tname)) + "/*/*/*.parquet"
     source = f"read_parquet('{glob}', hive_partitioning = true)"
     n = con.execute(f"SELECT count(*) FROM {source}").fetchone()[0]
     if n != len(expected):
@@ -109,7 +121,8 @@ def main():
             for k, v in want.items():
                 if got[k] != v:
                     fail(f"DuckDB: row {row[0]}: {k} = {got[k]!r}, expected {v!r}")
-    by_service = con.execute(f"SELECT service, outcome, count(*) FROM {source} GROUP BY ALL ORDER BY ALL").fetchall()
+    keys = ", ".join(f'"{c}"' for c in group_by)
+    by_service = con.execute(f"SELECT {keys}, count(*) FROM {source} GROUP BY ALL ORDER BY ALL").fetchall()
     dts = con.execute(f"SELECT DISTINCT dt FROM {source}").fetchall()
     result["duckdb_rows"] = n
     result["duckdb_by_service"] = [list(map(str, row)) for row in by_service]

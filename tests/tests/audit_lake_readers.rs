@@ -11,7 +11,9 @@
 //! CVC, secret-shaped values, client secret) appears in any lake object or WAL file.
 //!
 //! Library level: many rows and files through `AuditLog`, with the Transit key rotated between
-//! runs, and an S3 store down for a while.
+//! runs, and an S3 store down for a while; the `webhooks` table (webhook events and delivery
+//! outcomes beside egress rows) read by DuckDB, pyarrow and `auditlog query` / `show` /
+//! `verify`, with canaries in the event bodies.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
@@ -23,7 +25,8 @@ use bytes::Bytes;
 use keygate_auditlog::lake::Lake;
 use keygate_auditlog::verify::{VerifyOptions, verify};
 use keygate_auditlog::{
-    AuditConfig, AuditLog, Exchange, HttpMessage, KekRing, KeyEncryptionKey, LocalKek, S3Config, SigningKey, TransitKek,
+    AuditConfig, AuditLog, Exchange, HttpMessage, KekRing, KeyEncryptionKey, LocalKek, S3Config, SigningKey,
+    TransitKek, WebhookKind, WebhookRecord,
 };
 use keygate_secrets::{SecretRef, SecretStore, SecretsConfig, VaultAuth, VaultConfig};
 use keygate_tests::audit::{auditlog, files_under, jsonl};
@@ -170,6 +173,164 @@ async fn a_local_lake_is_read_by_duckdb_and_pyarrow() {
     assert!(keygate_auditlog::payload::file_key(&meta, &other).await.is_err(), "another KEK opens nothing");
     let stolen = keygate_auditlog::crypto::DataKey::from_raw(&[0u8; 32]).unwrap();
     assert!(keygate_auditlog::payload::open_payload(&stolen, &meta, &r[0].columns.event_id, &r[0].payload).is_err());
+}
+
+/// The `i`-th webhook row of a run: received events (bodies with card data and secrets),
+/// rejected requests (body not kept) and delivery outcomes; with the plaintext columns DuckDB and
+/// pyarrow must read back.
+fn webhook(i: usize) -> (WebhookRecord, serde_json::Value) {
+    let kind = [WebhookKind::Received, WebhookKind::Received, WebhookKind::Rejected, WebhookKind::Delivered][i % 4];
+    let mut r = WebhookRecord::new(kind, "stripe-main");
+    let evt = format!("evt_{i:06}");
+    match kind {
+        WebhookKind::Received => {
+            r.stripe_event_id = Some(evt.clone());
+            r.event_type = Some("charge.succeeded".into());
+            r.livemode = Some(false);
+            r.api_version = Some("2024-06-20".into());
+            r.created = Some(1_764_000_000);
+            r.status = Some(200);
+            let body = serde_json::json!({
+                "id": evt, "object": "event", "type": "charge.succeeded",
+                "data": {"object": {"object": "charge", "id": format!("ch_{i}"), "client_secret": CANARIES[5],
+                    "payment_method_details": {"card": {"number": CANARIES[1], "cvc": "7391", "last4": "5556"}},
+                    "metadata": {"k": CANARIES[2]}}},
+            });
+            r.body = Some(Bytes::from(serde_json::to_vec(&body).unwrap()));
+        }
+        WebhookKind::Rejected => {
+            r.status = Some(400);
+            r.reason = Some("timestamp outside the tolerance".into());
+            r.body = Some(Bytes::from(format!("{{\"card\":\"{}\",\"evt\":\"forged_{i}\"}}", CANARIES[1])));
+        }
+        _ => {
+            r.stripe_event_id = Some(evt.clone());
+            r.event_type = Some("charge.succeeded".into());
+            r.destination = Some("ledger".into());
+            r.attempt = Some(2);
+            r.status = Some(204);
+        }
+    }
+    let expected = serde_json::json!({
+        "kind": kind.as_str(), "endpoint": "stripe-main", "stripe_event_id": r.stripe_event_id,
+        "event_type": r.event_type, "status": r.status, "attempt": r.attempt, "destination": r.destination,
+        "body_bytes": r.body.as_ref().map_or(0, |b| b.len()),
+    });
+    (r, expected)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhooks_table_is_read_by_duckdb_pyarrow_and_auditlog_and_verify_finds_an_edited_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let lake_dir = dir.path().join("lake");
+    let lake_arg = lake_dir.display().to_string();
+    let cfg = AuditConfig {
+        roll: keygate_auditlog::RollConfig { max_bytes: 12 * 1024, max_age: Duration::from_secs(3600) },
+        ..config(&dir.path().join("wal"), &lake_arg)
+    };
+    let kek_hex = hex::encode(rand::random::<[u8; 32]>());
+    let kek = Arc::new(LocalKek::from_text(&kek_hex).unwrap());
+    let signing = SigningKey::generate();
+    let log = AuditLog::open(&cfg, kek.clone(), signing.clone()).await.unwrap();
+    let mut rows = BTreeMap::new();
+    let mut null_payload = Vec::new();
+    let mut received = Vec::new();
+    for i in 0..40 {
+        let (rec, expected) = webhook(i);
+        if rec.kind == WebhookKind::Received {
+            received.push((rec.event_id.to_string(), rec.stripe_event_id.clone().unwrap()));
+        } else {
+            null_payload.push(rec.event_id.to_string());
+        }
+        rows.insert(rec.event_id.to_string(), expected);
+        log.record_webhook(rec).await.unwrap();
+        if i % 4 == 0 {
+            log.record(exchange(i, "checkout"), None).await.unwrap();
+        }
+    }
+    log.shutdown().await.unwrap();
+    let canaries: Vec<&str> = CANARIES.iter().copied().chain(["\"7391\"", "forged_"]).collect();
+    let summary = read_with_python(serde_json::json!({
+        "lake": lake_arg, "table": "webhooks", "rows": rows, "canaries": canaries,
+        "group_by": ["kind"], "null_payload": null_payload,
+    }));
+    assert_eq!((summary["pyarrow_rows"].as_u64(), summary["duckdb_rows"].as_u64()), (Some(40), Some(40)));
+    assert!(summary["files"].as_u64().unwrap() >= 2, "several webhook files: {summary}");
+    assert_eq!(
+        summary["duckdb_by_service"],
+        serde_json::json!([["delivered", "10"], ["received", "20"], ["rejected", "10"]])
+    );
+    let canary_strings: Vec<String> = canaries.iter().map(|c| c.to_string()).collect();
+    assert_no_canary("lake", &files_under(&lake_dir), &canary_strings);
+
+    // `auditlog query` over both tables in one statement.
+    let counts = keygate_tests::audit::query_lake(
+        &lake_dir,
+        "SELECT (SELECT count(*) FROM audit) AS egress, (SELECT count(*) FROM webhooks WHERE kind = 'received') AS received",
+    );
+    assert_eq!(counts, vec![serde_json::json!({"egress": 10, "received": 20})]);
+    // Decrypted: the redacted events, card number down to its last 4, no secret.
+    let env = [("KG_TEST_KEK", kek_hex.clone())];
+    let (code, out, err) = auditlog(
+        &[
+            "--lake",
+            &lake_arg,
+            "--kek",
+            "env://KG_TEST_KEK",
+            "query",
+            "--decrypt",
+            "--format",
+            "jsonl",
+            "SELECT * FROM webhooks WHERE kind = 'received' ORDER BY seq",
+        ],
+        &env,
+    );
+    assert_eq!(code, 0, "{err}");
+    let decrypted = jsonl(&out);
+    assert_eq!(decrypted.len(), 20);
+    for (row, (_, evt)) in decrypted.iter().zip(&received) {
+        let doc: serde_json::Value = serde_json::from_str(row["payload_json"].as_str().unwrap()).unwrap();
+        assert_eq!(doc["event"]["id"], evt.as_str());
+        let object = &doc["event"]["data"]["object"];
+        assert_eq!(object["payment_method_details"]["card"]["number"], "****5556");
+        assert!(object["payment_method_details"]["card"].get("cvc").is_none(), "the CVC is dropped");
+        assert_eq!(object["client_secret"], "[redacted]");
+    }
+    for c in &canaries {
+        assert!(!out.contains(c), "{c} in decrypted output");
+    }
+    let (code, out, err) = auditlog(&["--lake", &lake_arg, "--kek", "env://KG_TEST_KEK", "show", &received[3].0], &env);
+    assert_eq!(code, 0, "{err}");
+    let shown: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(shown["payload"]["event"]["id"], received[3].1.as_str());
+
+    // verify: clean, then an edited webhook row is named with its file and row.
+    let public = signing.verifying_key().to_text();
+    let (code, out, err) = auditlog(&["--lake", &lake_arg, "verify", "--public-key", &public], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    let lake = Lake::open(&lake_arg, &S3Config::default(), 1 << 25).unwrap();
+    let files = lake.list("webhooks/").await.unwrap();
+    let target = &files[1].location;
+    let (meta, mut edited) = keygate_auditlog::parquet_io::decode_table::<keygate_auditlog::webhook::WebhookColumns>(
+        lake.get(target).await.unwrap().unwrap(),
+    )
+    .unwrap();
+    edited[0].columns.status = Some(200);
+    edited[0].columns.kind = "delivered".into();
+    let bytes = keygate_auditlog::parquet_io::encode(&edited, &meta).unwrap();
+    std::fs::write(lake_dir.join(target.as_ref()), bytes).unwrap();
+    let (code, out, err) = auditlog(&["--lake", &lake_arg, "verify", "--public-key", &public, "--format", "json"], &[]);
+    assert_eq!(code, 1, "{out}{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let findings = report["findings"].as_array().unwrap();
+    assert!(
+        findings.iter().any(|f| f["table"] == "webhooks"
+            && f["kind"] == "changed"
+            && f["file"] == target.as_ref()
+            && f["row"] == 0),
+        "{report:#}"
+    );
+    assert!(findings.iter().all(|f| f["table"] == "webhooks"), "the audit table is untouched: {report:#}");
 }
 
 fn vault_store_config(bao: &OpenBao, dir: &Path) -> SecretsConfig {
