@@ -2,7 +2,8 @@
 //! egress rows), shipper, manifests and verifier as `audit` rows, each table with its own chain;
 //! bodies are redacted by the one table of sensitive fields; rejected deliveries keep no body;
 //! `received` rows are fsynced before `record_webhook` returns whatever the durability; a crash
-//! loses no acknowledged row; `read_webhooks` reads events back for a replay.
+//! loses no acknowledged row (snapshot recovery, and a real `kill -9` of a child process writing
+//! at full speed, many rounds); `read_webhooks` reads events back for a replay.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -377,4 +378,114 @@ async fn verify_reports_a_changed_and_a_removed_webhook_row_in_the_webhooks_tabl
         report.findings
     );
     assert!(report.findings.iter().all(|f| f.table == keygate_auditlog::Table::Webhooks), "{:#?}", report.findings);
+}
+
+/// Environment of the child process of the kill -9 test: the folder it writes under.
+const CHILD_DIR: &str = "KEYGATE_WEBHOOK_CRASH_CHILD_DIR";
+const CHILD_KEK: &str = "KEYGATE_WEBHOOK_CRASH_CHILD_KEK";
+const CHILD_SEED: &str = "KEYGATE_WEBHOOK_CRASH_CHILD_SEED";
+
+fn crash_config(dir: &std::path::Path) -> AuditConfig {
+    AuditConfig {
+        wal_dir: dir.join("wal"),
+        lake: dir.join("lake").display().to_string(),
+        kek: "set-by-test".into(),
+        signing_key: "set-by-test".into(),
+        writer_id: Some("crash-writer".into()),
+        roll: RollConfig { max_bytes: 24 * 1024, max_age: Duration::from_secs(3600) },
+        retry_initial_backoff: Duration::from_millis(20),
+        retry_max_backoff: Duration::from_millis(100),
+        ..AuditConfig::default()
+    }
+}
+
+/// The child of [`kill_9_at_random_moments_loses_no_acknowledged_webhook_row`]: records webhook
+/// and egress rows from 8 tasks until it is killed, printing `ack <event_id>` for each webhook
+/// row `record_webhook` acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "child process of the kill -9 test, started by it"]
+async fn webhook_writer_child() {
+    use std::io::Write as _;
+    // Only as the kill -9 test's child (a run with --include-ignored passes through).
+    let Ok(dir) = std::env::var(CHILD_DIR) else { return };
+    let dir = std::path::PathBuf::from(dir);
+    let kek = std::sync::Arc::new(keygate_auditlog::LocalKek::from_text(&std::env::var(CHILD_KEK).unwrap()).unwrap());
+    let signing = keygate_auditlog::SigningKey::from_text(&std::env::var(CHILD_SEED).unwrap()).unwrap();
+    let log = keygate_auditlog::AuditLog::open(&crash_config(&dir), kek, signing).await.unwrap();
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        let log = log.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0.. {
+                let rec = if i % 3 == 2 { delivered(t * 100_000 + i) } else { received(t * 100_000 + i) };
+                let id = rec.event_id;
+                if log.record_webhook(rec).await.is_ok() {
+                    let mut out = std::io::stdout().lock();
+                    let _ = writeln!(out, "ack {id}");
+                }
+                if i % 4 == 0 {
+                    let _ = log.record(exchange(i), None).await;
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_at_random_moments_loses_no_acknowledged_webhook_row() {
+    use std::io::BufRead as _;
+    let dir = tempfile::tempdir().unwrap();
+    let kek_hex = hex::encode(rand::random::<[u8; 32]>());
+    let seed = format!("ed25519-seed:{}", hex::encode(rand::random::<[u8; 32]>()));
+    let mut acked: HashSet<uuid::Uuid> = HashSet::new();
+    for _round in 0..5 {
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--ignored", "--exact", "webhook_writer_child", "--nocapture", "--test-threads", "1"])
+            .env(CHILD_DIR, dir.path())
+            .env(CHILD_KEK, &kek_hex)
+            .env(CHILD_SEED, &seed)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(id) = line.strip_prefix("ack ") {
+                    let _ = tx.send(uuid::Uuid::parse_str(id).unwrap());
+                }
+            }
+        });
+        // Wait for the first acknowledgement, then kill -9 at a random moment.
+        let first = rx.recv_timeout(Duration::from_secs(30)).expect("the child acknowledges rows");
+        acked.insert(first);
+        std::thread::sleep(Duration::from_millis(rand::random_range(20..300)));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        reader.join().unwrap();
+        acked.extend(rx.try_iter());
+    }
+    // A last, clean run recovers and ships everything.
+    let kek = std::sync::Arc::new(keygate_auditlog::LocalKek::from_text(&kek_hex).unwrap());
+    let signing = keygate_auditlog::SigningKey::from_text(&seed).unwrap();
+    let log = keygate_auditlog::AuditLog::open(&crash_config(dir.path()), kek, signing.clone()).await.unwrap();
+    log.shutdown().await.unwrap();
+    let lake = open_lake(&dir.path().join("lake"));
+    let rows = read_webhook_rows(&lake).await;
+    let mut seen = HashSet::new();
+    for r in &rows {
+        assert!(seen.insert(r.row.columns.event_id), "row {} twice", r.row.columns.event_id);
+    }
+    let lost: Vec<_> = acked.iter().filter(|id| !seen.contains(id)).collect();
+    assert!(lost.is_empty(), "{} of {} acknowledged webhook rows lost: {lost:?}", lost.len(), acked.len());
+    assert!(acked.len() >= 5, "rows were acknowledged across the rounds: {}", acked.len());
+    assert_webhook_chains(&rows);
+    assert_chains(&read_lake(&lake).await);
+    let opts = VerifyOptions { trusted_keys: vec![signing.verifying_key()], since_us: None };
+    let report = verify(&lake, &opts, |_, _| {}).await.unwrap();
+    assert!(report.findings.is_empty(), "{:#?}", report.findings);
 }
