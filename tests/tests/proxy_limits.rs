@@ -691,8 +691,11 @@ const MIB: u64 = 1024 * 1024;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_unfinished_http2_bodies_stays_inside_the_buffer_budget() {
-    const CONNECTIONS: usize = 2;
-    const STREAMS: usize = 50;
+    // The attack of issue 14: 4 HTTP/2 connections × 250 streams of unfinished 1 MiB bodies (about
+    // 1 GiB unbounded); keygate admits `http2_max_concurrent_streams` (100) streams per connection
+    // at a time, and the client opens the rest as earlier ones are refused.
+    const CONNECTIONS: usize = 4;
+    const STREAMS: usize = 250;
     let max_buffered = 16 * MIB;
     let fake = FakeStripe::start(Behavior::Ok).await;
     let setup = start(
