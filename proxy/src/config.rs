@@ -44,6 +44,9 @@ pub struct Config {
     /// The audit lake (see docs/audit-lake.md).
     #[serde(default)]
     pub audit: keygate_auditlog::AuditConfig,
+    /// Where budgets and rate limits are counted (see docs/configuration.md, `limit_store`).
+    #[serde(default)]
+    pub limit_store: keygate_limits::LimitStoreConfig,
 }
 
 /// The proxy listener.
@@ -376,7 +379,8 @@ fn render_problems(source: &str, problems: &[String]) -> String {
 
 /// The top-level sections; a `KEYGATE_…` variable whose first segment is not one of these is
 /// not configuration (tools use the prefix too) and is left alone.
-const SECTIONS: [&str; 8] = ["listen", "admin", "upstreams", "limits", "policies", "log", "secrets", "audit"];
+const SECTIONS: [&str; 9] =
+    ["listen", "admin", "upstreams", "limits", "policies", "log", "secrets", "audit", "limit_store"];
 
 /// Reads the YAML file (if any), applies `KEYGATE_…` overrides from `env`, and validates.
 pub fn load(path: Option<&Path>, env: &[(String, String)]) -> Result<Config, ConfigError> {
@@ -597,6 +601,7 @@ fn validate(config: &Config, from_file: bool) -> Vec<String> {
     if let Err(error) = config.secrets.validate() {
         problems.push(format!("`secrets`: {error}"));
     }
+    problems.extend(config.limit_store.validate());
     // Without a file (the quick start) keygate generates the audit keys itself.
     if from_file && let Err(error) = config.audit.validate() {
         problems.push(format!("`audit`: {error}"));

@@ -113,6 +113,13 @@ pub enum ProxyError {
          not get its share within {wait_ms} ms. Nothing was sent to Stripe; retry in a moment."
     )]
     Overloaded { what: &'static str, setting: &'static str, wait_ms: u64 },
+    #[error(
+        "keygate cannot check this service's {what} right now: {detail}. Nothing was sent to Stripe: \
+         keygate refuses rather than count without its limit store, and reconnects by itself; retry \
+         in a moment. If this persists, the operators should check the store in `limit_store` of \
+         keygate's configuration (its /readyz names the problem)."
+    )]
+    LimitsUnavailable { what: &'static str, detail: String },
     #[error("keygate is shutting down and accepts no new requests; retry against another instance.")]
     ShuttingDown,
     #[error(
@@ -137,6 +144,7 @@ impl ProxyError {
             | ProxyError::AuditUnavailable { .. }
             | ProxyError::AuditUnrecorded { .. }
             | ProxyError::Overloaded { .. }
+            | ProxyError::LimitsUnavailable { .. }
             | ProxyError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamConnect { .. }
             | ProxyError::UpstreamBroken { .. }
@@ -165,6 +173,7 @@ impl ProxyError {
             ProxyError::ResponseTooLarge { .. } => "keygate_response_too_large",
             ProxyError::ResponseOverBudget { .. } => "keygate_response_over_budget",
             ProxyError::Overloaded { .. } => "keygate_overloaded",
+            ProxyError::LimitsUnavailable { .. } => "keygate_limits_unavailable",
             ProxyError::ShuttingDown => "keygate_shutting_down",
             ProxyError::Internal => "keygate_internal_error",
         }
@@ -182,6 +191,7 @@ impl ProxyError {
             | ProxyError::AuditUnavailable { .. }
             | ProxyError::AuditUnrecorded { .. }
             | ProxyError::Overloaded { .. }
+            | ProxyError::LimitsUnavailable { .. }
             | ProxyError::ShuttingDown => Some("true"),
             ProxyError::PolicyDenied { status, .. } if *status == StatusCode::TOO_MANY_REQUESTS => Some("true"),
             _ if self.status().is_client_error() => Some("false"),
@@ -242,6 +252,15 @@ mod tests {
                 503,
                 "api_error",
                 "keygate_secret_unavailable",
+            ),
+            (
+                ProxyError::LimitsUnavailable {
+                    what: "money budget",
+                    detail: "the redis limit store did not answer within 250 ms (`limit_store.timeout`)".into(),
+                },
+                503,
+                "api_error",
+                "keygate_limits_unavailable",
             ),
             (
                 ProxyError::Overloaded { what: "the request buffer", setting: "max_buffered_bytes", wait_ms: 1000 },

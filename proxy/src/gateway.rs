@@ -17,6 +17,7 @@ use prometheus_client::registry::Registry;
 
 use crate::auth::TokenIndex;
 use crate::config::Config;
+use crate::limiting::Limits;
 use crate::telemetry::ProxyMetrics;
 use crate::upstream::Upstream;
 
@@ -71,6 +72,8 @@ pub struct Gateway {
     pub secrets: SecretStore,
     pub upstream: Upstream,
     pub audit: AuditLog,
+    /// Where rate limits and budgets are counted.
+    pub limits: Arc<Limits>,
     pub metrics: Arc<ProxyMetrics>,
     pub registry: Registry,
     shutting_down: AtomicBool,
@@ -85,6 +88,7 @@ pub struct GatewayParts {
     pub secrets: SecretStore,
     pub upstream: Upstream,
     pub audit: AuditLog,
+    pub limits: Arc<Limits>,
     pub metrics: Arc<ProxyMetrics>,
     pub registry: Registry,
 }
@@ -99,6 +103,7 @@ impl Gateway {
             secrets: parts.secrets,
             upstream: parts.upstream,
             audit: parts.audit,
+            limits: parts.limits,
             metrics: parts.metrics,
             registry: parts.registry,
             shutting_down: AtomicBool::new(false),
@@ -142,6 +147,9 @@ impl Gateway {
             reasons.push(reason);
         }
         reasons.extend(self.audit.set_aside());
+        if let Err(reason) = self.limits.readiness() {
+            reasons.push(reason);
+        }
         for (service, reference) in &self.directory.load().keys {
             if !self.secrets.is_loaded(reference) {
                 reasons.push(format!("the Stripe key of service `{service}` ({reference}) has not been fetched yet"));

@@ -5,7 +5,8 @@
 //! forwards the call to the right Stripe host and records the exchange.
 //!
 //! Modules: [`config`] (typed configuration), [`server`] and [`admin`] (listeners),
-//! [`pipeline`] (the request phases), [`budget`] (the bound on buffered request bytes), [`auth`],
+//! [`pipeline`] (the request phases), [`budget`] (the bound on buffered request bytes),
+//! [`limiting`] (rate limits and money budgets in the limit store), [`auth`],
 //! [`upstream`], [`routing`], [`headers`], [`error`] (the one place errors become responses),
 //! [`telemetry`], [`quickstart`], [`run`] (assembling and running everything).
 
@@ -16,6 +17,7 @@ pub mod config;
 pub mod error;
 pub mod gateway;
 pub mod headers;
+pub mod limiting;
 pub mod pipeline;
 pub mod quickstart;
 pub mod reply;

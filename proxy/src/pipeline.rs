@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! read head ─► canonical head ─► authenticate ─► rate limit ─► read body ─► canonical body
-//!   ─► inject (fetch key) ─► authorize ─► intent ─► forward ─► respond
+//!   ─► inject (fetch key) ─► authorize ─► charge budget ─► intent ─► forward ─► respond
 //!                                  │
 //!            finish (always runs: audit record, metrics, log line)
 //! ```
@@ -21,7 +21,11 @@
 //! - a mutation's intent is durable in the audit log before it is forwarded, and no response
 //!   leaves before its audit record is durable (under `durability: sync`); when either fails the
 //!   client gets 503 `keygate_audit_unavailable`;
-//! - the finishing phase runs for every request, whatever happened before.
+//! - the finishing phase runs for every request, whatever happened before;
+//! - rate limits and budgets are counted in the limit store ([`crate::limiting`]): the rate limit
+//!   from the head, before the body is read; a money-moving request's budget charged before it
+//!   is forwarded, and given back when keygate refuses it afterwards without sending anything
+//!   ([`refused_before_sending`]); a request that may have reached Stripe stays charged.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -99,6 +103,9 @@ pub struct RequestContext {
     /// The connection's share of the buffer budget ([`crate::budget`]), from the request's
     /// extensions; `None` only where no budget applies (tests that call the pipeline directly).
     pub share: Option<crate::budget::ConnectionShare>,
+    /// The budget charge this request holds, until it is forwarded (then it stays) or refused
+    /// before sending (then it is refunded).
+    pub budget_charge: Option<keygate_limits::Charge>,
 }
 
 impl RequestContext {
@@ -127,6 +134,7 @@ impl RequestContext {
             error_code: None,
             intent: None,
             share: request.extensions().get::<crate::budget::ConnectionShare>().cloned(),
+            budget_charge: None,
         }
     }
 
@@ -161,6 +169,11 @@ pub async fn handle(
         Ok(reply) => reply,
         Err(error) => {
             ctx.error_code = Some(error.code());
+            if let Some(charge) = ctx.budget_charge.take()
+                && refused_before_sending(&error, &ctx)
+            {
+                gateway.limits.refund(ctx.service.as_deref().unwrap_or_default(), charge).await;
+            }
             if matches!(
                 error,
                 ProxyError::UpstreamConnect { .. }
@@ -211,6 +224,8 @@ async fn run_phases(
     let (head, body) = request.into_parts();
     #[cfg(debug_assertions)]
     let panic_hook = test_hooks::requested(&head.headers);
+    #[cfg(debug_assertions)]
+    let wal_fault_hook = test_hooks::wal_fault_requested(&head.headers);
     check_head(gateway, &head.headers)?;
     ctx.request_headers = head.headers;
     // The canonical request, part one: method, headers, path and query, all refused before
@@ -226,7 +241,7 @@ async fn run_phases(
     ctx.service = Some(service.clone());
     // Cheap refusals first: the rate limit (and an unknown service) from the head alone, before
     // the body is read or a key fetched; the decision then takes no second token.
-    let rate_limit = match gateway.engine.rate_limit_from_head(&service, ctx.method.as_str(), &ctx.path) {
+    let rate_limit = match gateway.limits.head(&gateway.engine, &service, ctx.method.as_str(), &ctx.path).await? {
         HeadCheck::Continue(token) => token,
         HeadCheck::Refuse(decision) => {
             let denial = decision.denial.clone();
@@ -256,7 +271,15 @@ async fn run_phases(
     let livemode = is_live_key(secret.value.expose());
     ctx.livemode = Some(livemode);
 
-    let decision = authorize(gateway, &service, ctx, livemode, rate_limit);
+    let mut decision = authorize(gateway, &service, ctx, livemode, rate_limit);
+    // The budget, charged in the limit store before anything goes upstream; a store that does not
+    // answer refuses the request (budgets fail closed).
+    if decision.verdict.forwards() && decision.charge.is_some() {
+        ctx.decision = Some(decision.clone());
+        let (charged, receipt) = gateway.limits.charge(&gateway.engine, &service, decision).await?;
+        decision = charged;
+        ctx.budget_charge = receipt;
+    }
     let verdict = decision.verdict;
     let denial = decision.denial.clone();
     let inject_idempotency_key = decision.inject_idempotency_key;
@@ -271,6 +294,12 @@ async fn run_phases(
         }
     }
 
+    // A drain that began while this request was decided: refuse it (its charge is given back).
+    if gateway.is_shutting_down() {
+        return Err(ProxyError::ShuttingDown);
+    }
+    #[cfg(debug_assertions)]
+    test_hooks::arm_wal_fault(wal_fault_hook, &gateway.audit);
     // Fail closed before anything goes upstream when the audit log is known not to be writable:
     // a read has no intent, so without this check it would reach Stripe and only its row would
     // be refused.
@@ -498,7 +527,23 @@ fn authorize(
         idempotency_key: header_str(headers, "idempotency-key"),
         livemode,
     };
-    gateway.engine.decide_after_rate_limit(service, &facts, rate_limit)
+    gateway.engine.evaluate(service, &facts, rate_limit)
+}
+
+/// Whether keygate refused the request after its decision without sending anything to Stripe:
+/// its budget charge is then given back. Anything that may have reached Stripe (a timeout, a
+/// connection broken after sending, a response keygate could not take, a panic) keeps it.
+fn refused_before_sending(error: &ProxyError, ctx: &RequestContext) -> bool {
+    match error {
+        // No connection, so nothing was sent.
+        ProxyError::UpstreamConnect { .. } => true,
+        ProxyError::AuditUnavailable { .. }
+        | ProxyError::ShuttingDown
+        | ProxyError::SecretUnavailable { .. }
+        | ProxyError::Overloaded { .. }
+        | ProxyError::LimitsUnavailable { .. } => ctx.upstream_us.is_none(),
+        _ => false,
+    }
 }
 
 /// Builds the upstream request: the client's headers minus hop-by-hop, `Host`, `Authorization`
@@ -727,14 +772,30 @@ async fn finish(gateway: &Gateway, ctx: &mut RequestContext, mut reply: Reply) -
 
 /// Test-only fault injection, compiled into debug builds only and active only when keygate runs
 /// with `KEYGATE_TEST_HOOKS=1`: a request with `x-keygate-test-panic: after-forward` panics
-/// once it has been forwarded (tests/tests/proxy_faults.rs).
+/// once it has been forwarded (tests/tests/proxy_faults.rs); one with
+/// `x-keygate-test-wal-fault: write` makes the audit WAL's next write fail (the WAL's own fault
+/// hook, `keygate_auditlog::wal::faults`) just before its intent is written
+/// (tests/tests/limits_shared.rs).
 #[cfg(debug_assertions)]
 mod test_hooks {
     use http::HeaderMap;
 
-    pub(super) fn requested(headers: &HeaderMap) -> bool {
+    fn enabled() -> bool {
         std::env::var_os("KEYGATE_TEST_HOOKS").is_some_and(|v| v == "1")
-            && headers.get("x-keygate-test-panic").is_some_and(|v| v == "after-forward")
+    }
+
+    pub(super) fn requested(headers: &HeaderMap) -> bool {
+        enabled() && headers.get("x-keygate-test-panic").is_some_and(|v| v == "after-forward")
+    }
+
+    pub(super) fn wal_fault_requested(headers: &HeaderMap) -> bool {
+        enabled() && headers.get("x-keygate-test-wal-fault").is_some_and(|v| v == "write")
+    }
+
+    pub(super) fn arm_wal_fault(requested: bool, audit: &keygate_auditlog::AuditLog) {
+        if requested && let Some(faults) = audit.wal_faults() {
+            faults.fail(keygate_auditlog::wal::faults::Fault::Write, 1);
+        }
     }
 
     #[allow(clippy::panic)]

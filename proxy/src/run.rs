@@ -34,6 +34,8 @@ pub enum StartError {
     Secrets(#[from] keygate_secrets::SecretError),
     #[error("audit log: {0}")]
     Audit(#[from] keygate_auditlog::AuditError),
+    #[error("{0}")]
+    Limits(#[from] keygate_limits::LimitError),
     #[error(transparent)]
     Upstream(#[from] UpstreamSetupError),
     #[error(transparent)]
@@ -66,6 +68,7 @@ pub async fn build_gateway(config: Config, policies: PolicySet) -> Result<Arc<Ga
         AuditLog::disabled()
     };
     audit.register_metrics(&mut registry);
+    let limits = Arc::new(crate::limiting::Limits::open(&config.limit_store, &secrets, &mut registry).await?);
     Ok(Arc::new(Gateway::new(GatewayParts {
         config,
         policies,
@@ -73,6 +76,7 @@ pub async fn build_gateway(config: Config, policies: PolicySet) -> Result<Arc<Ga
         secrets,
         upstream,
         audit,
+        limits,
         metrics,
         registry,
     })))
@@ -100,6 +104,8 @@ pub struct ServeOptions {
 pub async fn serve(options: ServeOptions) -> Result<(), StartError> {
     let mut config = crate::config::load(options.config_file.as_deref(), &crate::config::process_env())?;
     crate::telemetry::init_logging(&config.log);
+    // The local limit store lives in the data folder unless configured elsewhere.
+    config.limit_store.local.path.get_or_insert_with(|| options.data_dir.join("limits.redb"));
 
     let mut banner = None;
     let policies = match &config.policies.dir {
@@ -170,6 +176,7 @@ pub async fn serve(options: ServeOptions) -> Result<(), StartError> {
         async move { preload_keys(&gateway).await }
     });
     let reload = tokio::spawn(crate::run::watch_reload_signal(gateway.clone(), stopped(stop_rx.clone())));
+    let limits_probe = tokio::spawn(gateway.limits.clone().probe(stopped(stop_rx.clone())));
     let signals = wait_for_stop_signal()?;
     tokio::spawn(async move {
         signals.await;
@@ -179,6 +186,7 @@ pub async fn serve(options: ServeOptions) -> Result<(), StartError> {
     crate::server::serve(proxy_listener, gateway.clone(), tls, stopped(stop_rx.clone())).await;
     preload.abort();
     reload.abort();
+    limits_probe.abort();
     let audit = gateway.audit.clone();
     if audit.is_enabled() {
         tracing::info!("committing the audit WAL into the lake");

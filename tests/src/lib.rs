@@ -14,6 +14,7 @@ pub mod moto;
 pub mod openbao;
 pub mod pki;
 pub mod proxy_setup;
+pub mod redis;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
