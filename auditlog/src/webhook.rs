@@ -751,6 +751,32 @@ mod tests {
         assert_ne!(base, webhook_row_hash(&[0; 32], "w", 1, &changed, &[1]));
     }
 
+    proptest::proptest! {
+        #[test]
+        fn any_body_yields_a_row_and_no_card_number_survives(
+            prefix in "[ -~]{0,40}",
+            digits in proptest::sample::select(vec!["4242424242424242", "4000 0566 5566 5556", "5555-5555-5555-4444"]),
+            json in proptest::bool::ANY,
+            kind in proptest::sample::select(WebhookKind::ALL.to_vec()),
+        ) {
+            let mut r = WebhookRecord::new(kind, &prefix);
+            let body = if json {
+                serde_json::json!({"data": {"object": {"note": format!("{prefix}{digits}"), "card": {"number": digits}}}}).to_string()
+            } else {
+                format!("{prefix}{digits}")
+            };
+            r.body = Some(Bytes::from(body));
+            r.reason = Some(format!("{prefix}{digits}"));
+            let (prepared, failed) = prepare_webhook(&r, 3).unwrap();
+            proptest::prop_assert!(!failed);
+            let (columns, doc, _) = redact_webhook(&r);
+            let text = format!("{}{}", serde_json::to_string(&columns).unwrap(), serde_json::to_string(&doc).unwrap());
+            let plain: String = digits.chars().filter(char::is_ascii_digit).collect();
+            proptest::prop_assert!(!text.chars().filter(char::is_ascii_digit).collect::<String>().contains(&plain), "{}", text);
+            proptest::prop_assert_eq!(prepared.compressed.is_some(), kind != WebhookKind::Rejected);
+        }
+    }
+
     #[test]
     fn filters_and_partitions() {
         assert!(type_matches("invoice.*", "invoice.paid"));

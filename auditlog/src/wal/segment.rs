@@ -338,6 +338,21 @@ mod tests {
     }
 
     #[test]
+    fn segments_and_chain_heads_written_before_the_webhooks_table_still_read() {
+        let old = br#"{"version":1,"writer_id":"w","segno":3,"first_seq":41,"prev_hash":"1111111111111111111111111111111111111111111111111111111111111111","kek_id":"local:x","wrapped_key":"AQID","created_at_us":5}"#;
+        let mut out = Vec::new();
+        encode_frame(KIND_HEADER, &[old], &mut out).unwrap();
+        let read = decode_segment(&out).unwrap();
+        assert_eq!((read.header.first_seq, read.header.webhooks_start), (41, ChainPos::default()));
+        assert!(read.webhook_rows.is_empty());
+        let head: crate::wal::state::ChainHead = serde_json::from_slice(
+            br#"{"writer_id":"w","next_seq":9,"head":"2222222222222222222222222222222222222222222222222222222222222222","next_segno":4}"#,
+        )
+        .unwrap();
+        assert_eq!((head.next_seq, head.webhooks), (9, ChainPos::default()));
+    }
+
+    #[test]
     fn a_record_larger_than_a_frame_is_refused_whole_and_a_fitting_one_reads_back() {
         let row = |payload: Vec<u8>| WalRow {
             seq: 7,
