@@ -95,7 +95,8 @@ impl WebhookKind {
 /// size is recorded, never the body).
 #[derive(Clone)]
 pub struct WebhookRecord {
-    /// keygate's id of this row (UUIDv7).
+    /// keygate's id of the received event (UUIDv7): its delivery-outcome rows carry the same id;
+    /// each rejected request has its own.
     pub event_id: uuid::Uuid,
     /// When the request reached keygate (for a delivery outcome: when the outcome was known).
     pub received_at: SystemTime,
