@@ -1,6 +1,7 @@
 //! `auditlog verify`: proves that nothing in the lake was altered, removed, reordered or added.
 //!
-//! Checks, per writer, in `seq` order: each manifest's Ed25519 signature (against the trusted
+//! Every table ([`Table::ALL`]: `audit`, `webhooks`) is checked the same way, on its own (each
+//! writer has one chain per table). Checks, per table and writer, in `seq` order: each manifest's Ed25519 signature (against the trusted
 //! public keys given, else against the key the manifest names, which is then reported as weaker),
 //! the link from each manifest to the previous one's SHA-256, the continuity of `seq` and of the
 //! chain head between files, each file's size and SHA-256 against its manifest, and inside each

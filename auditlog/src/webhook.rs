@@ -228,7 +228,17 @@ fn body_len(rec: &WebhookRecord) -> u64 {
     rec.body.as_ref().map_or(0, |b| b.len() as u64)
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Makes redaction panic on this thread, to test the fallback.
+    static FORCE_PANIC: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 fn redact_webhook_inner(rec: &WebhookRecord) -> (WebhookColumns, Option<WebhookPayloadDoc>) {
+    #[cfg(test)]
+    if FORCE_PANIC.with(std::cell::Cell::get) {
+        panic!("forced redaction panic");
+    }
     let columns = WebhookColumns {
         event_id: rec.event_id,
         received_at_us: micros(rec.received_at),
@@ -750,6 +760,26 @@ mod tests {
         let mut changed = columns;
         changed.livemode = Some(true);
         assert_ne!(base, webhook_row_hash(&[0; 32], "w", 1, &changed, &[1]));
+    }
+
+    #[test]
+    fn a_panic_in_redaction_yields_a_row_of_fixed_fields_only() {
+        let mut rec = received();
+        rec.endpoint = "hook 4242424242424242".into();
+        rec.destination = Some("billing".into());
+        rec.reason = Some("sk_live_abcdefghijkl".into());
+        FORCE_PANIC.with(|f| f.set(true));
+        let (columns, doc, failed) = redact_webhook(&rec);
+        FORCE_PANIC.with(|f| f.set(false));
+        assert!(failed);
+        assert_eq!((columns.event_id, columns.kind.as_str()), (rec.event_id, "received"));
+        assert_eq!(columns.endpoint, REDACTION_FAILED, "not a plain name");
+        assert_eq!(columns.destination.as_deref(), Some("billing"));
+        assert_eq!((&columns.stripe_event_id, &columns.event_type, &columns.peer), (&None, &None, &None));
+        let doc = doc.unwrap();
+        assert!(doc.event.is_none() && doc.body_omitted.unwrap().contains("redaction failed"));
+        let text = serde_json::to_string(&columns).unwrap();
+        assert!(!text.contains("4242424242") && !text.contains("sk_live_a"), "{text}");
     }
 
     proptest::proptest! {
