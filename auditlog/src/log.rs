@@ -36,6 +36,8 @@ struct Inner {
     zstd_level: i32,
     writer_id: String,
     lake: Lake,
+    /// For reading the log's own `webhooks` rows back ([`AuditLog::read_webhooks`]).
+    kek: Arc<dyn KeyEncryptionKey>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     shipper: Mutex<Option<tokio::task::JoinHandle<()>>>,
     shutdown_timeout: std::time::Duration,
@@ -117,7 +119,7 @@ impl AuditLog {
                 async_flush_interval: config.async_flush_interval,
                 roll: config.roll.clone(),
             },
-            kek,
+            kek.clone(),
             tokio::runtime::Handle::current(),
             shared.clone(),
             ship_tx,
@@ -177,6 +179,7 @@ impl AuditLog {
                 zstd_level: config.zstd_level,
                 writer_id,
                 lake,
+                kek,
                 thread: Mutex::new(Some(thread)),
                 shipper: Mutex::new(Some(shipper)),
                 shutdown_timeout: config.shutdown_timeout,
@@ -328,6 +331,19 @@ impl AuditLog {
             self.is_ready().map_err(|reason| AuditError::WalUnavailable { dir: i.shared.dir.clone(), reason })?;
             self.send(i, Command::WebhookRow { prepared, sync, ack: None })
         }
+    }
+
+    /// Reads `webhooks` rows back from this log's lake with its KEK, decrypted (and redacted):
+    /// for a replay beyond the ingress's local retention (see
+    /// [`crate::webhook::read_webhooks`]; files under a KEK this instance no longer has need that
+    /// function with a ring of the old keys). Empty when the log is disabled.
+    pub async fn read_webhooks(
+        &self,
+        filter: &crate::webhook::WebhookFilter,
+    ) -> Result<Vec<crate::webhook::StoredWebhook>, AuditError> {
+        let Some(i) = &self.inner else { return Ok(Vec::new()) };
+        let ring = crate::crypto::KekRing::new(vec![i.kek.clone()]);
+        crate::webhook::read_webhooks(&i.lake, &ring, filter).await
     }
 
     /// Stops accepting records, commits everything the WAL holds into the lake (for at most

@@ -299,6 +299,16 @@ async fn a_crash_loses_no_acknowledged_webhook_row_and_the_lake_gives_events_bac
     let later = received(30);
     acked.push(later.event_id);
     log.record_webhook(later).await.unwrap();
+    // A running keygate reads back what its lake holds (the recovered rows are committed by now).
+    let mut committed = 0;
+    for _ in 0..100 {
+        committed = log.read_webhooks(&WebhookFilter::default()).await.unwrap().len();
+        if committed >= 30 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(committed >= 30, "{committed} received events read back from the lake");
     log.shutdown().await.unwrap();
     env.open_cfg(&cfg).await.shutdown().await.unwrap();
     let lake = open_lake(lake_dir.path());
