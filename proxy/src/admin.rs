@@ -3,6 +3,10 @@
 //!
 //! It is a separate listener so that the proxy port never exposes metrics and a NetworkPolicy can
 //! open it to the cluster's monitoring only.
+//!
+//! With webhooks configured it also serves the webhook operator endpoints under `/webhooks/`
+//! (dead letters, re-drive, replay), which have their own bearer tokens
+//! (`webhooks.admin_tokens`, see docs/webhooks.md).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -69,10 +73,43 @@ pub async fn serve_admin(listener: TcpListener, gateway: Arc<Gateway>, shutdown:
         let gateway = gateway.clone();
         tokio::spawn(async move {
             let service = service_fn(move |request: Request<Incoming>| {
-                let reply = answer(&gateway, request.method(), request.uri().path());
-                async move { Ok::<_, Infallible>(reply.into_response()) }
+                let gateway = gateway.clone();
+                async move {
+                    if request.uri().path().starts_with("/webhooks/")
+                        && let Some(webhooks) = gateway.webhooks.clone()
+                    {
+                        return Ok::<_, Infallible>(webhook_admin(&webhooks, request).await.into_response());
+                    }
+                    let reply = answer(&gateway, request.method(), request.uri().path());
+                    Ok::<_, Infallible>(reply.into_response())
+                }
             });
             let _ = auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), service).await;
         });
+    }
+}
+
+/// Largest body of a webhook operator request.
+const MAX_ADMIN_BODY_BYTES: usize = 64 * 1024;
+
+/// Answers a webhook operator request (`/webhooks/…`) with JSON.
+async fn webhook_admin(webhooks: &keygate_webhooks::Webhooks, request: Request<Incoming>) -> Reply {
+    use http_body_util::BodyExt;
+    let (head, body) = request.into_parts();
+    let limited = http_body_util::Limited::new(body, MAX_ADMIN_BODY_BYTES);
+    let body = match tokio::time::timeout(std::time::Duration::from_secs(10), limited.collect()).await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        _ => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "application/json",
+                serde_json::json!({"error": format!("the body must be JSON of at most {MAX_ADMIN_BODY_BYTES} bytes, sent within 10 s")}).to_string(),
+            );
+        }
+    };
+    let authorization = head.headers.get(http::header::AUTHORIZATION).map(|v| v.as_bytes());
+    match webhooks.admin(&head.method, head.uri.path(), head.uri.query(), authorization, body).await {
+        Some((status, value)) => text(status, "application/json", format!("{value}\n")),
+        None => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
     }
 }

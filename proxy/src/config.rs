@@ -47,6 +47,9 @@ pub struct Config {
     /// Where budgets and rate limits are counted (see docs/configuration.md, `limit_store`).
     #[serde(default)]
     pub limit_store: keygate_limits::LimitStoreConfig,
+    /// The Stripe webhook ingress (see docs/webhooks.md); off when absent.
+    #[serde(default)]
+    pub webhooks: Option<keygate_webhooks::WebhooksConfig>,
 }
 
 /// The proxy listener.
@@ -379,8 +382,8 @@ fn render_problems(source: &str, problems: &[String]) -> String {
 
 /// The top-level sections; a `KEYGATE_…` variable whose first segment is not one of these is
 /// not configuration (tools use the prefix too) and is left alone.
-const SECTIONS: [&str; 9] =
-    ["listen", "admin", "upstreams", "limits", "policies", "log", "secrets", "audit", "limit_store"];
+const SECTIONS: [&str; 10] =
+    ["listen", "admin", "upstreams", "limits", "policies", "log", "secrets", "audit", "limit_store", "webhooks"];
 
 /// Reads the YAML file (if any), applies `KEYGATE_…` overrides from `env`, and validates.
 pub fn load(path: Option<&Path>, env: &[(String, String)]) -> Result<Config, ConfigError> {
@@ -602,6 +605,16 @@ fn validate(config: &Config, from_file: bool) -> Vec<String> {
         problems.push(format!("`secrets`: {error}"));
     }
     problems.extend(config.limit_store.validate());
+    if let Some(webhooks) = &config.webhooks {
+        problems.extend(webhooks.validate());
+        let ingress = webhooks.listen.address;
+        for (key, address) in [("listen.address", config.listen.address), ("admin.address", config.admin.address)] {
+            if ingress == address && ingress.port() != 0 {
+                problems
+                    .push(format!("`webhooks.listen.address` and `{key}` must differ: the ingress faces the internet"));
+            }
+        }
+    }
     // Without a file (the quick start) keygate generates the audit keys itself.
     if from_file && let Err(error) = config.audit.validate() {
         problems.push(format!("`audit`: {error}"));

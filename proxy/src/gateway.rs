@@ -74,6 +74,8 @@ pub struct Gateway {
     pub audit: AuditLog,
     /// Where rate limits and budgets are counted.
     pub limits: Arc<Limits>,
+    /// The Stripe webhook ingress and its deliveries, when configured.
+    pub webhooks: Option<Arc<keygate_webhooks::Webhooks>>,
     pub metrics: Arc<ProxyMetrics>,
     pub registry: Registry,
     shutting_down: AtomicBool,
@@ -89,6 +91,7 @@ pub struct GatewayParts {
     pub upstream: Upstream,
     pub audit: AuditLog,
     pub limits: Arc<Limits>,
+    pub webhooks: Option<Arc<keygate_webhooks::Webhooks>>,
     pub metrics: Arc<ProxyMetrics>,
     pub registry: Registry,
 }
@@ -104,6 +107,7 @@ impl Gateway {
             upstream: parts.upstream,
             audit: parts.audit,
             limits: parts.limits,
+            webhooks: parts.webhooks,
             metrics: parts.metrics,
             registry: parts.registry,
             shutting_down: AtomicBool::new(false),
@@ -149,6 +153,9 @@ impl Gateway {
         reasons.extend(self.audit.set_aside());
         if let Err(reason) = self.limits.readiness() {
             reasons.push(reason);
+        }
+        if let Some(webhooks) = &self.webhooks {
+            reasons.extend(webhooks.readiness());
         }
         for (service, reference) in &self.directory.load().keys {
             if !self.secrets.is_loaded(reference) {

@@ -27,3 +27,5 @@ pub mod server;
 pub mod telemetry;
 pub mod tls;
 pub mod upstream;
+pub mod webhook_cli;
+pub mod webhook_journal;

@@ -41,6 +41,54 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// Webhook dead letters, re-drive and replay, through a running keygate's admin listener
+    /// (token in KEYGATE_WEBHOOK_ADMIN_TOKEN).
+    Webhooks {
+        /// The admin listener.
+        #[arg(long, env = "KEYGATE_ADMIN_URL", default_value = "http://127.0.0.1:9090", global = true)]
+        admin: String,
+        #[command(subcommand)]
+        command: WebhooksCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum WebhooksCommand {
+    /// List dead-lettered deliveries.
+    DeadLetters {
+        /// Only this destination's.
+        #[arg(long)]
+        destination: Option<String>,
+    },
+    /// Queue dead letters for delivery again.
+    Redrive {
+        /// Only this destination's.
+        #[arg(long)]
+        destination: Option<String>,
+        /// Only these keygate event ids (repeatable).
+        #[arg(long = "event-id")]
+        event_ids: Vec<String>,
+    },
+    /// Deliver stored events to one destination again.
+    Replay {
+        #[arg(long)]
+        destination: String,
+        /// Received at or after this time (RFC 3339).
+        #[arg(long)]
+        from: Option<String>,
+        /// Received before this time (RFC 3339).
+        #[arg(long)]
+        to: Option<String>,
+        /// Event type filter (`invoice.*`, `charge.dispute.created`).
+        #[arg(long = "type")]
+        event_type: Option<String>,
+        /// One Stripe event id.
+        #[arg(long)]
+        stripe_event_id: Option<String>,
+        /// One keygate event id.
+        #[arg(long)]
+        event_id: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -136,6 +184,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Policy { command } => policy_command(command),
+        Command::Webhooks { admin, command } => webhooks_command(&admin, command),
         Command::Config { command: ConfigCommand::Check { file } } => {
             match keygate::config::load(Some(&file), &keygate::config::process_env()) {
                 Ok(config) => {
@@ -208,6 +257,57 @@ fn policy_command(command: PolicyCommand) -> ExitCode {
                     ExitCode::from(2)
                 }
             }
+        }
+    }
+}
+
+#[allow(clippy::print_stdout)]
+fn webhooks_command(admin: &str, command: WebhooksCommand) -> ExitCode {
+    use http::Method;
+    let (method, path, body) = match command {
+        WebhooksCommand::DeadLetters { destination } => {
+            let path = match destination {
+                Some(name) => format!("/webhooks/dead-letters?destination={name}"),
+                None => "/webhooks/dead-letters".to_owned(),
+            };
+            (Method::GET, path, None)
+        }
+        WebhooksCommand::Redrive { destination, event_ids } => (
+            Method::POST,
+            "/webhooks/dead-letters/redrive".to_owned(),
+            Some(serde_json::json!({"destination": destination, "event_ids": event_ids})),
+        ),
+        WebhooksCommand::Replay { destination, from, to, event_type, stripe_event_id, event_id } => {
+            let mut body = serde_json::json!({"destination": destination});
+            for (key, value) in [
+                ("from", from),
+                ("to", to),
+                ("type", event_type),
+                ("stripe_event_id", stripe_event_id),
+                ("event_id", event_id),
+            ] {
+                if let Some(value) = value {
+                    body[key] = value.into();
+                }
+            }
+            (Method::POST, "/webhooks/replay".to_owned(), Some(body))
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("keygate: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(keygate::webhook_cli::call(admin, method, &path, body)) {
+        Ok(answer) => {
+            println!("{answer}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("keygate: {error}");
+            ExitCode::from(1)
         }
     }
 }

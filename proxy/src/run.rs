@@ -36,6 +36,8 @@ pub enum StartError {
     Audit(#[from] keygate_auditlog::AuditError),
     #[error("{0}")]
     Limits(#[from] keygate_limits::LimitError),
+    #[error("webhooks: {0}")]
+    Webhooks(#[from] keygate_webhooks::WebhookError),
     #[error(transparent)]
     Upstream(#[from] UpstreamSetupError),
     #[error(transparent)]
@@ -69,6 +71,13 @@ pub async fn build_gateway(config: Config, policies: PolicySet) -> Result<Arc<Ga
     };
     audit.register_metrics(&mut registry);
     let limits = Arc::new(crate::limiting::Limits::open(&config.limit_store, &secrets, &mut registry).await?);
+    let webhooks = match &config.webhooks {
+        Some(section) => {
+            let journal = crate::webhook_journal::for_audit(&audit);
+            Some(keygate_webhooks::Webhooks::start(section.clone(), secrets.clone(), journal, &mut registry).await?)
+        }
+        None => None,
+    };
     Ok(Arc::new(Gateway::new(GatewayParts {
         config,
         policies,
@@ -77,6 +86,7 @@ pub async fn build_gateway(config: Config, policies: PolicySet) -> Result<Arc<Ga
         upstream,
         audit,
         limits,
+        webhooks,
         metrics,
         registry,
     })))
@@ -146,10 +156,39 @@ pub async fn serve(options: ServeOptions) -> Result<(), StartError> {
         source,
     })?;
 
+    let webhook_ingress = match &config.webhooks {
+        None => None,
+        Some(section) => {
+            let tls = section
+                .listen
+                .tls
+                .as_ref()
+                .map(|tls| {
+                    crate::tls::server_config(&crate::config::TlsConfig {
+                        cert_file: tls.cert_file.clone(),
+                        key_file: tls.key_file.clone(),
+                        client_ca_file: None,
+                    })
+                })
+                .transpose()?;
+            let bind_error = |source| StartError::Bind {
+                key: "webhooks.listen.address",
+                address: section.listen.address.to_string(),
+                source,
+            };
+            let listener = TcpListener::bind(section.listen.address).await.map_err(bind_error)?;
+            let address = listener.local_addr().map_err(bind_error)?;
+            Some((listener, tls, address))
+        }
+    };
+
     let lake =
         if config.audit.enabled { config.audit.lake.clone() } else { "nowhere (audit.enabled: false)".to_owned() };
     let gateway = build_gateway(config, policies).await?;
     let scheme = if tls.is_some() { "https" } else { "http" };
+    if let Some((_, webhook_tls, address)) = &webhook_ingress {
+        tracing::info!(address = %address, tls = webhook_tls.is_some(), "webhook ingress listening");
+    }
     tracing::info!(proxy = %proxy_address, admin = %admin_address, tls = tls.is_some(), "keygate listening");
     if let Some(quickstart) = &banner {
         #[allow(clippy::print_stdout)]
@@ -171,6 +210,15 @@ pub async fn serve(options: ServeOptions) -> Result<(), StartError> {
         let _ = rx.wait_for(|stop| *stop).await;
     };
     let admin = tokio::spawn(crate::admin::serve_admin(admin_listener, gateway.clone(), stopped(stop_rx.clone())));
+    let ingress = match (gateway.webhooks.clone(), webhook_ingress) {
+        (Some(webhooks), Some((listener, webhook_tls, _))) => {
+            let stop = stopped(stop_rx.clone());
+            let preloading = webhooks.clone();
+            tokio::spawn(async move { preloading.preload_secrets().await });
+            Some(tokio::spawn(async move { webhooks.serve(listener, webhook_tls, stop).await }))
+        }
+        _ => None,
+    };
     let preload = tokio::spawn({
         let gateway = gateway.clone();
         async move { preload_keys(&gateway).await }
@@ -187,6 +235,12 @@ pub async fn serve(options: ServeOptions) -> Result<(), StartError> {
     preload.abort();
     reload.abort();
     limits_probe.abort();
+    if let Some(ingress) = ingress {
+        let _ = ingress.await;
+    }
+    if let Some(webhooks) = &gateway.webhooks {
+        webhooks.shutdown().await;
+    }
     let audit = gateway.audit.clone();
     if audit.is_enabled() {
         tracing::info!("committing the audit WAL into the lake");
