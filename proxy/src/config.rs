@@ -416,7 +416,8 @@ pub fn load(path: Option<&Path>, env: &[(String, String)]) -> Result<Config, Con
     let mut track = serde_path_to_error::Track::new();
     let parsed: Result<Config, serde_json::Error> =
         serde_ignored::deserialize(serde_path_to_error::Deserializer::new(&tree, &mut track), |ignored| {
-            unknown.push(ignored.to_string())
+            // serde_ignored writes an `Option`'s inside as `?` (`webhooks.?.bogus`).
+            unknown.push(ignored.to_string().replace(".?", ""))
         });
     for key in &unknown {
         problems.push(format!("unknown key `{key}`: remove it or check its spelling in docs/configuration.md"));
@@ -863,6 +864,25 @@ mod tests {
         assert!(load_text(&over, &[]).is_err());
         // Without an audit log nothing is framed.
         assert!(load_text(&too_large.replace(audit, "audit:\n  enabled: false\n"), &[]).is_ok());
+    }
+
+    #[test]
+    fn the_webhooks_section_is_validated_with_the_rest() {
+        let text = "policies:\n  dir: POLICIES\nwebhooks:\n  listen:\n    address: 127.0.0.1:8080\n  bogus: 1\n  endpoints:\n    - name: main\n      secrets: [\"env://WHSEC\"]\n      tolerance: 0s\n      destinations:\n        - name: billing\n          url: http://127.0.0.1:1/hook\n          secret: env://DEST\n";
+        let error = load_text(text, &[]).err().unwrap_or_else(|| panic!("accepted"));
+        let text = error.to_string();
+        for expected in [
+            "unknown key `webhooks.bogus`",
+            "`webhooks.endpoints[0].tolerance` must be longer than 0s",
+            "`webhooks.listen.address` and `listen.address` must differ",
+        ] {
+            assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
+        }
+        let fine = "policies:\n  dir: POLICIES\nwebhooks:\n  endpoints:\n    - name: main\n      secrets: [\"env://WHSEC\"]\n      destinations:\n        - name: billing\n          url: http://127.0.0.1:1/hook\n          secret: env://DEST\n";
+        let config = load_text(fine, &[("KEYGATE_WEBHOOKS__DEDUP_WINDOW", "3d")]).unwrap_or_else(|e| panic!("{e}"));
+        let webhooks = config.webhooks.unwrap_or_else(|| panic!("no webhooks section"));
+        assert_eq!(webhooks.dedup_window, Duration::from_secs(3 * 24 * 3600));
+        assert!(load_text("policies:\n  dir: POLICIES\n", &[]).is_ok_and(|c| c.webhooks.is_none()));
     }
 
     #[test]

@@ -364,6 +364,7 @@ fn write_fixtures(dir: &Path) {
     let signing = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
     std::fs::write(dir.join("signing-key"), signing.serialize_pem()).unwrap();
     std::fs::write(dir.join("secret-id"), "test-approle-secret-id").unwrap();
+    std::fs::write(dir.join("auth-token"), "test-redis-auth-token").unwrap();
 }
 
 #[test]
@@ -778,6 +779,76 @@ fn notes_tell_a_service_how_to_reach_keygate_and_mint_its_token() {
     assert!(defaults.notes.contains("not\n         durable"), "{}", defaults.notes);
     let sts = render(&value_set("aws-statefulset-values.yaml"));
     assert!(sts.notes.contains("exec statefulset/keygate -- keygate token new"), "{}", sts.notes);
+}
+
+/// The limit store (issue 15): Redis address, TLS and credentials by secret reference (or from
+/// Kubernetes Secrets the chart mounts) reach keygate's configuration, the network policy lets
+/// keygate reach Redis, and no Redis is bundled.
+#[test]
+fn the_limit_store_values_reach_the_keygate_config_with_secrets_mounted_not_bundled() {
+    let values = json!({
+        "config": {"limit_store": {
+            "kind": "redis",
+            "timeout": "200ms",
+            "rate_limits_on_unavailable": "open",
+            "redis": {"sentinel": {"addresses": ["sentinel-0.redis:26379", "sentinel-1.redis:26379"], "master_name": "keygate"}, "username": "keygate"}
+        }},
+        "limitStore": {"passwordSecret": {"name": "redis-auth", "key": "password"}, "caSecret": {"name": "redis-tls", "key": "ca.crt"}},
+        "networkPolicy": {"egress": {"redis": {"peers": [{"podSelector": {"matchLabels": {"app": "redis"}}}], "ports": [6379, 26379]}}}
+    });
+    let (accepted, message) = schema_check(&values);
+    assert!(accepted, "the schema refuses the limit store values:\n{message}");
+    let rendered = render_with(&values);
+    let store = &rendered.config()["limit_store"];
+    assert_eq!(store["kind"], "redis");
+    assert_eq!(store["rate_limits_on_unavailable"], "open");
+    assert_eq!(store["redis"]["sentinel"]["master_name"], "keygate");
+    assert_eq!(store["redis"]["password"], "file:///etc/keygate/redis/password");
+    assert_eq!(store["redis"]["tls"]["ca_file"], "/etc/keygate/redis-ca/ca.crt");
+    assert_eq!(rendered.mount_path("redis-password"), "/etc/keygate/redis");
+    assert_eq!(rendered.mount_path("redis-ca"), "/etc/keygate/redis-ca");
+    assert_eq!(rendered.volume("redis-password")["secret"]["secretName"], "redis-auth");
+    assert_eq!(rendered.volume("redis-ca")["secret"]["secretName"], "redis-tls");
+    let policy = rendered.all("NetworkPolicy")[0];
+    let egress = policy["spec"]["egress"].as_array().unwrap();
+    let redis_rule = egress
+        .iter()
+        .find(|rule| rule["to"][0]["podSelector"]["matchLabels"]["app"] == "redis")
+        .unwrap_or_else(|| panic!("no egress rule to Redis: {egress:?}"));
+    let ports: Vec<u64> = redis_rule["ports"].as_array().unwrap().iter().map(|p| p["port"].as_u64().unwrap()).collect();
+    assert_eq!(ports, [6379, 26379]);
+    // A password set in the configuration (a Vault reference) wins over the mounted Secret.
+    let mut vault = values.clone();
+    vault["config"]["limit_store"]["redis"]["password"] = json!("vault://secret/keygate/redis#password");
+    assert_eq!(
+        render_with(&vault).config()["limit_store"]["redis"]["password"],
+        "vault://secret/keygate/redis#password"
+    );
+    // No Redis is bundled: nothing in any value set deploys one.
+    for set in value_sets() {
+        let rendered = render(&set);
+        for kind in ["Deployment", "StatefulSet"] {
+            for workload in rendered.all(kind) {
+                let text = workload.to_string();
+                assert!(
+                    !text.contains("redis-server") && !text.contains("image\":\"redis"),
+                    "{}: bundles Redis",
+                    set.name
+                );
+            }
+        }
+    }
+    // The defaults render no limit_store section: keygate's default, the local store.
+    assert!(render(&value_set("defaults")).config().get("limit_store").is_none());
+    // Refused: a password written in the values (not a reference), an unknown kind, a bad address.
+    for bad in [
+        json!({"config": {"limit_store": {"redis": {"address": "redis:6379", "password": "hunter2"}}}}),
+        json!({"config": {"limit_store": {"kind": "memcached"}}}),
+        json!({"config": {"limit_store": {"redis": {"address": "redis"}}}}),
+        json!({"config": {"limit_store": {"redis": {"adress": "redis:6379"}}}}),
+    ] {
+        assert!(!schema_check(&bad).0, "accepted {bad}");
+    }
 }
 
 /// The limits and audit keys of issue 14 pass the schema and reach keygate's configuration.

@@ -76,6 +76,8 @@ app.kubernetes.io/part-of: keygate
 {{- define "keygate.paths.dataDir" -}}/var/lib/keygate{{- end }}
 {{- define "keygate.paths.walDir" -}}/var/lib/keygate/wal{{- end }}
 {{- define "keygate.paths.vaultTokenDir" -}}/var/run/secrets/keygate/vault{{- end }}
+{{- define "keygate.paths.redisPasswordDir" -}}/etc/keygate/redis{{- end }}
+{{- define "keygate.paths.redisCADir" -}}/etc/keygate/redis-ca{{- end }}
 
 {{/* True (non-empty) when keygate logs in to Vault with its Kubernetes service-account token. */}}
 {{- define "keygate.vaultKubernetesAuth" -}}
@@ -134,6 +136,24 @@ app.kubernetes.io/part-of: keygate
 {{- $_ := set $audit "wal_dir" (include "keygate.paths.walDir" .) }}
 {{- $_ := set $audit "shutdown_timeout" (printf "%ds" (int $v.shutdown.flushSeconds)) }}
 {{- $_ := set $cfg "audit" $audit }}
+{{- $store := deepCopy ($v.config.limit_store | default dict) }}
+{{- if or $v.limitStore.passwordSecret.name $v.limitStore.caSecret.name }}
+{{- $redis := $store.redis | default dict }}
+{{- if and $v.limitStore.passwordSecret.name (not (hasKey $redis "password")) }}
+{{- $_ := set $redis "password" (printf "file://%s/%s" (include "keygate.paths.redisPasswordDir" .) $v.limitStore.passwordSecret.key) }}
+{{- end }}
+{{- if $v.limitStore.caSecret.name }}
+{{- $tls := $redis.tls | default dict }}
+{{- if not (hasKey $tls "ca_file") }}
+{{- $_ := set $tls "ca_file" (printf "%s/%s" (include "keygate.paths.redisCADir" .) $v.limitStore.caSecret.key) }}
+{{- end }}
+{{- $_ := set $redis "tls" $tls }}
+{{- end }}
+{{- $_ := set $store "redis" $redis }}
+{{- end }}
+{{- if $store }}
+{{- $_ := set $cfg "limit_store" $store }}
+{{- end }}
 {{- toYaml $cfg }}
 {{- end }}
 

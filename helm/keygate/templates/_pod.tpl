@@ -145,6 +145,16 @@ spec:
           mountPath: {{ include "keygate.paths.vaultTokenDir" . }}
           readOnly: true
         {{- end }}
+        {{- if .Values.limitStore.passwordSecret.name }}
+        - name: redis-password
+          mountPath: {{ include "keygate.paths.redisPasswordDir" . }}
+          readOnly: true
+        {{- end }}
+        {{- if .Values.limitStore.caSecret.name }}
+        - name: redis-ca
+          mountPath: {{ include "keygate.paths.redisCADir" . }}
+          readOnly: true
+        {{- end }}
         {{- with .Values.extraVolumeMounts }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
@@ -193,6 +203,24 @@ spec:
             path: kek
           - key: signing-key
             path: signing-key
+    {{- end }}
+    {{- if .Values.limitStore.passwordSecret.name }}
+    - name: redis-password
+      secret:
+        secretName: {{ .Values.limitStore.passwordSecret.name }}
+        defaultMode: 288
+        items:
+          - key: {{ .Values.limitStore.passwordSecret.key }}
+            path: {{ .Values.limitStore.passwordSecret.key }}
+    {{- end }}
+    {{- if .Values.limitStore.caSecret.name }}
+    - name: redis-ca
+      secret:
+        secretName: {{ .Values.limitStore.caSecret.name }}
+        defaultMode: 288
+        items:
+          - key: {{ .Values.limitStore.caSecret.key }}
+            path: {{ .Values.limitStore.caSecret.key }}
     {{- end }}
     {{- if include "keygate.vaultKubernetesAuth" . }}
     - name: vault-token
