@@ -885,3 +885,91 @@ fn the_connection_buffer_and_audit_queue_limits_reach_the_keygate_config() {
         assert!(!schema_check(&bad).0, "accepted {bad}");
     }
 }
+
+/// The webhook ingress gets its own Service (and an optional Ingress routing only its paths), its
+/// container port, TLS mount, state folder on the data volume, and NetworkPolicy rules; with
+/// webhooks off nothing of it renders.
+#[test]
+fn the_webhook_ingress_has_its_own_service_ingress_and_network_policy_rules() {
+    let values = json!({
+        "webhooks": {
+            "enabled": true,
+            "tls": {"enabled": true, "secretName": "webhook-tls"},
+            "service": {"type": "LoadBalancer", "loadBalancerSourceRanges": ["3.18.12.63/32"]},
+            "ingress": {"enabled": true, "className": "nginx", "host": "hooks.example.com", "tlsSecretName": "hooks-tls"}
+        },
+        "config": {"webhooks": {
+            "admin_tokens": ["vault://secret/keygate/webhooks#admin"],
+            "endpoints": [{
+                "name": "payments",
+                "secrets": ["vault://secret/stripe/webhooks#current", "vault://secret/stripe/webhooks#previous"],
+                "tolerance": "300s",
+                "destinations": [{"name": "billing", "url": "https://billing.internal/hooks", "secret": "vault://secret/keygate/dest#billing", "events": ["invoice.*"], "retry_for": "3d"}]
+            }]
+        }},
+        "networkPolicy": {"egress": {"webhookDestinations": {"peers": [{"namespaceSelector": {"matchLabels": {"name": "billing"}}}], "ports": [443]}}}
+    });
+    let (accepted, message) = schema_check(&values);
+    assert!(accepted, "the schema refuses the webhook values:\n{message}");
+    let rendered = render_with(&values);
+    let webhooks = &rendered.config()["webhooks"];
+    assert_eq!(port_of(webhooks["listen"]["address"].as_str().unwrap()), 8443);
+    assert_eq!(webhooks["listen"]["tls"]["cert_file"], "/etc/keygate/webhook-tls/tls.crt");
+    assert_eq!(webhooks["state_dir"], "/var/lib/keygate/webhooks");
+    assert!(
+        webhooks["state_dir"].as_str().unwrap().starts_with(&rendered.mount_path("wal")),
+        "the state folder is on the data volume"
+    );
+    assert_eq!(webhooks["endpoints"][0]["secrets"][1], "vault://secret/stripe/webhooks#previous");
+    assert_eq!(rendered.mount_path("webhook-tls"), "/etc/keygate/webhook-tls");
+    assert_eq!(rendered.volume("webhook-tls")["secret"]["secretName"], "webhook-tls");
+    let ports = rendered.container()["ports"].as_array().unwrap();
+    assert!(ports.iter().any(|p| p["name"] == "webhooks" && p["containerPort"] == 8443), "{ports:?}");
+
+    // Its own Service; the proxy's Service does not carry the webhook port.
+    let service = rendered.one("Service", &format!("{RELEASE}-webhooks"));
+    assert_eq!(service["spec"]["type"], "LoadBalancer");
+    assert_eq!(service["spec"]["loadBalancerSourceRanges"][0], "3.18.12.63/32");
+    assert_eq!(service["spec"]["ports"][0]["targetPort"], "webhooks");
+    assert_eq!(service["spec"]["ports"][0]["port"], 443);
+    let proxy = rendered.one("Service", RELEASE);
+    assert!(proxy["spec"]["ports"].as_array().unwrap().iter().all(|p| p["targetPort"] != "webhooks"));
+    let ingress = rendered.one("Ingress", &format!("{RELEASE}-webhooks"));
+    let path = &ingress["spec"]["rules"][0]["http"]["paths"][0];
+    assert_eq!(path["path"], "/webhooks/stripe/");
+    assert_eq!(path["backend"]["service"]["name"], format!("{RELEASE}-webhooks"));
+    assert_eq!(ingress["spec"]["tls"][0]["secretName"], "hooks-tls");
+    assert_eq!(ingress["spec"]["ingressClassName"], "nginx");
+
+    // NetworkPolicy: the webhook port is open to its own peers only, destinations reachable.
+    let policy = rendered.all("NetworkPolicy")[0];
+    let ingress_rules = policy["spec"]["ingress"].as_array().unwrap();
+    let webhook_rule = ingress_rules
+        .iter()
+        .find(|rule| rule["ports"][0]["port"] == "webhooks")
+        .unwrap_or_else(|| panic!("no ingress rule for the webhook port: {ingress_rules:?}"));
+    assert_eq!(webhook_rule["ports"].as_array().map(Vec::len), Some(1));
+    let egress = policy["spec"]["egress"].as_array().unwrap();
+    assert!(
+        egress.iter().any(|rule| rule["to"][0]["namespaceSelector"]["matchLabels"]["name"] == "billing"
+            && rule["ports"][0]["port"] == 443),
+        "no egress rule to the destinations: {egress:?}"
+    );
+
+    // Off by default: no Service, no Ingress, no port, no config section.
+    let defaults = render(&value_set("defaults"));
+    assert!(defaults.all("Ingress").is_empty());
+    assert!(defaults.all("Service").iter().all(|s| !s["metadata"]["name"].as_str().unwrap().ends_with("-webhooks")));
+    assert!(defaults.config().get("webhooks").is_none());
+    assert!(defaults.container()["ports"].as_array().unwrap().iter().all(|p| p["name"] != "webhooks"));
+
+    // Refused: a literal secret instead of a reference, an unknown key, a bad destination URL.
+    for bad in [
+        json!({"config": {"webhooks": {"endpoints": [{"name": "p", "secrets": ["whsec_literal"], "destinations": [{"name": "b", "url": "https://b/h", "secret": "env://B"}]}]}}}),
+        json!({"config": {"webhooks": {"endpoints": [{"name": "p", "secrets": ["env://W"], "destinations": [{"name": "b", "url": "ftp://b/h", "secret": "env://B"}]}]}}}),
+        json!({"config": {"webhooks": {"dedup_windw": "3d"}}}),
+        json!({"webhooks": {"servic": {}}}),
+    ] {
+        assert!(!schema_check(&bad).0, "accepted {bad}");
+    }
+}

@@ -78,6 +78,8 @@ app.kubernetes.io/part-of: keygate
 {{- define "keygate.paths.vaultTokenDir" -}}/var/run/secrets/keygate/vault{{- end }}
 {{- define "keygate.paths.redisPasswordDir" -}}/etc/keygate/redis{{- end }}
 {{- define "keygate.paths.redisCADir" -}}/etc/keygate/redis-ca{{- end }}
+{{- define "keygate.paths.webhookTlsDir" -}}/etc/keygate/webhook-tls{{- end }}
+{{- define "keygate.paths.webhookStateDir" -}}/var/lib/keygate/webhooks{{- end }}
 
 {{/* True (non-empty) when keygate logs in to Vault with its Kubernetes service-account token. */}}
 {{- define "keygate.vaultKubernetesAuth" -}}
@@ -153,6 +155,16 @@ app.kubernetes.io/part-of: keygate
 {{- end }}
 {{- if $store }}
 {{- $_ := set $cfg "limit_store" $store }}
+{{- end }}
+{{- if $v.webhooks.enabled }}
+{{- $webhooks := deepCopy ($v.config.webhooks | default dict) }}
+{{- $wlisten := dict "address" (include "keygate.listenAddress" (dict "host" $v.bindAddress "port" $v.ports.webhooks)) }}
+{{- if $v.webhooks.tls.enabled }}
+{{- $_ := set $wlisten "tls" (dict "cert_file" (printf "%s/tls.crt" (include "keygate.paths.webhookTlsDir" .)) "key_file" (printf "%s/tls.key" (include "keygate.paths.webhookTlsDir" .))) }}
+{{- end }}
+{{- $_ := set $webhooks "listen" $wlisten }}
+{{- $_ := set $webhooks "state_dir" (include "keygate.paths.webhookStateDir" .) }}
+{{- $_ := set $cfg "webhooks" $webhooks }}
 {{- end }}
 {{- toYaml $cfg }}
 {{- end }}

@@ -58,6 +58,11 @@ spec:
         - name: admin
           containerPort: {{ .Values.ports.admin }}
           protocol: TCP
+        {{- if .Values.webhooks.enabled }}
+        - name: webhooks
+          containerPort: {{ .Values.ports.webhooks }}
+          protocol: TCP
+        {{- end }}
       {{- if or .Values.env (eq .Values.workload.kind "StatefulSet") }}
       env:
         {{- if eq .Values.workload.kind "StatefulSet" }}
@@ -155,6 +160,11 @@ spec:
           mountPath: {{ include "keygate.paths.redisCADir" . }}
           readOnly: true
         {{- end }}
+        {{- if and .Values.webhooks.enabled .Values.webhooks.tls.enabled }}
+        - name: webhook-tls
+          mountPath: {{ include "keygate.paths.webhookTlsDir" . }}
+          readOnly: true
+        {{- end }}
         {{- with .Values.extraVolumeMounts }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
@@ -173,6 +183,17 @@ spec:
     - name: tmp
       emptyDir:
         sizeLimit: 64Mi
+    {{- if and .Values.webhooks.enabled .Values.webhooks.tls.enabled }}
+    - name: webhook-tls
+      secret:
+        secretName: {{ required "webhooks.tls.secretName is required when webhooks.tls.enabled is true" .Values.webhooks.tls.secretName }}
+        defaultMode: 288 # 0440: owner and fsGroup may read
+        items:
+          - key: tls.crt
+            path: tls.crt
+          - key: tls.key
+            path: tls.key
+    {{- end }}
     {{- if .Values.tls.enabled }}
     - name: tls
       secret:
