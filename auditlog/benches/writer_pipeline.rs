@@ -1,7 +1,8 @@
 //! The audit writer's parts on one core, for exchanges of about 2 KiB (request and response):
 //! one record redacted, compressed and sealed; a batch Parquet-encoded; the whole pipeline; and
-//! the WAL's group commit (many concurrent `durability: sync` records sharing fsyncs). Prints
-//! the lake bytes per raw byte.
+//! the WAL's group commit (many concurrent `durability: sync` records sharing fsyncs); and the
+//! same for `received` webhook events of about 2 KiB (`record_webhook`). Prints the lake bytes
+//! per raw byte.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::{Duration, SystemTime};
@@ -12,7 +13,10 @@ use keygate_auditlog::crypto::{DataKey, row_aad};
 use keygate_auditlog::parquet_io::{FileMeta, encode};
 use keygate_auditlog::payload::prepare;
 use keygate_auditlog::row::{ChainedRow, row_hash};
-use keygate_auditlog::{AuditConfig, AuditLog, Exchange, HttpMessage, LocalKek, SigningKey};
+use keygate_auditlog::webhook::prepare_webhook;
+use keygate_auditlog::{
+    AuditConfig, AuditLog, Exchange, HttpMessage, LocalKek, SigningKey, WebhookKind, WebhookRecord,
+};
 
 const N: usize = 2000;
 
@@ -55,6 +59,25 @@ fn exchange(i: usize) -> Exchange {
         body: Bytes::from(resp),
     });
     ex
+}
+
+/// A verified `payment_intent.succeeded` event of about 2 KiB, as Stripe sends it.
+fn webhook(i: usize) -> WebhookRecord {
+    let mut r = WebhookRecord::new(WebhookKind::Received, "stripe-main");
+    r.stripe_event_id = Some(format!("evt_{i:024}"));
+    r.event_type = Some("payment_intent.succeeded".into());
+    r.livemode = Some(false);
+    r.api_version = Some("2024-06-20".into());
+    r.created = Some(1_732_900_000);
+    r.status = Some(200);
+    r.peer = Some("54.187.174.169:443".into());
+    let object = format!(
+        r#"{{"id":"pi_{i:024}","object":"payment_intent","amount":1999,"amount_received":1999,"capture_method":"automatic","client_secret":"pi_{i:024}_secret_abcdefghijklmnopqrstuvw","created":1732900000,"currency":"usd","customer":"cus_{i:014}","description":"Order {i} for customer","latest_charge":"ch_{i:024}","livemode":false,"metadata":{{"order_id":"ord_{i:010}","cart":"sku_1,sku_2,sku_3"}},"payment_method":"pm_{i:024}","payment_method_options":{{"card":{{"installments":null,"mandate_options":null,"network":null,"request_three_d_secure":"automatic"}}}},"payment_method_types":["card"],"receipt_email":"buyer{i}@example.com","status":"succeeded","charges":{{"object":"list","data":[{{"id":"ch_{i:024}","object":"charge","amount":1999,"paid":true,"status":"succeeded","payment_method_details":{{"card":{{"brand":"visa","last4":"4242","exp_month":12,"exp_year":2030,"funding":"credit","checks":{{"cvc_check":"pass","address_line1_check":null,"address_postal_code_check":"pass"}}}}}}}}],"has_more":false}}}}"#
+    );
+    r.body = Some(Bytes::from(format!(
+        r#"{{"id":"evt_{i:024}","object":"event","api_version":"2024-06-20","created":1732900000,"data":{{"object":{object}}},"livemode":false,"pending_webhooks":2,"request":{{"id":"req_{i:014}","idempotency_key":"a3f1c2d4-{i:08}"}},"type":"payment_intent.succeeded"}}"#
+    )));
+    r
 }
 
 fn raw_len(ex: &Exchange) -> usize {
@@ -122,6 +145,14 @@ fn bench(c: &mut Criterion) {
         })
     });
 
+    let event = webhook(0);
+    g.bench_function("one_webhook_event_redact_compress_seal", |b| {
+        b.iter(|| {
+            let (p, _) = prepare_webhook(&event, 3).unwrap();
+            key.seal(&row_aad("bench", 1, &p.columns.event_id), &p.compressed.unwrap()).unwrap()
+        })
+    });
+
     g.throughput(Throughput::Elements(N as u64));
     let rows = chained_rows(&exchanges);
     let meta = file_meta(N);
@@ -149,6 +180,7 @@ fn wal_group_commit(c: &mut Criterion, exchanges: &[Exchange]) {
     };
     let log = rt.block_on(AuditLog::open(&cfg, kek, SigningKey::generate())).unwrap();
     let batch: Vec<Exchange> = exchanges.iter().take(CONCURRENT).cloned().collect();
+    let events: Vec<WebhookRecord> = (0..CONCURRENT).map(webhook).collect();
     let mut g = c.benchmark_group("audit_wal");
     g.sample_size(20);
     g.throughput(Throughput::Elements(CONCURRENT as u64));
@@ -161,6 +193,22 @@ fn wal_group_commit(c: &mut Criterion, exchanges: &[Exchange]) {
                     let mut ex = ex.clone();
                     ex.event_id = uuid::Uuid::now_v7();
                     set.spawn(async move { log.record(ex, None).await });
+                }
+                while let Some(done) = set.join_next().await {
+                    done.unwrap().unwrap();
+                }
+            })
+        })
+    });
+    g.bench_function("webhook_group_commit_sync_256_concurrent", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                let mut set = tokio::task::JoinSet::new();
+                for ev in &events {
+                    let log = log.clone();
+                    let mut ev = ev.clone();
+                    ev.event_id = uuid::Uuid::now_v7();
+                    set.spawn(async move { log.record_webhook(ev).await });
                 }
                 while let Some(done) = set.join_next().await {
                     done.unwrap().unwrap();
