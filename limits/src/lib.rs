@@ -37,6 +37,8 @@ mod local;
 mod redis_store;
 #[cfg(feature = "stores")]
 mod store;
+#[cfg(feature = "test-support")]
+pub mod testing;
 
 use std::time::Duration;
 

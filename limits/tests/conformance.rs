@@ -1,15 +1,18 @@
 //! The one conformance suite of the [`LimitStore`] contract, run by every store: `memory`,
 //! `local` (a redb file in a temporary folder) and `redis` (a real `redis-server` started on a free
-//! loopback port; the test fails, never skips, when it is not installed).
+//! loopback port: with AUTH from a secret reference, over TLS with a private CA, and behind a
+//! Sentinel; the test fails, never skips, when it is not installed).
 //!
 //! Each store gets the same checks, on the store's own clock (Redis's `TIME` cannot be set, so
 //! the window check waits out a 1 s window): atomic check-and-charge under concurrency, the
 //! boundary, forced charges, refunds, window expiry, separate keys, and GCRA rate limits.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::TcpStream;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+/// The one way to start a redis-server in tests (also used by keygate-tests, via the
+/// `test-support` feature).
+#[path = "../src/testing.rs"]
+mod testing;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,6 +20,7 @@ use keygate_limits::{
     BudgetKey, ChargeRequest, LimitStore, LocalStore, MemoryStore, RateOutcome, RateSpec, RedisStore, RedisStoreConfig,
     SystemClock,
 };
+use testing::{RedisOptions, RedisServer};
 
 fn key(service: &str, currency: &str, window: Duration) -> BudgetKey {
     BudgetKey { service: service.to_owned(), currency: currency.to_owned(), window }
@@ -158,83 +162,83 @@ async fn local_store_conforms_and_keeps_budgets_across_a_reopen() {
     assert!(error.contains("another keygate"), "{error}");
 }
 
-/// A `redis-server` on a free loopback port in a temporary folder, killed on drop.
-struct RedisServer {
-    child: Child,
-    port: u16,
-    _dir: tempfile::TempDir,
+fn redis_config(yaml: &str) -> RedisStoreConfig {
+    serde_saphyr::from_str(&format!("{yaml}key_prefix: \"conformance:\"\n")).unwrap()
 }
 
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn redis_server_bin() -> PathBuf {
-    if let Some(path) = std::env::var_os("KEYGATE_REDIS_SERVER") {
-        return PathBuf::from(path);
-    }
-    for dir in ["/usr/bin", "/usr/local/bin", "/usr/sbin"] {
-        let candidate = PathBuf::from(dir).join("redis-server");
-        if candidate.is_file() {
-            return candidate;
-        }
-    }
-    panic!(
-        "redis-server not found ($KEYGATE_REDIS_SERVER, /usr/bin, /usr/local/bin): run the README's test command \
-         (scripts/test.sh), whose setup (scripts/install-redis.sh) installs it from Debian's packages"
-    );
-}
-
-fn start_redis(password: &str) -> RedisServer {
-    let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let child = Command::new(redis_server_bin())
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-        .args(["--requirepass", password])
-        .arg("--dir")
-        .arg(dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "redis-server did not listen on {port}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    RedisServer { child, port, _dir: dir }
-}
-
-fn redis_config(port: u16, password_ref: &str) -> RedisStoreConfig {
-    let yaml = format!("address: 127.0.0.1:{port}\npassword: \"{password_ref}\"\nkey_prefix: \"conformance:\"\n");
-    serde_saphyr::from_str(&yaml).unwrap()
+async fn secrets() -> keygate_secrets::SecretStore {
+    keygate_secrets::SecretStore::new(&keygate_secrets::SecretsConfig::default()).await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_store_conforms_with_auth_from_a_secret_reference() {
     let password = "conformance-redis-password-canary";
-    let redis = start_redis(password);
-    let dir = tempfile::tempdir().unwrap();
-    let password_file = dir.path().join("redis-password");
+    let mut redis = RedisServer::start(RedisOptions { password: Some(password.to_owned()), ..RedisOptions::default() });
+    let password_file = redis.dir().join("redis-password");
     std::fs::write(&password_file, password).unwrap();
-    let secrets = keygate_secrets::SecretStore::new(&keygate_secrets::SecretsConfig::default()).await.unwrap();
-    let config = redis_config(redis.port, &format!("file://{}", password_file.display()));
+    let secrets = secrets().await;
+    let config =
+        redis_config(&format!("address: {}\npassword: \"file://{}\"\n", redis.address(), password_file.display()));
     let store = Arc::new(RedisStore::connect(&config, Duration::from_secs(2), &secrets).await.unwrap());
     conformance(store.clone(), "redis").await;
 
     // A wrong password is refused, and the error never quotes a password.
-    std::fs::write(dir.path().join("wrong"), "not-the-password-canary").unwrap();
-    let wrong = redis_config(redis.port, &format!("file://{}", dir.path().join("wrong").display()));
+    let wrong_file = redis.dir().join("wrong");
+    std::fs::write(&wrong_file, "not-the-password-canary").unwrap();
+    let wrong = redis_config(&format!("address: {}\npassword: \"file://{}\"\n", redis.address(), wrong_file.display()));
     let wrong = RedisStore::connect(&wrong, Duration::from_secs(2), &secrets).await.unwrap();
     let error = wrong.ping().await.unwrap_err().to_string();
     assert!(!error.contains("canary"), "{error}");
     assert!(format!("{store:?}").contains("127.0.0.1") && !format!("{store:?}").contains("canary"));
 
-    // Redis gone: operations fail, never "allowed" (recovery is tested end to end, tests/tests/limits_shared.rs).
-    drop(redis);
+    // Redis gone: operations fail, never "allowed" (recovery is tested end to end,
+    // tests/tests/limits_shared.rs).
+    redis.stop();
     let k = key("redis-gone", "usd", Duration::from_secs(60));
     assert!(store.charge(&charge(&k, 100, 1)).await.is_err());
+    assert!(store.acquire("redis-gone", RateSpec { per_second: 1.0, burst: 1 }).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_store_conforms_over_tls_with_a_private_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::DigitalSignature];
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let server_key = rcgen::KeyPair::generate().unwrap();
+    let server_params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).unwrap();
+    let server_cert = server_params.signed_by(&server_key, &issuer).unwrap();
+    let (cert, key_file, ca) =
+        (dir.path().join("server.crt"), dir.path().join("server.key"), dir.path().join("ca.crt"));
+    std::fs::write(&cert, server_cert.pem()).unwrap();
+    std::fs::write(&key_file, server_key.serialize_pem()).unwrap();
+    std::fs::write(&ca, ca_cert.pem()).unwrap();
+    let redis = RedisServer::start(RedisOptions { tls: Some((cert, key_file, ca.clone())), ..RedisOptions::default() });
+    let secrets = secrets().await;
+    let config = redis_config(&format!("address: {}\ntls:\n  ca_file: {}\n", redis.address(), ca.display()));
+    let store = Arc::new(RedisStore::connect(&config, Duration::from_secs(2), &secrets).await.unwrap());
+    conformance(store, "redis-tls").await;
+    // Without the private CA (the system's roots), the server's certificate is refused.
+    let untrusted = redis_config(&format!("address: {}\ntls: {{}}\n", redis.address()));
+    let untrusted = RedisStore::connect(&untrusted, Duration::from_secs(2), &secrets).await.unwrap();
+    assert!(untrusted.ping().await.is_err(), "a certificate from an unknown CA is accepted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_store_conforms_behind_sentinel() {
+    let password = "conformance-sentinel-password";
+    let redis = RedisServer::start(RedisOptions { password: Some(password.to_owned()), ..RedisOptions::default() });
+    let sentinel = redis.sentinel("keygate-limits");
+    let password_file = redis.dir().join("redis-password");
+    std::fs::write(&password_file, password).unwrap();
+    let config = redis_config(&format!(
+        "sentinel:\n  addresses: [\"127.0.0.1:{}\"]\n  master_name: keygate-limits\npassword: \"file://{}\"\n",
+        sentinel.port,
+        password_file.display()
+    ));
+    let store = Arc::new(RedisStore::connect(&config, Duration::from_secs(2), &secrets().await).await.unwrap());
+    conformance(store, "redis-sentinel").await;
 }
