@@ -375,6 +375,9 @@ async fn a_lake_on_s3_with_the_kek_in_openbao_transit() {
             rows.insert(k, v);
             let intent = log.record_intent(&ex).await.unwrap();
             log.record(ex, Some(intent)).await.unwrap();
+            if i % 2 == 0 {
+                log.record_webhook(webhook(round * 100 + i).0).await.unwrap();
+            }
         }
         log.shutdown().await.unwrap();
         // Rotating the Transit key between runs: older files stay readable.
@@ -390,7 +393,20 @@ async fn a_lake_on_s3_with_the_kek_in_openbao_transit() {
             .await
             .unwrap();
     assert!(report.findings.is_empty(), "{:#?}", report.findings);
-    assert_eq!(report.rows, 40);
+    assert_eq!(report.rows, 40 + 20, "both tables verified");
+    // The webhooks table on S3: its own files, read back (Transit-wrapped keys of both key
+    // versions) for a replay.
+    let webhook_files = lake.list("webhooks/").await.unwrap();
+    assert!(!webhook_files.is_empty() && webhook_files.iter().all(|o| o.location.as_ref().starts_with("webhooks/dt=")));
+    let ring = KekRing::new(vec![Arc::new(
+        TransitKek::new(store.clone(), "vault-transit://transit/keys/keygate-audit").unwrap(),
+    ) as Arc<dyn KeyEncryptionKey>]);
+    let back =
+        keygate_auditlog::webhook::read_webhooks(&lake, &ring, &keygate_auditlog::webhook::WebhookFilter::default())
+            .await
+            .unwrap();
+    assert_eq!(back.len(), 10, "the received events of both runs");
+    assert!(back.iter().all(|w| w.payload.as_ref().and_then(|p| p.event.as_ref()).is_some()));
     let env: BTreeMap<_, _> = moto.env().into_iter().collect();
     let summary = read_with_python(serde_json::json!({
         "lake": "s3://audit-lake/keygate/prod", "rows": rows, "canaries": CANARIES,
