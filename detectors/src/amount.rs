@@ -13,25 +13,26 @@ use crate::config::{AmountConfig, micros};
 use crate::detector::Detector;
 use crate::input::Input;
 
-/// A DDSketch (1% relative accuracy, at most 2048 bins: bounded memory whatever the range).
-#[derive(Clone, Serialize, Deserialize)]
-pub struct Sketch(DDSketch);
+/// A DDSketch (1% relative accuracy, at most 2048 bins: bounded memory whatever the range),
+/// created on the first value (an empty DDSketch holds infinities, which JSON cannot carry).
+#[derive(Clone, Default, Serialize, Deserialize)]
+pub struct Sketch(Option<DDSketch>);
+
+impl Sketch {
+    fn add(&mut self, v: f64) {
+        self.0.get_or_insert_with(|| DDSketch::new(SketchConfig::defaults())).add(v);
+    }
+}
 
 impl std::fmt::Debug for Sketch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Sketch").field("count", &self.0.count()).finish()
+        f.debug_struct("Sketch").field("count", &self.0.as_ref().map_or(0, DDSketch::count)).finish()
     }
 }
 
 impl PartialEq for Sketch {
     fn eq(&self, other: &Self) -> bool {
         serde_json::to_string(&self.0).ok() == serde_json::to_string(&other.0).ok()
-    }
-}
-
-impl Default for Sketch {
-    fn default() -> Self {
-        Sketch(DDSketch::new(SketchConfig::defaults()))
     }
 }
 
@@ -61,10 +62,21 @@ pub struct AmountSeries {
 
 impl AmountSeries {
     fn refresh(&mut self) {
-        let mut merged = self.previous.0.clone();
-        if merged.merge(&self.current.0).is_err() {
-            merged = self.current.0.clone();
-        }
+        let merged = match (&self.previous.0, &self.current.0) {
+            (Some(p), Some(c)) => {
+                let mut m = p.clone();
+                if m.merge(c).is_err() {
+                    m = c.clone();
+                }
+                m
+            }
+            (Some(one), None) | (None, Some(one)) => one.clone(),
+            (None, None) => {
+                self.quartiles = None;
+                self.since_refresh = 0;
+                return;
+            }
+        };
         let q = |p: f64| merged.quantile(p).ok().flatten();
         self.quartiles = match (q(0.25), q(0.5), q(0.75)) {
             (Some(q25), Some(q50), Some(q75)) if q25 > 0.0 => {
@@ -79,6 +91,7 @@ impl AmountSeries {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct AmountState {
     /// Key: service, operation, currency.
+    #[serde(with = "crate::stats::entries")]
     pub series: BTreeMap<(String, String, String), AmountSeries>,
     pub dropped_inputs: u64,
 }
@@ -160,7 +173,7 @@ impl Detector for Amount {
             }
         }
         if !flagged {
-            s.current.0.add(a);
+            s.current.add(a);
             s.since_refresh += 1;
             if s.quartiles.is_none_or(|q| q.count < config.min_samples) || s.since_refresh >= REFRESH_EVERY {
                 s.refresh();

@@ -20,6 +20,14 @@ use crate::webhook_surge::{WebhookSurge, WebhookSurgeState};
 /// The version of [`EngineState`]'s format; a file of another version is refused with a message.
 pub const STATE_VERSION: u32 = 1;
 
+/// Input times are clamped to [1970-01-01, about 2255]: in that range no time arithmetic of any
+/// detector can overflow.
+pub const MAX_TIME_US: i64 = 1 << 53;
+
+fn clamp_time(at_us: i64) -> i64 {
+    at_us.clamp(0, MAX_TIME_US)
+}
+
 /// How often (in input time) the engine moves every detector's clock (closing idle buckets).
 const TICK_US: i64 = 60_000_000;
 
@@ -100,8 +108,20 @@ impl Engine {
     /// Feeds one input; returns the alerts it raised (in `alert` and `shadow` mode alike).
     pub fn observe(&mut self, input: &Input) -> Vec<Alert> {
         let mut out = Vec::new();
-        let at = input.at_us().max(self.now_us);
-        self.tick(at, &mut out);
+        let at = clamp_time(input.at_us());
+        let clamped;
+        let input = if at == input.at_us() {
+            input
+        } else {
+            let mut copy = input.clone();
+            match &mut copy {
+                Input::Request(r) => r.at_us = at,
+                Input::Webhook(w) => w.at_us = at,
+            }
+            clamped = copy;
+            &clamped
+        };
+        self.tick(at.max(self.now_us), &mut out);
         for d in self.detectors() {
             d.observe(input, &mut out);
         }
@@ -112,6 +132,7 @@ impl Engine {
     /// run): closes buckets that ended, which is where silences are found.
     pub fn advance(&mut self, now_us: i64) -> Vec<Alert> {
         let mut out = Vec::new();
+        let now_us = clamp_time(now_us);
         if now_us > self.now_us {
             self.last_tick = i64::MIN;
             self.tick(now_us, &mut out);

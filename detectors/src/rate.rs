@@ -32,6 +32,7 @@ pub struct RateSeries {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct RateState {
     /// Key: `service` and operation.
+    #[serde(with = "crate::stats::entries")]
     pub series: BTreeMap<(String, String), RateSeries>,
     pub dropped_inputs: u64,
 }

@@ -98,13 +98,15 @@ impl Detector for Refunds {
         if is_charge {
             bucket.charges += 1;
             if let Some((a, c)) = &money {
-                *bucket.charged.entry(c.clone()).or_default() += a;
+                let e = bucket.charged.entry(c.clone()).or_default();
+                *e = e.saturating_add(*a);
             }
             return;
         }
         bucket.refunds += 1;
         if let Some((a, c)) = &money {
-            *bucket.refunded.entry(c.clone()).or_default() += a;
+            let e = bucket.refunded.entry(c.clone()).or_default();
+            *e = e.saturating_add(*a);
         }
         cite(&mut bucket.refund_ids, &r.event_id, config.max_cited);
         for (i, w) in config.windows.iter().enumerate() {
@@ -119,10 +121,12 @@ impl Detector for Refunds {
                 sums.charges += b.charges;
                 sums.refunds += b.refunds;
                 for (c, a) in &b.charged {
-                    *sums.charged.entry(c.clone()).or_default() += a;
+                    let e = sums.charged.entry(c.clone()).or_default();
+                    *e = e.saturating_add(*a);
                 }
                 for (c, a) in &b.refunded {
-                    *sums.refunded.entry(c.clone()).or_default() += a;
+                    let e = sums.refunded.entry(c.clone()).or_default();
+                    *e = e.saturating_add(*a);
                 }
                 for id in &b.refund_ids {
                     cite(&mut ids, id, config.max_cited);

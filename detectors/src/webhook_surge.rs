@@ -25,6 +25,7 @@ pub struct SurgeSeries {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct WebhookSurgeState {
     /// Key: endpoint (service), event type.
+    #[serde(with = "crate::stats::entries")]
     pub series: BTreeMap<(String, String), SurgeSeries>,
     pub dropped_inputs: u64,
 }
