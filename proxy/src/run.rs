@@ -38,6 +38,8 @@ pub enum StartError {
     Limits(#[from] keygate_limits::LimitError),
     #[error("webhooks: {0}")]
     Webhooks(#[from] keygate_webhooks::WebhookError),
+    #[error("{0}")]
+    WebhookTls(String),
     #[error(transparent)]
     Upstream(#[from] UpstreamSetupError),
     #[error(transparent)]
@@ -170,7 +172,9 @@ pub async fn serve(options: ServeOptions) -> Result<(), StartError> {
                         client_ca_file: None,
                     })
                 })
-                .transpose()?;
+                .transpose()
+                // The proxy's TLS loader names its own keys; these are the ingress's.
+                .map_err(|e| StartError::WebhookTls(e.to_string().replace("`listen.tls.", "`webhooks.listen.tls.")))?;
             let bind_error = |source| StartError::Bind {
                 key: "webhooks.listen.address",
                 address: section.listen.address.to_string(),
@@ -213,6 +217,8 @@ pub async fn serve(options: ServeOptions) -> Result<(), StartError> {
     let ingress = match (gateway.webhooks.clone(), webhook_ingress) {
         (Some(webhooks), Some((listener, webhook_tls, _))) => {
             let stop = stopped(stop_rx.clone());
+            #[cfg(debug_assertions)]
+            crate::webhook_journal::install_test_hook(&webhooks, &gateway.audit);
             let preloading = webhooks.clone();
             tokio::spawn(async move { preloading.preload_secrets().await });
             Some(tokio::spawn(async move { webhooks.serve(listener, webhook_tls, stop).await }))

@@ -57,3 +57,19 @@ pub fn for_audit(audit: &AuditLog) -> std::sync::Arc<dyn EventJournal> {
         std::sync::Arc::new(keygate_webhooks::LogJournal)
     }
 }
+
+/// Test-only fault injection (debug builds, `KEYGATE_TEST_HOOKS=1`): a webhook request carrying
+/// `x-keygate-test-wal-fault: write` makes the audit WAL's next write fail, the one of its own
+/// `received` record (tests/tests/webhooks_e2e.rs).
+#[cfg(debug_assertions)]
+pub fn install_test_hook(webhooks: &keygate_webhooks::Webhooks, audit: &AuditLog) {
+    if std::env::var_os("KEYGATE_TEST_HOOKS").is_none_or(|v| v != "1") {
+        return;
+    }
+    let Some(faults) = audit.wal_faults() else { return };
+    webhooks.set_before_journal_hook(keygate_webhooks::BeforeJournal(std::sync::Arc::new(move |headers| {
+        if headers.get("x-keygate-test-wal-fault").is_some_and(|v| v == "write") {
+            faults.fail(keygate_auditlog::wal::faults::Fault::Write, 1);
+        }
+    })));
+}

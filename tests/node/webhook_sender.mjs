@@ -5,7 +5,8 @@
 // SPEC: {"url": "http://127.0.0.1:PORT/webhooks/stripe/main", "cases": [CASE…]} posts each case
 // once, in order. CASE: {"payload": "<event JSON>", "secret": "whsec_…", "timestamp": <unix s>?,
 // "header": "sign" | "none" | "v0only" | "raw", "raw": "<header>"?, "body": "<sent instead>"?,
-// "secrets": ["whsec_…", …]? (one v1 per secret, as Stripe sends while a secret rolls)}.
+// "secrets": ["whsec_…", …]? (one v1 per secret, as Stripe sends while a secret rolls),
+// "headers": {name: value}? (extra request headers)}.
 // Output: {"results": [{"status": 200, "body": "…"}, …]}.
 //
 // Or SPEC: {"url", "flood": {"count": N, "secret", "concurrency", "deadline_ms", "types": [...],
@@ -27,8 +28,8 @@ function signed(payload, secret, timestamp) {
   return stripe.webhooks.generateTestHeaderString({ payload, secret, timestamp });
 }
 
-async function post(url, body, header) {
-  const headers = { "content-type": "application/json; charset=utf-8", "user-agent": "Stripe/1.0 (+https://stripe.com/docs/webhooks)" };
+async function post(url, body, header, extra = {}) {
+  const headers = { "content-type": "application/json; charset=utf-8", "user-agent": "Stripe/1.0 (+https://stripe.com/docs/webhooks)", ...extra };
   if (header !== null) headers["stripe-signature"] = header;
   const response = await fetch(url, { method: "POST", headers, body, signal: AbortSignal.timeout(5000) });
   return { status: response.status, body: await response.text() };
@@ -56,7 +57,7 @@ if (spec.cases) {
   const results = [];
   for (const c of spec.cases) {
     try {
-      results.push(await post(spec.url, c.body ?? c.payload, headerFor(c)));
+      results.push(await post(spec.url, c.body ?? c.payload, headerFor(c), c.headers ?? {}));
     } catch (error) {
       results.push({ status: 0, body: String(error) });
     }

@@ -195,7 +195,7 @@ impl Setup {
             self.path(),
             KeygateOptions {
                 config: Some(config),
-                env: vec![("KG_E2E_STRIPE_KEY".into(), CANARY_KEY.into())],
+                env: vec![("KG_E2E_STRIPE_KEY".into(), CANARY_KEY.into()), ("KEYGATE_TEST_HOOKS".into(), "1".into())],
                 args: Vec::new(),
                 wait_ready: true,
             },
@@ -546,7 +546,43 @@ fn down_destinations_catch_up_dead_letters_are_redriven_and_ranges_replayed() {
     assert!(billing.lines().iter().all(|l| l.get("error").is_none()));
     let (status, body) = admin(&keygate, "POST", "/webhooks/replay", ADMIN_TOKEN, r#"{"destination":"nowhere"}"#);
     assert_eq!(status, 404, "{body}");
+
+    // The audit WAL fails the write of an event's `received` record: Stripe gets 503 (not a 2xx)
+    // and /readyz says why; Stripe's retry is acknowledged once the record is durable.
+    let faulty = event("evt_e2e_wal_fault", "invoice.paid");
+    let fault = json!({"payload": faulty, "secret": NEW_SECRET, "headers": {"x-keygate-test-wal-fault": "write"}});
+    let results = statuses(&url, vec![fault]);
+    assert_eq!(results[0].0, 503, "{results:?}");
+    assert!(results[0].1.contains("keygate_webhook_unavailable"), "{}", results[0].1);
+    let (status, ready) = keygate_tests::http::get(keygate.admin, "/readyz").unwrap();
+    assert_eq!(status, 503, "{ready}");
+    assert!(ready.contains("webhook ingress"), "{ready}");
+    assert_eq!(metric(&keygate.metrics(), "keygate_webhook_unavailable_total", &["stage=\"journal\""]), 1.0);
+    let retried = statuses(&url, vec![signed(&faulty, NEW_SECRET)]);
+    assert_eq!(retried[0].0, 200, "{retried:?}");
+    assert!(retried[0].1.contains("\"duplicate\":true"), "the first copy was stored: {}", retried[0].1);
+    keygate.wait_ready(Duration::from_secs(5));
     assert_no_secret_in("keygate's log", &keygate.stderr_text());
+
+    // In the lake: the event has exactly one `received` row (written before the retry's 200) and
+    // one `duplicate` row; dead letters, re-drives and replays have theirs.
+    keygate.signal("TERM");
+    assert_eq!(keygate.wait_exit(Duration::from_secs(60)), Some(0));
+    let lake = setup.path().join("lake");
+    let rows = keygate_tests::audit::query_lake(
+        &lake,
+        "SELECT kind, count(*) AS n FROM webhooks WHERE stripe_event_id = 'evt_e2e_wal_fault' GROUP BY kind ORDER BY kind",
+    );
+    let kinds: HashMap<String, u64> =
+        rows.iter().map(|r| (r["kind"].as_str().unwrap().to_owned(), r["n"].as_u64().unwrap())).collect();
+    assert_eq!(kinds.get("received"), Some(&1), "{rows:?}");
+    assert_eq!(kinds.get("duplicate"), Some(&1), "{rows:?}");
+    let rows = keygate_tests::audit::query_lake(&lake, "SELECT kind, count(*) AS n FROM webhooks GROUP BY kind");
+    let kinds: HashMap<String, u64> =
+        rows.iter().map(|r| (r["kind"].as_str().unwrap().to_owned(), r["n"].as_u64().unwrap())).collect();
+    for kind in ["dead_lettered", "replayed", "delivery_failed", "delivered"] {
+        assert!(kinds.get(kind).is_some_and(|n| *n > 0), "no {kind} rows: {kinds:?}");
+    }
 }
 
 /// SIGKILL at random moments while a sender posts hundreds of signed events concurrently and

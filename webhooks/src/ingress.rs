@@ -86,6 +86,19 @@ pub(crate) struct Ingress {
     pub rejection_records: Arc<Semaphore>,
     /// The last reason an event could not be made durable, cleared by the next success.
     pub durability: Mutex<Option<String>>,
+    /// Test fault injection: called with a verified request's headers just before its audit
+    /// record is written (see [`crate::Webhooks::set_before_journal_hook`]).
+    pub before_journal: std::sync::OnceLock<BeforeJournal>,
+}
+
+/// A hook called with a verified request's headers just before its audit record is written.
+#[derive(Clone)]
+pub struct BeforeJournal(pub Arc<dyn Fn(&http::HeaderMap) + Send + Sync>);
+
+impl std::fmt::Debug for BeforeJournal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BeforeJournal")
+    }
 }
 
 /// A reply of the ingress: Stripe's error JSON for refusals.
@@ -239,6 +252,7 @@ impl Ingress {
             return Err(too_large());
         }
         let header = request.headers().get(crate::signature::HEADER).map(|v| v.as_bytes().to_vec());
+        let hook_headers = self.before_journal.get().map(|_| request.headers().clone());
         let limited = Limited::new(request.into_body(), usize::try_from(max).unwrap_or(usize::MAX));
         let body = match tokio::time::timeout(self.limits.body_read_timeout, limited.collect()).await {
             Err(_) => {
@@ -306,6 +320,9 @@ impl Ingress {
             Ok(ingested) => ingested,
             Err(error) => return Ok(self.unavailable("state", &error.to_string())),
         };
+        if let (Some(hook), Some(headers)) = (self.before_journal.get(), hook_headers.as_ref()) {
+            (hook.0)(headers);
+        }
         let (id, duplicate) = match ingested {
             Ingested::New { event: id } => {
                 if let Err(error) = self.journal.record(received_record(&event, RecordKind::Received, peer)).await {

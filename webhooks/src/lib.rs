@@ -52,6 +52,7 @@ use tokio::sync::{Semaphore, mpsc, watch};
 pub use config::{DestinationConfig, EndpointConfig, EventFilter, WebhooksConfig};
 pub use destination::{Delivery, Destination, HttpDestination, Outcome};
 pub use error::WebhookError;
+pub use ingress::BeforeJournal;
 pub use journal::{EventJournal, JournalError, JournalRecord, LogJournal, RecordKind};
 pub use metrics::Metrics;
 
@@ -142,6 +143,7 @@ impl Webhooks {
             limits: config.limits.clone(),
             rejection_records: Arc::new(Semaphore::new(ingress::MAX_PENDING_REJECTION_RECORDS)),
             durability: Mutex::new(None),
+            before_journal: std::sync::OnceLock::new(),
         });
         tasks.push(tokio::spawn(housekeeping(
             store.clone(),
@@ -199,6 +201,13 @@ impl Webhooks {
             }
         }
         reasons
+    }
+
+    /// Installs a test hook called with each verified request's headers just before its audit
+    /// record is written (keygate installs one only in debug builds with `KEYGATE_TEST_HOOKS=1`,
+    /// to arm the audit WAL's own write fault). Only the first call takes effect.
+    pub fn set_before_journal_hook(&self, hook: BeforeJournal) {
+        let _ = self.ingress.before_journal.set(hook);
     }
 
     /// Fetches every secret the section names once (at start; the ingress fetches on demand).
