@@ -26,7 +26,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-redis_server="$(scripts/install-redis.sh)"
+redis_server="$(scripts/install-deb.sh redis-server)"
 if [ -z "${BENCH_NO_BUILD:-}" ]; then
     echo "bench/limits.sh: building the release binaries" >&2
     cargo build --release -p keygate -p keygate-bench >&2

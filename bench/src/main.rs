@@ -135,7 +135,7 @@ fn find_nginx() -> Result<PathBuf, BenchError> {
     on_path.into_iter().chain([PathBuf::from("/usr/sbin/nginx")]).find(|candidate| candidate.is_file()).ok_or_else(
         || {
             BenchError::Process(
-                "nginx (scenario N) was not found on PATH or in /usr/sbin: run bench/install-nginx.sh, or give --nginx"
+                "nginx (scenario N) was not found on PATH or in /usr/sbin: run scripts/install-deb.sh nginx, or give --nginx"
                     .to_owned(),
             )
         },

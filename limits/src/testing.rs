@@ -1,5 +1,5 @@
 //! Test support (feature `test-support`): a real `redis-server` (Debian's package, installed by
-//! scripts/install-redis.sh) on a free loopback port in its own temporary folder, optionally
+//! scripts/install-deb.sh redis-server) on a free loopback port in its own temporary folder, optionally
 //! with TLS, the append-only file, or a Sentinel watching it. Used by this crate's conformance
 //! suite and by the end-to-end harness (`keygate-tests`), so that there is one way to start one.
 //!
@@ -31,7 +31,7 @@ pub fn redis_server_bin() -> PathBuf {
     }
     panic!(
         "redis-server not found ($KEYGATE_REDIS_SERVER, PATH, /usr/bin). Run the README's test command \
-         (scripts/test.sh), whose setup installs it from Debian's packages (scripts/install-redis.sh)."
+         (scripts/test.sh), whose setup installs it from Debian's packages (scripts/install-deb.sh redis-server)."
     );
 }
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Tests of the setup scripts themselves (issue 11), run by scripts/test.sh:
-#   - bench/install-nginx.sh and scripts/install-redis.sh, each with its program already present,
-#     without it and with or without an existing policy-rc.d, and with a failing apt-get: simulated
+#   - scripts/install-deb.sh, for each program the setup installs with it (nginx, redis-server),
+#     with the program already present, without it and with or without an existing policy-rc.d,
+#     and with a failing apt-get, and its usage error: simulated
 #     with a temporary PATH holding a fake apt-get and temporary locations for the policy file and
 #     the packaged binary, so the machine's own nginx, redis-server and policy-rc.d are never touched;
 #   - scripts/setup-test-env.sh's output (exactly three export lines naming the installed tools)
@@ -50,24 +51,24 @@ for tool in /usr/bin/* /bin/*; do
     [ -e "$tools_bin/$name" ] || ln -s "$tool" "$tools_bin/$name"
 done
 
-# run_installer SCRIPT ROOT [ENV...]
+# run_installer PROGRAM ROOT [ENV...]: scripts/install-deb.sh PROGRAM in the fake root.
 run_installer() {
-    local script="$1" root="$2"
+    local program="$1" root="$2"
     shift 2
-    env "$@" PATH="$root/bin:$tools_bin" KEYGATE_NGINX_SBIN="$root/sbin" KEYGATE_REDIS_BIN_DIR="$root/sbin" \
-        KEYGATE_POLICY_RC_D="$root/policy-rc.d" bash "$here/$script" \
+    env "$@" PATH="$root/bin:$tools_bin" KEYGATE_DEB_BIN_DIRS="$root/sbin" \
+        KEYGATE_POLICY_RC_D="$root/policy-rc.d" bash "$here/scripts/install-deb.sh" "$program" \
         > "$root/out" 2> "$root/err"
 }
 
-# The four cases, for one installer: SCRIPT PROGRAM.
+# The four cases, for one program: PROGRAM.
 installer_cases() {
-    local script="$1" program="$2" name root before
-    name=$(basename "$script" .sh)
+    local program="$1" name root before
+    name="install-deb-$program"
 
     # 1. program already present: found, nothing installed.
     root=$(fake_root "$name-present" "$program")
     printf '#!/bin/sh\n' > "$root/sbin/$program"; chmod 755 "$root/sbin/$program"
-    if run_installer "$script" "$root" && [ "$(cat "$root/out")" = "$root/sbin/$program" ] && [ ! -e "$root/apt.log" ]; then
+    if run_installer "$program" "$root" && [ "$(cat "$root/out")" = "$root/sbin/$program" ] && [ ! -e "$root/apt.log" ]; then
         ok "$name: $program present -> its path, no apt-get"
     else
         bad "$name: $program present" "status/out: $(cat "$root/out" "$root/err")"
@@ -75,7 +76,7 @@ installer_cases() {
 
     # 2. no program, no policy file: installed with a temporary policy that is removed afterwards.
     root=$(fake_root "$name-fresh" "$program")
-    if run_installer "$script" "$root" && [ "$(cat "$root/out")" = "$root/sbin/$program" ] \
+    if run_installer "$program" "$root" && [ "$(cat "$root/out")" = "$root/sbin/$program" ] \
         && grep -q "policy present during install" "$root/apt.log" && [ ! -e "$root/policy-rc.d" ]; then
         ok "$name: no policy file -> exit 0, policy only during the install"
     else
@@ -86,7 +87,7 @@ installer_cases() {
     root=$(fake_root "$name-existing-policy" "$program")
     printf '#!/bin/sh\n# the image'"'"'s own\nexit 101\n' > "$root/policy-rc.d"; chmod 755 "$root/policy-rc.d"
     before=$(sha256sum < "$root/policy-rc.d")
-    if run_installer "$script" "$root" && [ "$(cat "$root/out")" = "$root/sbin/$program" ] \
+    if run_installer "$program" "$root" && [ "$(cat "$root/out")" = "$root/sbin/$program" ] \
         && [ -e "$root/policy-rc.d" ] && [ "$(sha256sum < "$root/policy-rc.d")" = "$before" ]; then
         ok "$name: existing policy file -> exit 0, file left as it was"
     else
@@ -95,7 +96,7 @@ installer_cases() {
 
     # 4. apt-get fails: non-zero, and the temporary policy is still removed.
     root=$(fake_root "$name-apt-fails" "$program")
-    if run_installer "$script" "$root" FAKE_APT_FAIL=1; then
+    if run_installer "$program" "$root" FAKE_APT_FAIL=1; then
         bad "$name: failing apt-get" "exit 0 although apt-get failed"
     elif [ -e "$root/policy-rc.d" ]; then
         bad "$name: failing apt-get" "left its temporary policy-rc.d behind"
@@ -104,8 +105,18 @@ installer_cases() {
     fi
 }
 
-installer_cases bench/install-nginx.sh nginx
-installer_cases scripts/install-redis.sh redis-server
+installer_cases nginx
+installer_cases redis-server
+
+# Usage error: no program named -> exit 2 with the usage line, nothing installed.
+root=$(fake_root "install-deb-usage" nginx)
+if env PATH="$root/bin:$tools_bin" bash "$here/scripts/install-deb.sh" > "$root/out" 2> "$root/err"; then
+    bad "install-deb: no program" "exit 0"
+elif [ $? -ne 2 ] || ! grep -q "usage: scripts/install-deb.sh PROGRAM" "$root/err" || [ -e "$root/apt.log" ]; then
+    bad "install-deb: no program" "$(cat "$root/err")"
+else
+    ok "install-deb: no program -> exit 2, usage, no apt-get"
+fi
 
 # 5. setup-test-env's output: exactly the three export lines, naming the installed tools.
 # (scripts/test.sh ran it just before; with the same cache this is a quick, up-to-date run.)

@@ -5,7 +5,7 @@
 //! it checks that the harness still works end to end, so that it cannot rot.
 //!
 //! nginx is the reference proxy of scenario N: the test fails if it is missing
-//! (bench/install-nginx.sh installs it from Debian's packages).
+//! (scripts/install-deb.sh nginx installs it from Debian's packages).
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 use std::path::PathBuf;
@@ -18,7 +18,7 @@ fn nginx() -> PathBuf {
         .map(|paths| std::env::split_paths(&paths).map(|dir| dir.join("nginx")).collect::<Vec<_>>())
         .unwrap_or_default();
     on_path.into_iter().chain([PathBuf::from("/usr/sbin/nginx")]).find(|p| p.is_file()).unwrap_or_else(|| {
-        panic!("nginx (the benchmark's reference proxy) is not installed: run bench/install-nginx.sh")
+        panic!("nginx (the benchmark's reference proxy) is not installed: run scripts/install-deb.sh nginx")
     })
 }
 
