@@ -5,6 +5,8 @@
 #     and with a failing apt-get, and its usage error: simulated
 #     with a temporary PATH holding a fake apt-get and temporary locations for the policy file and
 #     the packaged binary, so the machine's own nginx, redis-server and policy-rc.d are never touched;
+#   - scripts/install-tansu.sh with the broker already cached, built (with a fake cargo) and with
+#     a failing build (nothing half-installed is left in the cache);
 #   - scripts/setup-test-env.sh's output (exactly three export lines naming the installed tools)
 #     and its failure (a missing prerequisite fails with the step named);
 #   - scripts/test.sh stops at once, naming the step, when the setup fails.
@@ -116,6 +118,45 @@ elif [ $? -ne 2 ] || ! grep -q "usage: scripts/install-deb.sh PROGRAM" "$root/er
     bad "install-deb: no program" "$(cat "$root/err")"
 else
     ok "install-deb: no program -> exit 2, usage, no apt-get"
+fi
+
+# install-tansu.sh, with a fake cargo that "builds" a tansu into its --root (or fails).
+tansu_root="$tmp/tansu"
+mkdir -p "$tansu_root/bin"
+cat > "$tansu_root/bin/cargo" <<CARGO
+#!/bin/sh
+echo "cargo \$*" >> "$tansu_root/cargo.log"
+[ -n "\${FAKE_CARGO_FAIL:-}" ] && { echo "error: fake build failure" >&2; exit 101; }
+while [ \$# -gt 0 ]; do [ "\$1" = "--root" ] && root="\$2"; shift; done
+mkdir -p "\$root/bin" && printf '#!/bin/sh\necho tansu\n' > "\$root/bin/tansu" && chmod 755 "\$root/bin/tansu"
+CARGO
+chmod 755 "$tansu_root/bin/cargo"
+run_tansu() {
+    env "$@" KEYGATE_CARGO="$tansu_root/bin/cargo" KEYGATE_TANSU_VERSION=9.9.9 \
+        bash "$here/scripts/install-tansu.sh" > "$tansu_root/out" 2> "$tansu_root/err"
+}
+# a. not cached: built with --locked --features dynostore, moved into the cache, path printed.
+if run_tansu KEYGATE_TANSU_CACHE="$tansu_root/cache" && [ "$(cat "$tansu_root/out")" = "$tansu_root/cache/tansu-9.9.9/bin/tansu" ] \
+    && [ -x "$tansu_root/cache/tansu-9.9.9/bin/tansu" ] && grep -q "install tansu --version 9.9.9 --locked --features dynostore" "$tansu_root/cargo.log"; then
+    ok "install-tansu: not cached -> built once into the versioned cache folder"
+else
+    bad "install-tansu: not cached" "$(cat "$tansu_root/out" "$tansu_root/err" "$tansu_root/cargo.log" 2>&1)"
+fi
+# b. cached: its path, cargo not run again.
+rm -f "$tansu_root/cargo.log"
+if run_tansu KEYGATE_TANSU_CACHE="$tansu_root/cache" && [ "$(cat "$tansu_root/out")" = "$tansu_root/cache/tansu-9.9.9/bin/tansu" ] \
+    && [ ! -e "$tansu_root/cargo.log" ]; then
+    ok "install-tansu: cached -> its path, no build"
+else
+    bad "install-tansu: cached" "$(cat "$tansu_root/out" "$tansu_root/err" 2>&1)"
+fi
+# c. the build fails: non-zero, nothing left in the cache that a later run would trust.
+if run_tansu KEYGATE_TANSU_CACHE="$tansu_root/cache-fail" FAKE_CARGO_FAIL=1; then
+    bad "install-tansu: failing build" "exit 0 although cargo failed"
+elif [ -e "$tansu_root/cache-fail/tansu-9.9.9" ] || [ -n "$(ls -A "$tansu_root/cache-fail" 2>/dev/null)" ]; then
+    bad "install-tansu: failing build" "left $(ls -A "$tansu_root/cache-fail") behind"
+else
+    ok "install-tansu: failing build -> non-zero, cache left empty"
 fi
 
 # 5. setup-test-env's output: exactly the three export lines, naming the installed tools.
