@@ -55,14 +55,20 @@ step="nginx (scripts/install-deb.sh nginx)"
 step="redis-server (scripts/install-deb.sh redis-server)"
 redis_server="$("$here/scripts/install-deb.sh" redis-server)"
 
+# chromium renders the anomaly report in headless mode (auditlog/tests/anomalies_lake.rs).
+step="chromium (scripts/install-deb.sh chromium)"
+chromium="$("$here/scripts/install-deb.sh" chromium)"
+
 step="check installed tools"
 for tool in bao moto_server localstripe python; do
   [ -x "$venv/bin/$tool" ] || { echo "setup-test-env: $venv/bin/$tool is missing after the install" >&2; exit 1; }
 done
 [ -d "$node_dir/node_modules/stripe" ] || { echo "setup-test-env: $node_dir/node_modules/stripe is missing after the install" >&2; exit 1; }
 [ -x "$redis_server" ] || { echo "setup-test-env: redis-server ($redis_server) is not executable after the install" >&2; exit 1; }
+[ -x "$chromium" ] || { echo "setup-test-env: chromium ($chromium) is not executable after the install" >&2; exit 1; }
 step="done"
 
 echo "export KEYGATE_TOOLS_BIN=$venv/bin"
 echo "export KEYGATE_NODE_MODULES=$node_dir/node_modules"
 echo "export KEYGATE_REDIS_SERVER=$redis_server"
+echo "export KEYGATE_CHROMIUM=$chromium"

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Tests of the setup scripts themselves (issue 11), run by scripts/test.sh:
-#   - scripts/install-deb.sh, for each program the setup installs with it (nginx, redis-server),
+#   - scripts/install-deb.sh, for each program the setup installs with it (nginx, redis-server, chromium),
 #     with the program already present, without it and with or without an existing policy-rc.d,
 #     and with a failing apt-get, and its usage error: simulated
 #     with a temporary PATH holding a fake apt-get and temporary locations for the policy file and
 #     the packaged binary, so the machine's own nginx, redis-server and policy-rc.d are never touched;
 #   - scripts/install-tansu.sh with the broker already cached, built (with a fake cargo) and with
 #     a failing build (nothing half-installed is left in the cache);
-#   - scripts/setup-test-env.sh's output (exactly three export lines naming the installed tools)
+#   - scripts/setup-test-env.sh's output (exactly four export lines naming the installed tools)
 #     and its failure (a missing prerequisite fails with the step named);
 #   - scripts/test.sh stops at once, naming the step, when the setup fails.
 # Prints `N passed, N failed` and exits non-zero on any failure.
@@ -49,7 +49,7 @@ tools_bin="$tmp/system-bin"
 mkdir -p "$tools_bin"
 for tool in /usr/bin/* /bin/*; do
     name=$(basename "$tool")
-    case "$name" in nginx|redis-server|apt-get) continue ;; esac
+    case "$name" in nginx|redis-server|chromium|apt-get) continue ;; esac
     [ -e "$tools_bin/$name" ] || ln -s "$tool" "$tools_bin/$name"
 done
 
@@ -109,6 +109,7 @@ installer_cases() {
 
 installer_cases nginx
 installer_cases redis-server
+installer_cases chromium
 
 # Usage error: no program named -> exit 2 with the usage line, nothing installed.
 root=$(fake_root "install-deb-usage" nginx)
@@ -159,17 +160,18 @@ else
     ok "install-tansu: failing build -> non-zero, cache left empty"
 fi
 
-# 5. setup-test-env's output: exactly the three export lines, naming the installed tools.
+# 5. setup-test-env's output: exactly the four export lines, naming the installed tools.
 # (scripts/test.sh ran it just before; with the same cache this is a quick, up-to-date run.)
 if out=$("$here/scripts/setup-test-env.sh" 2> "$tmp/setup.err"); then
     lines=$(printf '%s\n' "$out" | wc -l)
     tools=$(printf '%s\n' "$out" | sed -n 's/^export KEYGATE_TOOLS_BIN=//p')
     modules=$(printf '%s\n' "$out" | sed -n 's/^export KEYGATE_NODE_MODULES=//p')
     redis=$(printf '%s\n' "$out" | sed -n 's/^export KEYGATE_REDIS_SERVER=//p')
-    if [ "$lines" -eq 3 ] && [ -x "$tools/localstripe" ] && [ -x "$tools/bao" ] && [ -x "$tools/moto_server" ] \
+    chromium=$(printf '%s\n' "$out" | sed -n 's/^export KEYGATE_CHROMIUM=//p')
+    if [ "$lines" -eq 4 ] && [ -x "$chromium" ] && [ -x "$tools/localstripe" ] && [ -x "$tools/bao" ] && [ -x "$tools/moto_server" ] \
         && "$tools/python" -c 'import pyarrow, duckdb, stripe' 2>/dev/null && [ -d "$modules/stripe" ] \
         && "$redis" --version 2>/dev/null | grep -q "Redis server v=[7-9]"; then
-        ok "setup-test-env: three export lines naming installed tools"
+        ok "setup-test-env: four export lines naming installed tools"
     else
         bad "setup-test-env output" "$out"
     fi
