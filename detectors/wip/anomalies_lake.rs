@@ -3,7 +3,7 @@
 //! accounts, webhook events) with planted anomalies of every kind. Every planted one is found
 //! and cited; the clean history raises at most one unexplained alert per service-day and at most
 //! one per ten service-days overall (the bounds docs/anomalies.md states).
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::needless_range_loop)]
 
 mod common;
 
@@ -25,6 +25,107 @@ fn run(args: &[&str]) -> (String, String) {
     let err = String::from_utf8_lossy(&o.stderr).into_owned();
     assert!(o.status.success(), "auditlog {args:?}: {err}");
     (String::from_utf8_lossy(&o.stdout).into_owned(), err)
+}
+
+/// Debian's chromium (scripts/setup-test-env.sh installs it and exports KEYGATE_CHROMIUM):
+/// the report's DOM as Chromium built it, and a screenshot of its top.
+fn chromium(report: &std::path::Path, dir: &std::path::Path) -> (String, std::path::PathBuf) {
+    let bin = std::env::var("KEYGATE_CHROMIUM")
+        .expect("KEYGATE_CHROMIUM is not set: run scripts/setup-test-env.sh, which installs Debian's chromium");
+    let profile = format!("--user-data-dir={}", dir.join("chromium-profile").display());
+    let url = format!("file://{}", report.display());
+    let args = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--no-default-browser-check",
+        "--disable-extensions",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        profile.as_str(),
+    ];
+    // `timeout`: a browser that hangs fails the test instead of holding CI.
+    let browse = |extra: &[&str]| {
+        let o = Command::new("timeout").arg("90").arg(&bin).args(args).args(extra).arg(&url).output().unwrap();
+        assert!(o.status.success(), "chromium {extra:?}: {}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let dom = browse(&["--dump-dom"]);
+    let shot = dir.join("report.png");
+    let arg = format!("--screenshot={}", shot.display());
+    browse(&[arg.as_str(), "--window-size=1000,1600", "--hide-scrollbars"]);
+    (dom, shot)
+}
+
+/// The pixels of a PNG file (8-bit RGB or RGBA, not interlaced: what Chromium writes), as RGB.
+fn decode_png(bytes: &[u8]) -> Vec<[u8; 3]> {
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "not a PNG");
+    let (mut at, mut idat, mut header) = (8, Vec::new(), None);
+    while at + 8 <= bytes.len() {
+        let len = u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+        let (kind, data) = (&bytes[at + 4..at + 8], &bytes[at + 8..at + 8 + len]);
+        match kind {
+            b"IHDR" => header = Some(data.to_vec()),
+            b"IDAT" => idat.extend_from_slice(data),
+            _ => {}
+        }
+        at += 12 + len;
+    }
+    let h = header.expect("IHDR");
+    let width = u32::from_be_bytes(h[0..4].try_into().unwrap()) as usize;
+    let height = u32::from_be_bytes(h[4..8].try_into().unwrap()) as usize;
+    let bpp = match (h[8], h[9], h[12]) {
+        (8, 2, 0) => 3,
+        (8, 6, 0) => 4,
+        other => panic!("unexpected PNG format (bit depth, colour type, interlace) {other:?}"),
+    };
+    let mut raw = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::ZlibDecoder::new(idat.as_slice()), &mut raw).unwrap();
+    let stride = width * bpp;
+    assert_eq!(raw.len(), height * (stride + 1), "PNG data size");
+    let mut prev = vec![0u8; stride];
+    let mut pixels = Vec::with_capacity(width * height);
+    for row in raw.chunks_exact(stride + 1) {
+        let (filter, line) = (row[0], &row[1..]);
+        let mut cur = vec![0u8; stride];
+        for i in 0..stride {
+            let a = if i >= bpp { i16::from(cur[i - bpp]) } else { 0 };
+            let b = i16::from(prev[i]);
+            let c = if i >= bpp { i16::from(prev[i - bpp]) } else { 0 };
+            let predictor = match filter {
+                0 => 0,
+                1 => a,
+                2 => b,
+                3 => (a + b) / 2,
+                4 => {
+                    let p = a + b - c;
+                    let (pa, pb, pc) = ((p - a).abs(), (p - b).abs(), (p - c).abs());
+                    if pa <= pb && pa <= pc {
+                        a
+                    } else if pb <= pc {
+                        b
+                    } else {
+                        c
+                    }
+                }
+                other => panic!("bad PNG filter {other}"),
+            };
+            cur[i] = line[i].wrapping_add(u8::try_from(predictor & 0xff).unwrap());
+        }
+        pixels.extend(cur.chunks_exact(bpp).map(|p| [p[0], p[1], p[2]]));
+        prev = cur;
+    }
+    pixels
+}
+
+/// The share of pixels that are not white, and the number of the flagged points' red.
+fn pixels(png_file: &std::path::Path) -> (f64, usize) {
+    let px = decode_png(&std::fs::read(png_file).unwrap());
+    let non_white = px.iter().filter(|p| p[0] < 245 || p[1] < 245 || p[2] < 245).count();
+    let red = px.iter().filter(|p| p[0] > 180 && p[1] < 90 && p[2] < 90).count();
+    (non_white as f64 / px.len().max(1) as f64, red)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -109,6 +210,22 @@ async fn anomalies_over_the_lake_find_every_planted_one_and_stay_quiet_otherwise
     assert!(shown.contains("675000"), "{shown}");
     // The learned baselines were saved, and load.
     assert!(EngineState::load(&state).unwrap().is_some());
+
+    // The HTML report: self-contained, one plot per alert, rendered by headless Chromium.
+    let (page, _) = run(&["anomalies", "--lake", &lake, "--since", &since, "--format", "html"]);
+    for outside in ["http://", "https://", "<script", "<link", "@import", "url("] {
+        assert!(!page.contains(outside), "the report must reference nothing outside itself ({outside})");
+    }
+    let report = env.dir.path().join("report.html");
+    std::fs::write(&report, &page).unwrap();
+    let (dom, shot) = chromium(&report, env.dir.path());
+    assert_eq!(dom.matches("<section class=\"alert").count(), alerts.len(), "one section per alert");
+    assert_eq!(dom.matches("<svg class=\"plot\"").count(), alerts.len(), "one plot per alert");
+    assert!(dom.matches("class=\"flagged\"").count() >= alerts.len(), "every plot shows its flagged points");
+    let (non_white, red) = pixels(&shot);
+    eprintln!("screenshot: {:.1}% non-white pixels, {red} flagged-red pixels", non_white * 100.0);
+    assert!(non_white > 0.02, "the screenshot is blank: {:.3}% non-white", non_white * 100.0);
+    assert!(red > 0, "no flagged point is visible in the screenshot");
 
     // One service only, as a table: a header and one line per alert, none of another service.
     let (table, _) = run(&["anomalies", "--lake", &lake, "--since", &since, "--service", "payouts"]);

@@ -17,11 +17,16 @@ use keygate_detectors::{Alert, AnomaliesConfig, Engine, Input, Mode, RequestInpu
 
 use crate::{CliError, out_line};
 
+#[path = "anomalies_html.rs"]
+mod html;
+
 /// How `auditlog anomalies` prints its alerts.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AnomalyFormat {
     Table,
     Jsonl,
+    /// One self-contained page with a plot per alert (docs/anomalies.md).
+    Html,
 }
 
 #[derive(Debug)]
@@ -73,7 +78,7 @@ fn date_of(us: i64) -> String {
     }
 }
 
-fn rfc3339(us: i64) -> String {
+pub(crate) fn rfc3339(us: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1000)
         .ok()
         .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
@@ -206,6 +211,18 @@ pub async fn run(lake: &Lake, config: &AnomaliesConfig, opts: &Options) -> Resul
     }
     alerts.extend(engine.advance(now_us));
     let shadow = alerts.iter().filter(|a| a.mode == Mode::Shadow).count();
+    let dropped = engine.dropped_inputs();
+    let summary = format!(
+        "{} alert(s) ({shadow} in shadow mode{}) over {rows} request row(s) and {events} webhook event(s) since {}{}",
+        alerts.len() - shadow,
+        if opts.include_shadow || shadow == 0 { "" } else { ", not shown: pass --include-shadow" },
+        rfc3339(opts.since_us),
+        if dropped > 0 { format!("; {dropped} input(s) past max_series ignored") } else { String::new() }
+    );
+    if opts.format == AnomalyFormat::Html {
+        let shown: Vec<&Alert> = alerts.iter().filter(|a| opts.include_shadow || a.mode == Mode::Alert).collect();
+        out_line(&html::render(&shown, &inputs, config, &summary))?;
+    }
     if opts.format == AnomalyFormat::Table {
         out_line(&format!(
             "{:<20}  {:<8}  {:<6}  {:<13}  {:<12}  {:<36}  {}",
@@ -214,6 +231,7 @@ pub async fn run(lake: &Lake, config: &AnomaliesConfig, opts: &Options) -> Resul
     }
     for a in alerts.iter().filter(|a| opts.include_shadow || a.mode == Mode::Alert) {
         match opts.format {
+            AnomalyFormat::Html => {}
             AnomalyFormat::Jsonl => {
                 let mut v = serde_json::to_value(a).map_err(usage)?;
                 if let serde_json::Value::Object(m) = &mut v {
@@ -241,14 +259,7 @@ pub async fn run(lake: &Lake, config: &AnomaliesConfig, opts: &Options) -> Resul
             }
         }
     }
-    let dropped = engine.dropped_inputs();
-    eprintln!(
-        "auditlog: {} alert(s) ({shadow} in shadow mode{}) over {rows} request row(s) and {events} webhook event(s) since {}{}",
-        alerts.len() - shadow,
-        if opts.include_shadow || shadow == 0 { "" } else { ", not shown: pass --include-shadow" },
-        rfc3339(opts.since_us),
-        if dropped > 0 { format!("; {dropped} input(s) past max_series ignored") } else { String::new() }
-    );
+    eprintln!("auditlog: {summary}");
     if let Some(path) = &opts.save_state {
         engine.state().save(path).map_err(usage)?;
         eprintln!("auditlog: learned baselines saved to {}", path.display());

@@ -1,0 +1,203 @@
+//! Live anomaly detection (issue 18, point 2): keygate feeds its detectors from the finishing
+//! phase of every request, off the request path.
+//!
+//! The baselines come from five weeks of generated history (keygate-detectors' `simulate`, the
+//! same generator the lake test uses) learned into a state file in keygate's data folder, as
+//! `auditlog anomalies --save-state` would leave it. Then live traffic through keygate to the
+//! fake Stripe plants anomalies: a payment intent 150× the usual amount and a first charge in a
+//! currency the service never used. Each alert must show within [`ALERT_WITHIN`] in `/metrics`
+//! (`keygate_anomalies_total` and `keygate_anomalies_active` by service, detector, severity)
+//! and as a `keygate::anomaly` log line citing the request's `keygate-event-id`. A graceful
+//! restart keeps the baselines (the same anomaly is flagged again, which needs the 200 learned
+//! amounts); a restart with the amount detector in shadow mode raises nothing for it but logs
+//! and counts what it would have raised (`keygate_anomalies_shadow_total`).
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use keygate_detectors::simulate::{self, HistoryConfig};
+use keygate_detectors::{AnomaliesConfig, Engine, EngineState};
+use keygate_tests::fake_stripe::{Behavior, FakeStripe};
+use keygate_tests::http::request;
+use keygate_tests::keygate::{Keygate, KeygateOptions};
+use keygate_tests::proxy_setup::{CANARY_KEY, ProxySetup, SetupOptions};
+
+/// The stated bound: an alert raised by a request shows in `/metrics` and the log within this.
+const ALERT_WITHIN: Duration = Duration::from_secs(5);
+
+fn anomalies_yaml(amount_mode: &str) -> String {
+    format!(
+        "anomalies:\n  amount:\n    mode: {amount_mode}\n  live:\n    tick: 200ms\n    save_interval: 1s\n    state_file: STATE\n"
+    )
+}
+
+/// Five weeks of checkout/billing/payouts history ending now, learned into a state file.
+fn learned_state(path: &std::path::Path) {
+    let now_us = i64::try_from(SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_micros()).unwrap();
+    let hour = 3_600_000_000;
+    let start_us = (now_us / hour) * hour - 5 * 168 * hour;
+    let history = simulate::generate(&HistoryConfig { start_us, scale: 0.5, plant: false, ..HistoryConfig::default() });
+    let mut engine = Engine::new(&AnomaliesConfig::default());
+    for input in &history.inputs {
+        engine.observe(input);
+    }
+    engine.state().save(path).unwrap();
+}
+
+fn metric_value(metrics: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    metrics.lines().filter(|l| l.starts_with(name) && !l.starts_with('#')).find_map(|line| {
+        let (series, value) = line.rsplit_once(' ')?;
+        let rest = series.strip_prefix(name)?;
+        if !rest.starts_with('{') && !rest.is_empty() {
+            return None;
+        }
+        labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))).then(|| value.parse().ok())?
+    })
+}
+
+fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + ALERT_WITHIN;
+    while !f() {
+        assert!(Instant::now() < deadline, "not within {ALERT_WITHIN:?}: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A payment intent through keygate; returns its keygate event id.
+fn payment_intent(addr: SocketAddr, token: &str, amount: u64, currency: &str) -> String {
+    let body = format!("amount={amount}&currency={currency}&payment_method_types[]=card");
+    let r = request(addr, "POST", "/v1/payment_intents", token, &[], &body).unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.header("keygate-event-id").unwrap().to_owned()
+}
+
+/// The `keygate::anomaly` log lines. A silence of the request rate is left out: this test's
+/// traffic is a handful of requests where the history had hundreds an hour, so an hour ending
+/// during the test is rightly a silence.
+fn anomaly_lines(keygate: &Keygate) -> Vec<serde_json::Value> {
+    keygate
+        .stderr_text()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"] == "keygate::anomaly" && v["detector"] != "request_rate")
+        .collect()
+}
+
+/// SIGTERM (keygate saves its state while draining), wait for the exit, start again.
+fn restart(setup: ProxySetup, config: &str) -> ProxySetup {
+    let ProxySetup { dir, keygate, token, token_hash } = setup;
+    keygate.signal("TERM");
+    assert_eq!(keygate.wait_exit(Duration::from_secs(20)), Some(0));
+    let keygate = Keygate::start(
+        dir.path(),
+        KeygateOptions {
+            config: Some(config),
+            env: vec![("KG_E2E_STRIPE_KEY".to_owned(), CANARY_KEY.to_owned())],
+            args: Vec::new(),
+            wait_ready: true,
+        },
+    );
+    ProxySetup { dir, keygate, token, token_hash }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_traffic_raises_alerts_in_metrics_and_log_and_baselines_survive_a_restart() {
+    let fake = FakeStripe::start(Behavior::Ok).await;
+    let state_dir = tempfile::tempdir().unwrap();
+    let state = state_dir.path().join("anomalies-state.json");
+    tokio::task::spawn_blocking({
+        let state = state.clone();
+        move || learned_state(&state)
+    })
+    .await
+    .unwrap();
+    let before = std::fs::metadata(&state).unwrap().modified().unwrap();
+    let state_text = state.display().to_string();
+    let mut options = SetupOptions::new(&fake.url());
+    options.extra_config = anomalies_yaml("alert").replace("STATE", &state_text);
+    let mut setup = tokio::task::spawn_blocking(move || ProxySetup::start(options)).await.unwrap();
+    let config = std::fs::read_to_string(setup.dir.path().join("keygate.yaml")).unwrap();
+
+    let (addr, token) = (setup.keygate.proxy, setup.token.clone());
+    let result = tokio::task::spawn_blocking(move || {
+        // Usual amounts raise nothing, but the history was all live-mode keys and this
+        // keygate injects a test key: the first request is a first sighting of a key mode.
+        let first = payment_intent(addr, &token, 4200, "usd");
+        for amount in [4600, 5100] {
+            payment_intent(addr, &token, amount, "usd");
+        }
+        // One payment intent 150× the usual amount, in usd.
+        let big = payment_intent(addr, &token, 675_000, "usd");
+        // A currency checkout never used.
+        let chf = payment_intent(addr, &token, 4500, "chf");
+        (first, big, chf)
+    })
+    .await
+    .unwrap();
+    let (first, big, chf) = result;
+    let amount_alert = [("service", "checkout"), ("detector", "amount"), ("severity", "critical")];
+    wait_for("the amount alert in /metrics", || {
+        metric_value(&setup.keygate.metrics(), "keygate_anomalies_total", &amount_alert) == Some(1.0)
+    });
+    let metrics = setup.keygate.metrics();
+    assert_eq!(metric_value(&metrics, "keygate_anomalies_active", &amount_alert), Some(1.0), "{metrics}");
+    assert_eq!(
+        metric_value(&metrics, "keygate_anomalies_total", &[("service", "checkout"), ("detector", "first_seen")]),
+        Some(2.0),
+        "{metrics}"
+    );
+    assert_eq!(metric_value(&metrics, "keygate_anomaly_inputs_dropped_total", &[]), Some(0.0), "{metrics}");
+    wait_for("the alerts in the log", || anomaly_lines(&setup.keygate).len() >= 3);
+    let lines = anomaly_lines(&setup.keygate);
+    let amount_line = lines.iter().find(|l| l["detector"] == "amount").unwrap();
+    assert_eq!(amount_line["level"], "WARN", "{amount_line}");
+    assert_eq!(amount_line["mode"], "alert");
+    assert_eq!(amount_line["event_ids"], big.as_str(), "the alert cites the request: {amount_line}");
+    assert!(amount_line["subject"].as_str().unwrap().contains("usd"), "{amount_line}");
+    let subject = |l: &serde_json::Value| l["subject"].as_str().unwrap_or("").to_owned();
+    let currency = lines.iter().find(|l| l["detector"] == "first_seen" && subject(l).contains("chf")).unwrap();
+    assert_eq!(currency["event_ids"], chf.as_str(), "{currency}");
+    let mode = lines.iter().find(|l| l["detector"] == "first_seen" && subject(l).starts_with("key_mode")).unwrap();
+    assert_eq!(mode["event_ids"], first.as_str(), "{mode}");
+    // Only these three: the usual amounts raised nothing.
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    setup.assert_no_secret_leaked();
+
+    // The state is saved in the background and at shutdown; a restart keeps the baselines: the
+    // same anomaly is flagged again, which needs the learned amounts.
+    setup = tokio::task::spawn_blocking({
+        let config = config.clone();
+        move || restart(setup, &config)
+    })
+    .await
+    .unwrap();
+    assert!(std::fs::metadata(&state).unwrap().modified().unwrap() > before, "the state file was saved");
+    let saved = EngineState::load(&state).unwrap().unwrap();
+    assert!(saved.now_us > 0);
+    let (addr, token) = (setup.keygate.proxy, setup.token.clone());
+    let again = tokio::task::spawn_blocking(move || payment_intent(addr, &token, 680_000, "usd")).await.unwrap();
+    wait_for("the amount alert after a restart", || {
+        metric_value(&setup.keygate.metrics(), "keygate_anomalies_total", &amount_alert) == Some(1.0)
+    });
+    let lines = anomaly_lines(&setup.keygate);
+    assert_eq!(lines.len(), 1, "chf and the test key are known now; only the amount: {lines:?}");
+    assert_eq!(lines[0]["event_ids"], again.as_str());
+
+    // Shadow mode: nothing raised for the amount detector, but recorded (log line, counter).
+    let shadow = config.replace("mode: alert", "mode: shadow");
+    setup = tokio::task::spawn_blocking(move || restart(setup, &shadow)).await.unwrap();
+    let (addr, token) = (setup.keygate.proxy, setup.token.clone());
+    let shadowed = tokio::task::spawn_blocking(move || payment_intent(addr, &token, 690_000, "usd")).await.unwrap();
+    wait_for("the shadow record", || {
+        metric_value(&setup.keygate.metrics(), "keygate_anomalies_shadow_total", &amount_alert) == Some(1.0)
+    });
+    let metrics = setup.keygate.metrics();
+    assert_eq!(metric_value(&metrics, "keygate_anomalies_total", &amount_alert), None, "{metrics}");
+    let lines = anomaly_lines(&setup.keygate);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["mode"], "shadow");
+    assert_eq!(lines[0]["level"], "INFO");
+    assert_eq!(lines[0]["event_ids"], shadowed.as_str());
+    setup.assert_no_secret_leaked();
+}
