@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::config::DestinationConfig;
 use crate::destination::{Delivery, Destination, Outcome};
-use crate::journal::{EventJournal, JournalRecord, RecordKind};
+use crate::journal::{EventJournal, WebhookKind, WebhookRecord};
 use crate::metrics::Metrics;
 use crate::store::{DeadLetter, PendingState, Store, StoredEvent, Work, id_time_ms, now_ms};
 
@@ -72,12 +72,18 @@ pub(crate) struct DispatcherParts {
     pub stop: watch::Receiver<bool>,
 }
 
-fn record(kind: RecordKind, stored: &StoredEvent, destination: &str, attempt: u32, outcome: &Outcome) -> JournalRecord {
+fn record(
+    kind: WebhookKind,
+    stored: &StoredEvent,
+    destination: &str,
+    attempt: u32,
+    outcome: &Outcome,
+) -> WebhookRecord {
     let reason = match outcome {
         Outcome::Delivered { .. } => None,
         Outcome::Transient { reason, .. } | Outcome::Permanent { reason, .. } => Some(reason.clone()),
     };
-    JournalRecord {
+    WebhookRecord {
         event_id: crate::store::event_uuid(stored.id),
         received_at: SystemTime::now(),
         kind,
@@ -172,7 +178,7 @@ pub(crate) async fn run(parts: DispatcherParts) {
                     Settled::Delivered(state) => {
                         open.remove(&finished.event);
                         store.delivered(finished.event, &name).await;
-                        let kind = if state.replay { RecordKind::Replayed } else { RecordKind::Delivered };
+                        let kind = if state.replay { WebhookKind::Replayed } else { WebhookKind::Delivered };
                         metrics.outcome(&name, kind.as_str());
                         if let Some(stored) = &finished.stored {
                             if !state.replay {
@@ -187,7 +193,7 @@ pub(crate) async fn run(parts: DispatcherParts) {
                         metrics.outcome(&name, "failed");
                         store.reschedule(finished.event, &name, state.clone()).await;
                         if let Some(stored) = &finished.stored {
-                            let record = record(RecordKind::DeliveryFailed, stored, &name, state.attempts, &outcome);
+                            let record = record(WebhookKind::DeliveryFailed, stored, &name, state.attempts, &outcome);
                             spawn_record(&journal, &metrics, record);
                         }
                         heap.push(Reverse((state.next_attempt_ms, finished.event)));
@@ -201,7 +207,7 @@ pub(crate) async fn run(parts: DispatcherParts) {
                         store.dead_letter(finished.event, &name, letter).await;
                         tracing::warn!(destination = %name, event_id = %crate::store::event_uuid(finished.event), attempts, "webhook delivery dead-lettered");
                         if let Some(stored) = &finished.stored {
-                            spawn_record(&journal, &metrics, record(RecordKind::DeadLettered, stored, &name, attempts, &outcome));
+                            spawn_record(&journal, &metrics, record(WebhookKind::DeadLettered, stored, &name, attempts, &outcome));
                         }
                     }
                 }
@@ -217,7 +223,7 @@ pub(crate) fn redriven(metrics: &Metrics, destination: &str, count: usize) {
     metrics.dead_letters.get_or_create(&Metrics::destination(destination)).dec_by(i64::try_from(count).unwrap_or(0));
 }
 
-fn spawn_record(journal: &Arc<dyn EventJournal>, metrics: &Arc<Metrics>, record: JournalRecord) {
+fn spawn_record(journal: &Arc<dyn EventJournal>, metrics: &Arc<Metrics>, record: WebhookRecord) {
     let journal = journal.clone();
     let metrics = metrics.clone();
     tokio::spawn(async move {

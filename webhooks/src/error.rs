@@ -33,6 +33,12 @@ pub enum WebhookError {
     /// An operator request is malformed.
     #[error("{0}")]
     BadRequest(String),
+
+    /// The audit lake could not be read for a replay beyond local retention.
+    #[error(
+        "the audit lake could not be read for the replay: {0}. Check `audit.lake` and that this keygate holds the key-encryption key of those files"
+    )]
+    Lake(String),
 }
 
 impl WebhookError {

@@ -38,7 +38,7 @@ use tokio_rustls::TlsAcceptor;
 use uuid::Uuid;
 
 use crate::config::{EndpointConfig, EventFilter, IngressLimits};
-use crate::journal::{EventJournal, JournalRecord, RecordKind};
+use crate::journal::{EventJournal, WebhookKind, WebhookRecord};
 use crate::metrics::{EndpointLabels, Metrics, RejectLabels, StageLabels};
 use crate::signature::Rejection;
 use crate::store::{Ingested, NewEvent, Store, StoredEvent, now_ms};
@@ -172,10 +172,10 @@ impl Ingress {
             self.metrics.rejections_unrecorded.inc();
             return;
         };
-        let record = JournalRecord {
+        let record = WebhookRecord {
             event_id: Uuid::now_v7(),
             received_at: SystemTime::now(),
-            kind: RecordKind::Rejected,
+            kind: WebhookKind::Rejected,
             endpoint: endpoint.config.name.clone(),
             stripe_event_id: None,
             event_type: None,
@@ -325,7 +325,7 @@ impl Ingress {
         }
         let (id, duplicate) = match ingested {
             Ingested::New { event: id } => {
-                if let Err(error) = self.journal.record(received_record(&event, RecordKind::Received, peer)).await {
+                if let Err(error) = self.journal.record(received_record(&event, WebhookKind::Received, peer)).await {
                     return Ok(self.unavailable("journal", &error.to_string()));
                 }
                 let store = self.store.clone();
@@ -339,14 +339,14 @@ impl Ingress {
                     // write it now (from the stored copy) before acknowledging anything.
                     let stored = self.store.event(id).ok().flatten().unwrap_or_else(|| event.clone());
                     let stored = StoredEvent { id, ..stored };
-                    if let Err(error) = self.journal.record(received_record(&stored, RecordKind::Received, peer)).await
+                    if let Err(error) = self.journal.record(received_record(&stored, WebhookKind::Received, peer)).await
                     {
                         return Ok(self.unavailable("journal", &error.to_string()));
                     }
                     self.store.journaled(id).await;
                 }
                 let duplicate = StoredEvent { id, body: Bytes::new(), ..event.clone() };
-                let mut record = received_record(&duplicate, RecordKind::Duplicate, peer);
+                let mut record = received_record(&duplicate, WebhookKind::Duplicate, peer);
                 record.body = None;
                 if let Err(error) = self.journal.record(record).await {
                     return Ok(self.unavailable("journal", &error.to_string()));
@@ -376,8 +376,8 @@ fn code_of(rejection: Rejection) -> &'static str {
     }
 }
 
-fn received_record(event: &StoredEvent, kind: RecordKind, peer: SocketAddr) -> JournalRecord {
-    JournalRecord {
+fn received_record(event: &StoredEvent, kind: WebhookKind, peer: SocketAddr) -> WebhookRecord {
+    WebhookRecord {
         event_id: crate::store::event_uuid(event.id),
         received_at: SystemTime::now(),
         kind,

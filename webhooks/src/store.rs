@@ -166,13 +166,37 @@ pub enum Requeue {
 }
 
 enum Op {
-    Ingest { new: Box<NewEvent>, reply: oneshot::Sender<Result<Ingested, WebhookError>> },
-    Journaled { event: u128 },
-    Delivered { event: u128, destination: String },
-    Reschedule { event: u128, destination: String, state: PendingState },
-    DeadLetter { event: u128, destination: String, dead: DeadLetter },
-    Requeue { items: Vec<(u128, String)>, how: Requeue, reply: oneshot::Sender<Result<usize, WebhookError>> },
-    Sweep { cutoff_ms: u64, reply: oneshot::Sender<Result<usize, WebhookError>> },
+    Ingest {
+        new: Box<NewEvent>,
+        reply: oneshot::Sender<Result<Ingested, WebhookError>>,
+    },
+    Journaled {
+        event: u128,
+    },
+    Delivered {
+        event: u128,
+        destination: String,
+    },
+    Reschedule {
+        event: u128,
+        destination: String,
+        state: PendingState,
+    },
+    DeadLetter {
+        event: u128,
+        destination: String,
+        dead: DeadLetter,
+    },
+    Requeue {
+        items: Vec<(u128, String)>,
+        how: Requeue,
+        restore: Vec<StoredEvent>,
+        reply: oneshot::Sender<Result<usize, WebhookError>>,
+    },
+    Sweep {
+        cutoff_ms: u64,
+        reply: oneshot::Sender<Result<usize, WebhookError>>,
+    },
 }
 
 /// What recovery found in the state file at open.
@@ -277,7 +301,19 @@ impl Store {
     /// Queues deliveries again (re-drive or replay); returns how many were queued.
     pub async fn requeue(&self, items: Vec<(u128, String)>, how: Requeue) -> Result<usize, WebhookError> {
         let (reply, answer) = oneshot::channel();
-        self.send_wait(Op::Requeue { items, how, reply }).await?;
+        self.send_wait(Op::Requeue { items, how, restore: Vec::new(), reply }).await?;
+        answer.await.map_err(|_| WebhookError::Closed)?
+    }
+
+    /// Replays events read back from the audit lake (no longer in the state file) to
+    /// `destination`: each event is stored again, without a dedup entry (its Stripe id is past
+    /// the dedup window), with one pending replay delivery, in one fsynced commit; an event the
+    /// state file still holds is only queued (unless already pending there). Returns how many
+    /// deliveries were queued. Once delivered, a restored event is swept as any old event is.
+    pub async fn replay_restored(&self, events: Vec<StoredEvent>, destination: &str) -> Result<usize, WebhookError> {
+        let items = events.iter().map(|e| (e.id, destination.to_owned())).collect();
+        let (reply, answer) = oneshot::channel();
+        self.send_wait(Op::Requeue { items, how: Requeue::Replay, restore: events, reply }).await?;
         answer.await.map_err(|_| WebhookError::Closed)?
     }
 
@@ -503,7 +539,12 @@ fn apply(db: &Database, batch: &[Op], work: &mut Vec<Work>) -> Result<Vec<Done>,
                     dead.insert((*event, destination.as_str()), bytes.as_slice())?;
                     done.push(Done::Nothing);
                 }
-                Op::Requeue { items, how, .. } => {
+                Op::Requeue { items, how, restore, .. } => {
+                    for event in restore {
+                        if events.get(event.id)?.is_none() {
+                            events.insert(event.id, encode_event(event).as_slice())?;
+                        }
+                    }
                     let mut count = 0;
                     for (event, destination) in items {
                         if events.get(*event)?.is_none() {
@@ -538,7 +579,11 @@ fn apply(db: &Database, batch: &[Op], work: &mut Vec<Work>) -> Result<Vec<Done>,
                     }
                     for (id, key) in &doomed {
                         events.remove(*id)?;
-                        dedup.remove(key.as_str())?;
+                        // A restored (replayed-from-the-lake) event has no dedup entry of its
+                        // own; the key may then name a newer copy of the same Stripe event.
+                        if dedup.get(key.as_str())?.is_some_and(|v| v.value() == *id) {
+                            dedup.remove(key.as_str())?;
+                        }
                     }
                     done.push(Done::Count(doomed.len()));
                 }
@@ -587,6 +632,45 @@ mod tests {
 
     fn runtime() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn events_restored_from_the_lake_are_replayed_once_and_swept_without_touching_dedup() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let rt = runtime();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let routes = HashMap::from([("a".to_owned(), tx.clone()), ("b".to_owned(), tx)]);
+        rt.block_on(async {
+            let (store, _) = Store::open(dir.path(), routes).unwrap_or_else(|e| panic!("{e}"));
+            // An old event, read back from the lake, whose Stripe id was received again since
+            // (a newer copy holds the dedup entry).
+            let mut old = event("main", "evt_old").event;
+            old.id = first_id_of(1_000) | 7;
+            let newer = event("main", "evt_old");
+            let newer_id = newer.event.id;
+            assert!(matches!(store.ingest(newer).await, Ok(Ingested::New { .. })));
+            for _ in 0..2 {
+                let _ = rx.recv().await;
+            }
+            assert_eq!(store.replay_restored(vec![old.clone()], "b").await.ok(), Some(1));
+            let work = rx.recv().await.unwrap_or_else(|| panic!("no work"));
+            assert_eq!((work.event, work.destination.as_str(), work.state.replay), (old.id, "b", true));
+            assert_eq!(store.event(old.id).ok().flatten().map(|e| e.body), Some(old.body.clone()));
+            // Asked again while pending: not queued twice.
+            assert_eq!(store.replay_restored(vec![old.clone()], "b").await.ok(), Some(0));
+            // Not swept while pending; once delivered it goes, and the newer copy's dedup entry
+            // stays.
+            assert_eq!(store.sweep(2_000).await.ok(), Some(0));
+            store.delivered(old.id, "b").await;
+            assert_eq!(store.sweep(2_000).await.ok(), Some(1));
+            assert!(store.event(old.id).ok().flatten().is_none());
+            let again = event("main", "evt_old");
+            assert_eq!(
+                store.ingest(again).await.ok(),
+                Some(Ingested::Duplicate { event: newer_id, journaled: false }),
+                "the dedup entry of the newer copy survived the sweep of the restored one"
+            );
+        });
     }
 
     #[test]
