@@ -72,6 +72,49 @@ pub struct LoadSpec {
     pub rate: Option<f64>,
     pub warmup: Duration,
     pub duration: Duration,
+    /// Post Stripe webhook events instead of `body`: each request a distinct event (its own
+    /// `evt_…` id, so that none is a duplicate) of about `body.len()` bytes, signed in Stripe's
+    /// scheme with this secret at the time it is sent.
+    pub webhook: Option<WebhookLoad>,
+}
+
+/// The signing secret and a run id of a webhook load (see [`LoadSpec::webhook`]).
+#[derive(Clone)]
+pub struct WebhookLoad {
+    pub secret: ring::hmac::Key,
+    /// Part of every event id, so that runs against the same state never collide.
+    pub run_id: String,
+}
+
+impl WebhookLoad {
+    /// A load signed with `secret` (a `whsec_…` value, used as is, as Stripe's SDKs do).
+    pub fn new(secret: &str) -> WebhookLoad {
+        let run_id = format!(
+            "{:x}",
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos())
+        );
+        WebhookLoad { secret: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes()), run_id }
+    }
+
+    /// The event body and its `Stripe-Signature` header value.
+    fn event(&self, index: usize, sequence: u64, size: usize) -> (Bytes, String) {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let head = format!(
+            "{{\"id\":\"evt_bench_{}_{index}_{sequence}\",\"object\":\"event\",\"type\":\"invoice.paid\",\"api_version\":\"2024-06-20\",\"created\":{now},\"livemode\":false,\"pending_webhooks\":1,\"data\":{{\"object\":{{\"id\":\"in_bench_{index}_{sequence}\",\"object\":\"invoice\",\"amount_due\":1200,\"currency\":\"usd\",\"description\":\"",
+            self.run_id
+        );
+        let tail = "\"}}}";
+        let pad = size.saturating_sub(head.len() + tail.len());
+        let body = format!("{head}{}{tail}", "x".repeat(pad));
+        let tag = ring::hmac::sign(&self.secret, format!("{now}.{body}").as_bytes());
+        (Bytes::from(body), format!("t={now},v1={}", hex::encode(tag.as_ref())))
+    }
+}
+
+impl std::fmt::Debug for WebhookLoad {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookLoad").field("run_id", &self.run_id).finish_non_exhaustive()
+    }
 }
 
 impl std::fmt::Debug for LoadSpec {
@@ -85,6 +128,7 @@ impl std::fmt::Debug for LoadSpec {
             .field("rate", &self.rate)
             .field("warmup", &self.warmup)
             .field("duration", &self.duration)
+            .field("webhook", &self.webhook)
             .finish_non_exhaustive()
     }
 }
@@ -395,6 +439,13 @@ fn build_request(spec: &LoadSpec, index: usize, sequence: u64) -> Result<Request
         .uri(spec.path.as_str())
         .header(http::header::HOST, spec.target.host.as_str())
         .header(http::header::USER_AGENT, "keygate-bench/0.1");
+    if let Some(webhook) = &spec.webhook {
+        let (body, signature) = webhook.event(index, sequence, spec.body.len());
+        return builder
+            .header(http::header::CONTENT_TYPE, "application/json; charset=utf-8")
+            .header("stripe-signature", signature)
+            .body(Full::new(body));
+    }
     if let Some(authorization) = &spec.authorization {
         builder = builder.header(http::header::AUTHORIZATION, authorization.clone());
     }

@@ -3,6 +3,8 @@
 //! report on stdout. The `Authorization` header value comes from `BENCH_AUTHORIZATION`, so that the
 //! token never shows on a command line. One thread (a current-thread runtime) plus the scheduler
 //! thread of the open loop: it shares the generator's core with the upstream.
+//! With `--webhook` it posts signed Stripe webhook events (keygate's ingress benchmark,
+//! bench/webhooks.sh).
 #![allow(clippy::print_stdout)] // The JSON report on stdout is its interface.
 
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -43,6 +45,10 @@ struct Args {
     /// PEM CA to trust for https:// URLs.
     #[arg(long)]
     ca_file: Option<PathBuf>,
+    /// Post Stripe webhook events (distinct ids, about --body-bytes each) signed with the secret
+    /// in the environment variable `BENCH_WEBHOOK_SECRET` (never on a command line).
+    #[arg(long)]
+    webhook: bool,
 }
 
 fn main() {
@@ -110,6 +116,14 @@ fn run(args: Args) -> Result<String, BenchError> {
         rate: args.rate,
         warmup: seconds("--warmup-s", args.warmup_s)?,
         duration,
+        webhook: if args.webhook {
+            match std::env::var("BENCH_WEBHOOK_SECRET") {
+                Ok(secret) if !secret.is_empty() => Some(loadgen::WebhookLoad::new(&secret)),
+                _ => return Err(BenchError::Invalid("--webhook needs BENCH_WEBHOOK_SECRET".to_owned())),
+            }
+        } else {
+            None
+        },
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
