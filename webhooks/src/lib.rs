@@ -53,14 +53,15 @@ pub use config::{DestinationConfig, EndpointConfig, EventFilter, WebhooksConfig}
 pub use destination::{Delivery, Destination, HttpDestination, KafkaDestination, Outcome, SqsDestination};
 pub use error::WebhookError;
 pub use ingress::BeforeJournal;
-pub use journal::{EventJournal, JournalError, JournalRecord, LogJournal, RecordKind};
+pub use journal::{EventJournal, JournalError, LogJournal, StoredWebhook, WebhookFilter, WebhookKind, WebhookRecord};
 pub use metrics::Metrics;
 
 use crate::dispatcher::{DispatcherParts, RetryPolicy};
 use crate::ingress::{Endpoint, Ingress};
 use crate::store::{Requeue, Store};
 
-/// How often old events are swept from the state file, and missing audit records retried.
+/// How often old events are swept from the state file, and missing audit records retried (more
+/// often when `dedup_window` is shorter than twice this).
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(10);
 
 /// The running webhook service: state file, dispatchers, housekeeping; the ingress listener
@@ -431,10 +432,12 @@ impl Webhooks {
         let to = time(&request.to, store::now_ms().saturating_add(1))?;
         let filter =
             request.event_type.as_deref().map(EventFilter::parse).transpose().map_err(WebhookError::BadRequest)?;
+        let event_id = request.event_id.as_deref().map(parse_event_id).transpose()?;
         let events = {
             let store = self.store.clone();
             let stripe_event_id = request.stripe_event_id.clone();
-            let event_id = request.event_id.as_deref().map(parse_event_id).transpose()?;
+            let endpoint = endpoint.clone();
+            let filter = filter.clone();
             tokio::task::spawn_blocking(move || {
                 store.events_between(from, to, |event| {
                     event.endpoint == endpoint
@@ -446,10 +449,55 @@ impl Webhooks {
             .await
             .map_err(|_| WebhookError::Closed)??
         };
+        // Beyond local retention: the range starts before the oldest event the state file is
+        // sure to hold, or an id was asked for and the state file does not have it.
+        let retained_from = store::now_ms().saturating_sub(millis(self.config.dedup_window));
+        let by_id = request.stripe_event_id.is_some() || event_id.is_some();
+        let restored = if from < retained_from || (by_id && events.is_empty()) {
+            let lake_filter = WebhookFilter {
+                from: Some(ms_time(from)),
+                to: Some(ms_time(to)),
+                event_types: request.event_type.iter().cloned().collect(),
+                stripe_event_ids: request.stripe_event_id.iter().cloned().collect(),
+                endpoint: Some(endpoint.clone()),
+                kinds: vec![WebhookKind::Received],
+            };
+            let rows =
+                self.ingress.journal.read_back(lake_filter).await.map_err(|error| WebhookError::Lake(error.0))?;
+            let local: std::collections::HashSet<u128> = events.iter().map(|e| e.id).collect();
+            let mut seen = std::collections::HashSet::new();
+            let mut restored = Vec::new();
+            for row in rows {
+                let id = row.columns.event_id.as_u128();
+                if local.contains(&id) || event_id.is_some_and(|wanted| wanted != id) || !seen.insert(id) {
+                    continue;
+                }
+                let Some(event) = restored_event(&row) else {
+                    tracing::warn!(event_id = %row.columns.event_id, "a lake row has no event body to replay (its redaction failed); skipped");
+                    continue;
+                };
+                if filter.as_ref().is_none_or(|f| f.matches(&event.meta.event_type)) {
+                    restored.push(event);
+                }
+            }
+            restored
+        } else {
+            Vec::new()
+        };
         let matched = events.len();
+        let from_lake = restored.len();
         let items = events.into_iter().map(|e| (e.id, request.destination.clone())).collect();
-        let queued = self.store.requeue(items, Requeue::Replay).await?;
-        Ok(serde_json::json!({"matched": matched, "queued": queued, "already_pending": matched - queued}))
+        let mut queued = self.store.requeue(items, Requeue::Replay).await?;
+        if !restored.is_empty() {
+            queued += self.store.replay_restored(restored, &request.destination).await?;
+        }
+        let total = matched + from_lake;
+        Ok(serde_json::json!({
+            "matched": total,
+            "from_lake": from_lake,
+            "queued": queued,
+            "already_pending": total.saturating_sub(queued),
+        }))
     }
 }
 
@@ -457,6 +505,37 @@ fn parse_event_id(text: &str) -> Result<u128, WebhookError> {
     text.parse::<uuid::Uuid>().map(|id| id.as_u128()).map_err(|_| {
         WebhookError::BadRequest(format!("`{}` is not a keygate event id (a UUID)", text.escape_default()))
     })
+}
+
+/// A `received` row read back from the lake as an event to store again: its redacted event
+/// (re-serialised), its metadata from the event (or, failing that, from the row's columns).
+fn restored_event(row: &StoredWebhook) -> Option<store::StoredEvent> {
+    let body = row.event_json()?;
+    let c = &row.columns;
+    let meta = event::parse(&body).ok().or_else(|| {
+        Some(event::EventMeta {
+            id: c.stripe_event_id.clone()?,
+            object: "event".into(),
+            event_type: c.event_type.clone()?,
+            livemode: c.livemode,
+            account: c.account.clone(),
+            api_version: c.api_version.clone(),
+            created: c.created,
+        })
+    })?;
+    let received_at_ms = row.received_at().duration_since(std::time::UNIX_EPOCH).map(millis).unwrap_or(0);
+    Some(store::StoredEvent {
+        id: c.event_id.as_u128(),
+        endpoint: c.endpoint.clone(),
+        meta,
+        received_at_ms,
+        peer: None,
+        body,
+    })
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 fn ms_time(ms: u64) -> std::time::SystemTime {
@@ -488,7 +567,8 @@ async fn housekeeping(
     window: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut ticker = tokio::time::interval(HOUSEKEEPING_INTERVAL);
+    let every = HOUSEKEEPING_INTERVAL.min(window / 2).max(Duration::from_millis(100));
+    let mut ticker = tokio::time::interval(every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -528,11 +608,11 @@ async fn housekeeping(
     }
 }
 
-fn ingress_record(event: &store::StoredEvent) -> JournalRecord {
-    JournalRecord {
+fn ingress_record(event: &store::StoredEvent) -> WebhookRecord {
+    WebhookRecord {
         event_id: store::event_uuid(event.id),
         received_at: ms_time(event.received_at_ms),
-        kind: RecordKind::Received,
+        kind: WebhookKind::Received,
         endpoint: event.endpoint.clone(),
         stripe_event_id: Some(event.meta.id.clone()),
         event_type: Some(event.meta.event_type.clone()),
