@@ -20,6 +20,9 @@ pub enum Outcome {
     UpstreamError,
     /// keygate crashed between forwarding and recording the response.
     Unknown,
+    /// A row written by `keygate reconcile` to close an `unknown` one: its `reason` starts with
+    /// `reconciles <event_id of the unknown row>`; the unknown row itself is never changed.
+    Reconciled,
 }
 
 impl Outcome {
@@ -30,6 +33,7 @@ impl Outcome {
             Outcome::Rejected => "rejected",
             Outcome::UpstreamError => "upstream_error",
             Outcome::Unknown => "unknown",
+            Outcome::Reconciled => "reconciled",
         }
     }
 }

@@ -148,7 +148,7 @@ impl OperationPattern {
 
     /// Matches the request itself. `path` must be in normal form (see
     /// [`crate::operations::is_normal_path`]) for this to be meaningful.
-    pub(crate) fn match_request(&self, method: &str, path: &str) -> bool {
+    pub fn match_request(&self, method: &str, path: &str) -> bool {
         if !self.method_matches(method) {
             return false;
         }

@@ -20,6 +20,7 @@ pub mod headers;
 pub mod limiting;
 pub mod pipeline;
 pub mod quickstart;
+pub mod reconcile;
 pub mod reply;
 pub mod routing;
 pub mod run;

@@ -41,6 +41,29 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// Close the audit lake's `outcome = unknown` rows: link the client's own retry, re-send with
+    /// the same Idempotency-Key, or name what needs a person (docs/operations.md). A dry run
+    /// unless --apply. Exit 1 when some row needs review.
+    Reconcile {
+        /// keygate's configuration file (required with --apply).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The lake (default: audit.lake of --config).
+        #[arg(long)]
+        lake: Option<String>,
+        /// Secret reference of the key-encryption key (default: audit.kek of --config).
+        #[arg(long = "kek")]
+        kek: Vec<String>,
+        /// Start of the period: a duration back from now, a date or an RFC 3339 time.
+        #[arg(long, default_value = "24h")]
+        since: String,
+        /// Act: write the resolution rows and re-send (otherwise only say what would be done).
+        #[arg(long)]
+        apply: bool,
+        /// `table` (one line per unknown row) or `jsonl`.
+        #[arg(long, value_enum, default_value_t = ReplayFormat::Table)]
+        format: ReplayFormat,
+    },
     /// Webhook dead letters, re-drive and replay, through a running keygate's admin listener
     /// (token in KEYGATE_WEBHOOK_ADMIN_TOKEN).
     Webhooks {
@@ -122,6 +145,46 @@ enum PolicyCommand {
         /// The policy folder.
         dir: PathBuf,
     },
+    /// Re-decide every request the audit lake recorded in a period under a candidate policy
+    /// folder, in arrival order, and report what would change (docs/policies.md).
+    Replay {
+        /// The candidate policy folder.
+        #[arg(long)]
+        policies: PathBuf,
+        /// The lake: file:///path, a path, or s3://bucket/prefix.
+        #[arg(long)]
+        lake: String,
+        /// Secret reference of the key-encryption key (repeat for rotated keys); without it only
+        /// the plaintext columns are replayed.
+        #[arg(long = "kek")]
+        kek: Vec<String>,
+        /// Start of the period: a duration back from now (7d, 24h), a date or an RFC 3339 time.
+        #[arg(long, default_value = "7d")]
+        since: String,
+        /// Only this service (repeatable).
+        #[arg(long = "service")]
+        services: Vec<String>,
+        /// `table` (summary per service, operation and rule) or `jsonl` (one line per changed
+        /// decision).
+        #[arg(long, value_enum, default_value_t = ReplayFormat::Table)]
+        format: ReplayFormat,
+        /// Exit 1 when the candidate would deny something production let through
+        /// (`newly-denied`) or change any decision (`any-change`).
+        #[arg(long, value_enum)]
+        fail_on: Option<FailOn>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ReplayFormat {
+    Table,
+    Jsonl,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum FailOn {
+    NewlyDenied,
+    AnyChange,
 }
 
 #[derive(Debug, Subcommand)]
@@ -184,6 +247,9 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Policy { command } => policy_command(command),
+        Command::Reconcile { config, lake, kek, since, apply, format } => {
+            reconcile(keygate::reconcile::ReconcileOptions { config_file: config, lake, kek, since, apply }, format)
+        }
         Command::Webhooks { admin, command } => webhooks_command(&admin, command),
         Command::Config { command: ConfigCommand::Check { file } } => {
             match keygate::config::load(Some(&file), &keygate::config::process_env()) {
@@ -230,6 +296,9 @@ fn policy_command(command: PolicyCommand) -> ExitCode {
             let report = keygate_policies::run_tests(&dir);
             println!("{report}");
             if report.failed() { ExitCode::from(1) } else { ExitCode::SUCCESS }
+        }
+        PolicyCommand::Replay { policies, lake, kek, since, services, format, fail_on } => {
+            policy_replay(&policies, &lake, &kek, &since, &services, format, fail_on)
         }
         PolicyCommand::Explain { policies, service, headers, live, request, params } => {
             let set = match keygate::run::load_policies(&policies) {
@@ -310,4 +379,109 @@ fn webhooks_command(admin: &str, command: WebhooksCommand) -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// A progress bar on stderr when it is a terminal (hidden otherwise).
+fn progress_bar(what: &'static str) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(0);
+    if let Ok(style) = indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} ({eta})") {
+        bar.set_style(style);
+    }
+    bar.set_message(what);
+    bar
+}
+
+#[allow(clippy::print_stdout)]
+fn policy_replay(
+    policies: &std::path::Path,
+    lake: &str,
+    kek: &[String],
+    since: &str,
+    services: &[String],
+    format: ReplayFormat,
+    fail_on: Option<FailOn>,
+) -> ExitCode {
+    use keygate_ops::Change;
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("keygate: cannot start the async runtime: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = runtime.block_on(async {
+        let candidate = keygate_ops::replay::load_candidate(policies)?;
+        let since_us = keygate_ops::parse_since(since)?;
+        let reader = keygate_ops::LakeReader::open(lake, kek).await?;
+        let reading = progress_bar("reading lake files");
+        let rows = reader
+            .read(since_us, services, |done, total| {
+                reading.set_length(total as u64);
+                reading.set_position(done as u64);
+            })
+            .await?;
+        reading.finish_and_clear();
+        let deciding = progress_bar("replaying requests");
+        let report = keygate_ops::replay::replay(candidate, &rows, |done, total| {
+            if done % 256 == 0 || done == total {
+                deciding.set_length(total as u64);
+                deciding.set_position(done as u64);
+            }
+        });
+        deciding.finish_and_clear();
+        Ok::<_, keygate_ops::OpsError>(report)
+    });
+    let report = match result {
+        Ok(report) => report,
+        Err(error) => {
+            eprintln!("keygate: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    match format {
+        ReplayFormat::Table => print!("{}", report.table()),
+        ReplayFormat::Jsonl => print!("{}", report.jsonl()),
+    }
+    let failed = match fail_on {
+        None => false,
+        Some(FailOn::NewlyDenied) => report.count(Change::NewlyDenied) > 0,
+        Some(FailOn::AnyChange) => report.count(Change::NewlyDenied) + report.count(Change::NewlyAllowed) > 0,
+    };
+    if failed { ExitCode::from(1) } else { ExitCode::SUCCESS }
+}
+
+#[allow(clippy::print_stdout)]
+fn reconcile(options: keygate::reconcile::ReconcileOptions, format: ReplayFormat) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("keygate: cannot start the async runtime: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let resolutions = match runtime.block_on(keygate::reconcile::run(options)) {
+        Ok(resolutions) => resolutions,
+        Err(error) => {
+            eprintln!("keygate: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    for resolution in &resolutions {
+        match format {
+            ReplayFormat::Table => println!("{}", resolution.line()),
+            ReplayFormat::Jsonl => println!("{}", serde_json::to_string(resolution).unwrap_or_default()),
+        }
+    }
+    let review = resolutions
+        .iter()
+        .filter(|r| matches!(r.item.action, keygate_ops::reconcile::Action::NeedsReview { .. }))
+        .count();
+    if format == ReplayFormat::Table {
+        println!("{} unknown rows, {review} needing review", resolutions.len());
+    }
+    if review > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS }
 }

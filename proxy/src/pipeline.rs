@@ -106,6 +106,9 @@ pub struct RequestContext {
     /// The budget charge this request holds, until it is forwarded (then it stays) or refused
     /// before sending (then it is refunded).
     pub budget_charge: Option<keygate_limits::Charge>,
+    /// Set for a re-send by `keygate reconcile` ([`resend`]): the `outcome = unknown` row this
+    /// exchange reconciles (its record gets outcome `reconciled` and a reason linking to it).
+    pub reconciles: Option<Uuid>,
 }
 
 impl RequestContext {
@@ -135,6 +138,7 @@ impl RequestContext {
             intent: None,
             share: request.extensions().get::<crate::budget::ConnectionShare>().cloned(),
             budget_charge: None,
+            reconciles: None,
         }
     }
 
@@ -670,6 +674,13 @@ fn exchange(ctx: &RequestContext, reply: Option<&Reply>, status: u16, outcome: A
         None => ctx.path.clone(),
     };
     let now = SystemTime::now();
+    let (outcome, reason) = match ctx.reconciles {
+        Some(unknown) if outcome != AuditOutcome::Unknown => (
+            AuditOutcome::Reconciled,
+            Some(reconciled_reason(&unknown, status, reply, decision.map(|d| d.reason.as_str()))),
+        ),
+        _ => (outcome, decision.map(|d| d.reason.clone()).or_else(|| ctx.error_code.map(str::to_owned))),
+    };
     Exchange {
         event_id: ctx.event_id,
         received_at: ctx.received_at,
@@ -689,7 +700,7 @@ fn exchange(ctx: &RequestContext, reply: Option<&Reply>, status: u16, outcome: A
         request_id: ctx.request_id.clone(),
         decision: decision.map_or("deny", |d| d.verdict.as_str()).to_owned(),
         rule: decision.map(|d| d.rule.clone()),
-        reason: decision.map(|d| d.reason.clone()).or_else(|| ctx.error_code.map(str::to_owned)),
+        reason,
         status,
         outcome,
         amount: decision.and_then(|d| d.amount),
@@ -768,6 +779,118 @@ async fn finish(gateway: &Gateway, ctx: &mut RequestContext, mut reply: Reply) -
         "request"
     );
     reply
+}
+
+/// The reason of a re-sent request's record: the row it reconciles, then what Stripe answered.
+fn reconciled_reason(unknown: &Uuid, status: u16, reply: Option<&Reply>, decided: Option<&str>) -> String {
+    let replayed = reply.and_then(|r| header_str(&r.headers, "idempotent-replayed")) == Some("true");
+    let how = match (status, replayed) {
+        (0, _) => "re-sent with its Idempotency-Key; no answer".to_owned(),
+        (_, true) => format!(
+            "re-sent with its Idempotency-Key; Stripe answered {status} with the first attempt's result (Idempotent-Replayed: true)"
+        ),
+        (s, false) if s < 300 => format!("re-sent with its Idempotency-Key; Stripe performed it now ({status})"),
+        _ => format!("re-sent with its Idempotency-Key; answered {status} ({})", decided.unwrap_or("see the response")),
+    };
+    keygate_ops::reconcile::link_reason(unknown, &how)
+}
+
+/// A recorded request to send again ([`resend`]).
+#[derive(Debug)]
+pub struct ResendRequest {
+    /// The event id its record gets.
+    pub event_id: Uuid,
+    pub service: String,
+    pub method: Method,
+    pub path: String,
+    pub query: Option<String>,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    /// The event id of the `outcome = unknown` row it reconciles.
+    pub unknown: Uuid,
+}
+
+/// Sends a recorded request again through the pipeline, for `keygate reconcile --apply`: the
+/// policy in force decides it, the service's key is injected, a durable intent precedes it and
+/// the exchange is recorded (outcome `reconciled`, reason `reconciles <unknown>: …`). Its rate
+/// limit and budget are not taken again: the first attempt may have reached Stripe, so its
+/// charge stayed. `headers` are the recorded ones keygate forwards (with the `Idempotency-Key`).
+pub async fn resend(gateway: &Gateway, request: ResendRequest) -> Reply {
+    let ResendRequest { event_id, service, method, path, query, headers, body, unknown } = request;
+    let mut ctx = RequestContext {
+        event_id,
+        received_at: SystemTime::now(),
+        started: Instant::now(),
+        peer: SocketAddr::from(([127, 0, 0, 1], 0)),
+        host: route(&method, &path),
+        method,
+        version: http::Version::HTTP_11,
+        path,
+        query,
+        request_headers: headers,
+        request_body: body,
+        service: Some(service.clone()),
+        decision: None,
+        key_ref: None,
+        key_version: None,
+        livemode: None,
+        upstream_us: None,
+        request_id: None,
+        outcome: Outcome::Rejected,
+        error_code: None,
+        intent: None,
+        share: None,
+        budget_charge: None,
+        reconciles: Some(unknown),
+    };
+    let result = resend_phases(gateway, &service, &mut ctx).await;
+    let reply = match result {
+        Ok(reply) => reply,
+        Err(error) => {
+            ctx.error_code = Some(error.code());
+            if matches!(
+                error,
+                ProxyError::UpstreamConnect { .. }
+                    | ProxyError::UpstreamTimeout { .. }
+                    | ProxyError::UpstreamBroken { .. }
+                    | ProxyError::ResponseTooLarge { .. }
+                    | ProxyError::ResponseOverBudget { .. }
+            ) {
+                ctx.outcome = Outcome::UpstreamError;
+            }
+            error.to_reply()
+        }
+    };
+    finish(gateway, &mut ctx, reply).await
+}
+
+async fn resend_phases(gateway: &Gateway, service: &str, ctx: &mut RequestContext) -> Result<Reply, ProxyError> {
+    let (key_ref, secret) = fetch_key(gateway, service).await?;
+    ctx.key_ref = Some(key_ref.to_string());
+    ctx.key_version = secret.version.clone();
+    let livemode = is_live_key(secret.value.expose());
+    ctx.livemode = Some(livemode);
+    let mut decision = authorize(gateway, service, ctx, livemode, RateLimitToken::Taken);
+    decision.charge = None;
+    let verdict = decision.verdict;
+    let denial = decision.denial.clone();
+    ctx.decision = Some(decision);
+    if verdict == Verdict::Deny {
+        return Err(policy_denied(denial));
+    }
+    if gateway.audit.is_enabled() {
+        gateway.audit.is_ready().map_err(|reason| ProxyError::AuditUnavailable { detail: reason })?;
+        let intent = exchange(ctx, None, 0, AuditOutcome::Unknown);
+        let id = gateway
+            .audit
+            .record_intent(&intent)
+            .await
+            .map_err(|error| ProxyError::AuditUnavailable { detail: error.to_string() })?;
+        ctx.intent = Some(id);
+    }
+    let upstream = forward(gateway, ctx, &key_ref, &secret).await?;
+    ctx.outcome = Outcome::Completed;
+    Ok(respond(ctx, upstream))
 }
 
 /// Test-only fault injection, compiled into debug builds only and active only when keygate runs

@@ -2,6 +2,7 @@
 //! upstream (headers, injected key) or make the upstream misbehave (hang, refuse a key).
 //! SDK flows run against localstripe instead; this is only for inspecting the wire.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -51,6 +52,17 @@ pub enum Behavior {
     /// 200 declaring a body of `length` bytes, of which only `sent` ever arrive: the response
     /// stays unfinished (a large, slow download) until the client gives up.
     StallBody { length: usize, sent: usize },
+    /// With [`FakeStripe::honour_idempotency_keys`]: performs the mutation (saves its answer
+    /// under its `Idempotency-Key`), then never answers: Stripe did it, the caller never hears.
+    PerformThenHang,
+}
+
+/// What [`FakeStripe::honour_idempotency_keys`] keeps: per `Idempotency-Key`, the request it
+/// came with (method, path, body) and the saved answer.
+#[derive(Debug, Default)]
+struct Idempotency {
+    saved: HashMap<String, ((String, String, Bytes), String)>,
+    performed: Vec<String>,
 }
 
 /// The fake upstream, running on a free loopback port until dropped.
@@ -59,6 +71,7 @@ pub struct FakeStripe {
     pub addr: SocketAddr,
     received: Arc<Mutex<Vec<Received>>>,
     behavior: Arc<Mutex<Behavior>>,
+    idempotency: Arc<Mutex<Option<Idempotency>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -69,19 +82,23 @@ impl FakeStripe {
         let addr = listener.local_addr().expect("addr");
         let received = Arc::new(Mutex::new(Vec::new()));
         let behavior = Arc::new(Mutex::new(behavior));
+        let idempotency: Arc<Mutex<Option<Idempotency>>> = Arc::new(Mutex::new(None));
         let task = tokio::spawn({
             let received = received.clone();
             let behavior = behavior.clone();
+            let idempotency = idempotency.clone();
             async move {
                 loop {
                     let Ok((stream, _)) = listener.accept().await else { continue };
                     let received = received.clone();
                     let behavior = behavior.clone();
+                    let idempotency = idempotency.clone();
                     tokio::spawn(async move {
                         let service = service_fn(move |request: Request<Incoming>| {
                             let received = received.clone();
                             let behavior = behavior.clone();
-                            async move { Ok::<_, Infallible>(answer(request, &received, &behavior).await) }
+                            let idempotency = idempotency.clone();
+                            async move { Ok::<_, Infallible>(answer(request, &received, &behavior, &idempotency).await) }
                         });
                         let _ = auto::Builder::new(TokioExecutor::new())
                             .serve_connection(TokioIo::new(stream), service)
@@ -90,7 +107,23 @@ impl FakeStripe {
                 }
             }
         });
-        FakeStripe { addr, received, behavior, task }
+        FakeStripe { addr, received, behavior, idempotency, task }
+    }
+
+    /// From now on, a `POST` with an `Idempotency-Key` is performed once, as Stripe does: the
+    /// first creates an object (`<prefix>_fake<n>`, answered 200 `Idempotent-Replayed: false`)
+    /// and saves the answer; the same key with the same method, path and body gets the saved
+    /// answer with `Idempotent-Replayed: true`; with anything else, 400 `idempotency_error`.
+    /// Requests without a key are answered as before.
+    pub fn honour_idempotency_keys(&self) {
+        if let Ok(mut state) = self.idempotency.lock() {
+            state.get_or_insert_with(Idempotency::default);
+        }
+    }
+
+    /// The `Idempotency-Key` of every mutation performed so far (once each), in order.
+    pub fn performed(&self) -> Vec<String> {
+        self.idempotency.lock().ok().and_then(|s| s.as_ref().map(|s| s.performed.clone())).unwrap_or_default()
     }
 
     /// The base URL to configure as an upstream.
@@ -121,6 +154,7 @@ async fn answer(
     request: Request<Incoming>,
     received: &Mutex<Vec<Received>>,
     behavior: &Mutex<Behavior>,
+    idempotency: &Mutex<Option<Idempotency>>,
 ) -> Response<BoxBody<Bytes, Infallible>> {
     let (parts, body) = request.into_parts();
     let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
@@ -136,10 +170,36 @@ async fn answer(
         body,
     };
     let authorization = record.header("authorization").unwrap_or_default().to_owned();
+    let key = record.header("idempotency-key").map(str::to_owned).filter(|_| record.method == "POST");
+    let request = (record.method.clone(), record.path_and_query.clone(), record.body.clone());
     if let Ok(mut all) = received.lock() {
         all.push(record);
     }
     let behavior = behavior.lock().map(|b| b.clone()).unwrap_or(Behavior::Ok);
+    if let Some(key) = key
+        && !matches!(behavior, Behavior::Hang | Behavior::OnlyKey(_) | Behavior::AnyKeyOf(_))
+        && let Some(answer) = idempotent(idempotency, key, request)
+    {
+        return match (answer, behavior) {
+            ((body, false), Behavior::PerformThenHang) => {
+                drop(body);
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                Response::new(Full::new(Bytes::new()).boxed())
+            }
+            ((body, replayed), _) => {
+                let refused = body.contains("idempotency_error");
+                let mut response = json(200, "{}");
+                *response.body_mut() = Full::new(Bytes::from(body)).boxed();
+                if replayed {
+                    response.headers_mut().insert("idempotent-replayed", http::HeaderValue::from_static("true"));
+                }
+                if refused {
+                    *response.status_mut() = http::StatusCode::BAD_REQUEST;
+                }
+                response
+            }
+        };
+    }
     match behavior {
         Behavior::Hang => {
             tokio::time::sleep(Duration::from_secs(3600)).await;
@@ -162,6 +222,42 @@ async fn answer(
         }
         _ => json(200, r#"{"id":"cus_fake123","object":"customer","email":"jenny@example.com"}"#),
     }
+}
+
+/// Performs or replays a keyed mutation when keys are honoured: (answer body, replayed), or
+/// `None` when keys are not honoured. A key reused with another request is answered 400.
+fn idempotent(
+    state: &Mutex<Option<Idempotency>>,
+    key: String,
+    request: (String, String, Bytes),
+) -> Option<(String, bool)> {
+    let mut guard = state.lock().ok()?;
+    let state = guard.as_mut()?;
+    if let Some((saved_request, answer)) = state.saved.get(&key) {
+        if *saved_request == request {
+            return Some((answer.clone(), true));
+        }
+        return Some((
+            r#"{"error":{"type":"idempotency_error","message":"Keys for idempotent requests can only be used with the same parameters they were first used with."}}"#.to_owned(),
+            false,
+        ));
+    }
+    let resource = request
+        .1
+        .split('?')
+        .next()
+        .unwrap_or_default()
+        .trim_end_matches('/')
+        .rsplit('/')
+        .next()
+        .unwrap_or("object")
+        .to_owned();
+    let object = resource.strip_suffix('s').unwrap_or(&resource).to_owned();
+    let prefix: String = object.split('_').filter_map(|w| w.chars().next()).collect();
+    state.performed.push(key.clone());
+    let answer = format!(r#"{{"id":"{prefix}_fake{}","object":"{object}"}}"#, state.performed.len());
+    state.saved.insert(key, (request, answer.clone()));
+    Some((answer, false))
 }
 
 /// A body that yields its one chunk and then never ends.
