@@ -24,6 +24,7 @@ pub mod lake;
 pub mod lake_faults;
 mod log;
 pub mod manifest;
+pub mod merkle;
 pub mod metrics;
 pub mod parquet_io;
 pub mod payload;

@@ -38,7 +38,13 @@ pub fn answer(gateway: &Gateway, method: &Method, path: &str) -> Reply {
     match path {
         "/healthz" => text(StatusCode::OK, "text/plain", "ok\n".into()),
         "/readyz" => match gateway.readiness() {
-            Ok(()) => text(StatusCode::OK, "text/plain", "ready\n".into()),
+            // Degraded webhook destinations (a broker down) are listed but keep the instance ready.
+            Ok(()) => match gateway.webhooks.as_ref().map(|w| w.degraded()).unwrap_or_default() {
+                degraded if degraded.is_empty() => text(StatusCode::OK, "text/plain", "ready\n".into()),
+                degraded => {
+                    text(StatusCode::OK, "text/plain", format!("ready, degraded:\n- {}\n", degraded.join("\n- ")))
+                }
+            },
             Err(reasons) => {
                 text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("not ready:\n- {}\n", reasons.join("\n- ")))
             }

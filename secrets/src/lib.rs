@@ -25,6 +25,7 @@ mod value;
 pub use config::{AwsConfig, CacheConfig, SecretsConfig, VaultAuth, VaultConfig};
 pub use error::SecretError;
 pub use reference::{ACCEPTED_FORMS, RefError, SecretRef};
+pub use source::aws::sdk_config as aws_sdk_config;
 pub use source::vault::VaultSource;
 pub use store::SecretStore;
 pub use value::{Secret, SecretValue};

@@ -119,20 +119,32 @@ pub struct EndpointConfig {
 }
 
 /// One destination of an endpoint's events.
+///
+/// `kind` selects the implementation (`http` when absent, so that configurations written before
+/// brokers existed keep their meaning); the kind's own settings are `url`/`secret` for `http`, the
+/// `kafka:` section for `kafka` and the `sqs:` section for `sqs`. Settings of another kind are
+/// refused at start, naming the key. The remaining keys (events, timeout, concurrency, retries)
+/// mean the same for every kind.
 #[derive(Debug, Clone, Deserialize)]
 pub struct DestinationConfig {
     /// Unique across every endpoint: dead letters and replays name it. `[a-z0-9_-]`, 1 to 64.
     pub name: String,
-    /// Where events are POSTed (`http://` or `https://`).
-    pub url: String,
-    /// The secret keygate signs each delivery with, in Stripe's scheme: give its value to the
-    /// consumer, which verifies with the official SDK's `construct_event` / `constructEvent`.
-    pub secret: SecretRef,
+    /// `http` (the default), `kafka` or `sqs`.
+    #[serde(default)]
+    pub kind: DestinationKind,
+    /// `http`: where events are POSTed (`http://` or `https://`).
+    #[serde(default)]
+    pub url: Option<String>,
+    /// `http`: the secret keygate signs each delivery with, in Stripe's scheme: give its value to
+    /// the consumer, which verifies with the official SDK's `construct_event` / `constructEvent`.
+    #[serde(default)]
+    pub secret: Option<SecretRef>,
     /// Event types delivered here: exact (`charge.dispute.created`), a prefix (`invoice.*`) or
     /// everything (`*`). Default `["*"]`.
     #[serde(default = "default_events")]
     pub events: Vec<String>,
-    /// Longest one delivery may take (connect, send, answer). Default 10 s.
+    /// Longest one delivery may take (connect, send, answer or broker acknowledgement).
+    /// Default 10 s.
     #[serde(default = "default_delivery_timeout", with = "humantime_serde")]
     pub timeout: Duration,
     /// Most deliveries in flight to this destination at once. Default 8.
@@ -148,9 +160,167 @@ pub struct DestinationConfig {
     /// Longest delay between two attempts. Default 1 h.
     #[serde(default = "default_max_backoff", with = "humantime_serde")]
     pub max_backoff: Duration,
-    /// Extra PEM CA certificates trusted for this destination's TLS, besides the Mozilla roots.
+    /// `http` and `kafka`: extra PEM CA certificates trusted for this destination's TLS (HTTP:
+    /// besides the Mozilla roots; Kafka: instead of the system's CA store).
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+    /// `kafka`: brokers, topics, security.
+    #[serde(default)]
+    pub kafka: Option<KafkaConfig>,
+    /// `sqs`: the queue and the AWS client settings.
+    #[serde(default)]
+    pub sqs: Option<SqsConfig>,
+}
+
+/// Which implementation a destination uses.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DestinationKind {
+    /// POST to a URL, signed in Stripe's scheme.
+    #[default]
+    Http,
+    /// Produce to Apache Kafka (librdkafka, idempotent, `acks=all`).
+    Kafka,
+    /// Send to an Amazon SQS queue (standard or FIFO).
+    Sqs,
+}
+
+impl DestinationKind {
+    /// The word used in the configuration.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DestinationKind::Http => "http",
+            DestinationKind::Kafka => "kafka",
+            DestinationKind::Sqs => "sqs",
+        }
+    }
+}
+
+/// The `kafka:` section of a `kind: kafka` destination.
+#[derive(Debug, Clone, Deserialize)]
+pub struct KafkaConfig {
+    /// Bootstrap brokers, `host:port` each.
+    pub brokers: Vec<String>,
+    /// The topic of every event no entry of `routes` takes.
+    #[serde(default)]
+    pub topic: Option<String>,
+    /// Topics per event type: the first entry whose `events` match takes the event.
+    #[serde(default)]
+    pub routes: Vec<KafkaRoute>,
+    /// `plaintext` (default), `ssl`, `sasl_plaintext` or `sasl_ssl`.
+    #[serde(default)]
+    pub security_protocol: KafkaSecurityProtocol,
+    /// SASL credentials (with `sasl_plaintext` or `sasl_ssl`).
+    #[serde(default)]
+    pub sasl: Option<KafkaSasl>,
+    /// Largest message the producer sends (`message.max.bytes`); a bigger event is dead-lettered
+    /// at once. Default 1,000,000 (Kafka's default broker limit).
+    #[serde(default = "default_kafka_max_message_bytes")]
+    pub max_message_bytes: usize,
+    /// How long the producer waits to batch messages (`linger.ms`). Default 5 ms.
+    #[serde(default = "default_kafka_linger", with = "humantime_serde")]
+    pub linger: Duration,
+}
+
+/// One topic route of a Kafka destination.
+#[derive(Debug, Clone, Deserialize)]
+pub struct KafkaRoute {
+    /// Event type filters, as a destination's `events`.
+    pub events: Vec<String>,
+    /// The topic those events go to.
+    pub topic: String,
+}
+
+/// Kafka's `security.protocol`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KafkaSecurityProtocol {
+    #[default]
+    Plaintext,
+    Ssl,
+    SaslPlaintext,
+    SaslSsl,
+}
+
+impl KafkaSecurityProtocol {
+    /// librdkafka's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KafkaSecurityProtocol::Plaintext => "plaintext",
+            KafkaSecurityProtocol::Ssl => "ssl",
+            KafkaSecurityProtocol::SaslPlaintext => "sasl_plaintext",
+            KafkaSecurityProtocol::SaslSsl => "sasl_ssl",
+        }
+    }
+    fn uses_sasl(self) -> bool {
+        matches!(self, KafkaSecurityProtocol::SaslPlaintext | KafkaSecurityProtocol::SaslSsl)
+    }
+}
+
+/// SASL credentials of a Kafka destination.
+#[derive(Debug, Clone, Deserialize)]
+pub struct KafkaSasl {
+    /// `PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512`.
+    pub mechanism: KafkaSaslMechanism,
+    /// The user name (not a secret).
+    pub username: String,
+    /// The password, as a secret reference (`env://`, `file://`, `vault://`, `aws-sm://`).
+    pub password: SecretRef,
+}
+
+/// A SASL mechanism librdkafka implements without Kerberos.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum KafkaSaslMechanism {
+    #[serde(rename = "PLAIN")]
+    Plain,
+    #[serde(rename = "SCRAM-SHA-256")]
+    ScramSha256,
+    #[serde(rename = "SCRAM-SHA-512")]
+    ScramSha512,
+}
+
+impl KafkaSaslMechanism {
+    /// librdkafka's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KafkaSaslMechanism::Plain => "PLAIN",
+            KafkaSaslMechanism::ScramSha256 => "SCRAM-SHA-256",
+            KafkaSaslMechanism::ScramSha512 => "SCRAM-SHA-512",
+        }
+    }
+}
+
+/// The `sqs:` section of a `kind: sqs` destination.
+#[derive(Debug, Clone, Deserialize)]
+pub struct SqsConfig {
+    /// The queue URL (`https://sqs.<region>.amazonaws.com/<account>/<name>`); a name ending in
+    /// `.fifo` is a FIFO queue.
+    pub queue_url: String,
+    /// Region, endpoint override, profile and credentials file, as `secrets.aws`.
+    #[serde(default)]
+    pub aws: keygate_secrets::AwsConfig,
+    /// Largest message (body plus attributes) sent; a bigger event is dead-lettered at once.
+    /// Default 262,144 (256 KiB, the limit every SQS-compatible service accepts); at most
+    /// 1,048,576 (SQS's limit since August 2025).
+    #[serde(default = "default_sqs_max_message_bytes")]
+    pub max_message_bytes: usize,
+}
+
+impl SqsConfig {
+    /// Whether the queue is a FIFO queue (its name ends in `.fifo`).
+    pub fn is_fifo(&self) -> bool {
+        self.queue_url.trim_end_matches('/').ends_with(".fifo")
+    }
+}
+
+fn default_kafka_max_message_bytes() -> usize {
+    1_000_000
+}
+fn default_kafka_linger() -> Duration {
+    Duration::from_millis(5)
+}
+fn default_sqs_max_message_bytes() -> usize {
+    256 * 1024
 }
 
 fn default_state_dir() -> PathBuf {
@@ -302,7 +472,12 @@ impl WebhooksConfig {
         let mut refs: Vec<SecretRef> = self.admin_tokens.clone();
         for endpoint in &self.endpoints {
             refs.extend(endpoint.secrets.iter().cloned());
-            refs.extend(endpoint.destinations.iter().map(|d| d.secret.clone()));
+            for destination in &endpoint.destinations {
+                refs.extend(destination.secret.iter().cloned());
+                if let Some(sasl) = destination.kafka.as_ref().and_then(|k| k.sasl.as_ref()) {
+                    refs.push(sasl.password.clone());
+                }
+            }
         }
         refs.sort();
         refs.dedup();
@@ -316,11 +491,54 @@ impl DestinationConfig {
         if !valid_name(&self.name) {
             problems.push(format!("`{key}.name` must be 1 to 64 of a-z, 0-9, `_` and `-`"));
         }
-        if let Err(problem) = parse_destination_url(&self.url) {
-            problems.push(format!("`{key}.url`: {problem}"));
-        }
-        if !self.secret.is_fetchable() {
-            problems.push(format!("`{key}.secret`: {} is not a secret with a value", self.secret));
+        let kind = self.kind.as_str();
+        let foreign = |present: bool, setting: &str, owner: &str, problems: &mut Vec<String>| {
+            if present {
+                problems.push(format!(
+                    "`{key}.{setting}` is a setting of `kind: {owner}` destinations, but this one is `kind: {kind}`"
+                ));
+            }
+        };
+        match self.kind {
+            DestinationKind::Http => {
+                match &self.url {
+                    None => problems.push(format!("`{key}.url` is missing: where events are POSTed (https://…)")),
+                    Some(url) => {
+                        if let Err(problem) = parse_destination_url(url) {
+                            problems.push(format!("`{key}.url`: {problem}"));
+                        }
+                    }
+                }
+                match &self.secret {
+                    None => problems
+                        .push(format!("`{key}.secret` is missing: the secret reference keygate signs deliveries with")),
+                    Some(secret) if !secret.is_fetchable() => {
+                        problems.push(format!("`{key}.secret`: {secret} is not a secret with a value"));
+                    }
+                    Some(_) => {}
+                }
+                foreign(self.kafka.is_some(), "kafka", "kafka", &mut problems);
+                foreign(self.sqs.is_some(), "sqs", "sqs", &mut problems);
+            }
+            DestinationKind::Kafka => {
+                foreign(self.url.is_some(), "url", "http", &mut problems);
+                foreign(self.secret.is_some(), "secret", "http", &mut problems);
+                foreign(self.sqs.is_some(), "sqs", "sqs", &mut problems);
+                match &self.kafka {
+                    None => problems.push(format!("`{key}.kafka` is missing: brokers and topic of the destination")),
+                    Some(kafka) => problems.extend(kafka.validate(&format!("{key}.kafka"))),
+                }
+            }
+            DestinationKind::Sqs => {
+                foreign(self.url.is_some(), "url", "http", &mut problems);
+                foreign(self.secret.is_some(), "secret", "http", &mut problems);
+                foreign(self.kafka.is_some(), "kafka", "kafka", &mut problems);
+                foreign(self.ca_file.is_some(), "ca_file", "http or kafka", &mut problems);
+                match &self.sqs {
+                    None => problems.push(format!("`{key}.sqs` is missing: the queue_url of the destination")),
+                    Some(sqs) => problems.extend(sqs.validate(&format!("{key}.sqs"))),
+                }
+            }
         }
         if self.events.is_empty() {
             problems.push(format!("`{key}.events` is empty: use [\"*\"] for every event"));
@@ -352,6 +570,114 @@ impl DestinationConfig {
     /// The parsed event filters (invalid ones were refused at load).
     pub fn filters(&self) -> Vec<EventFilter> {
         self.events.iter().filter_map(|f| EventFilter::parse(f).ok()).collect()
+    }
+}
+
+/// Whether `topic` is a valid Kafka topic name: 1 to 249 of `[a-zA-Z0-9._-]`, not `.` or `..`.
+fn valid_topic(topic: &str) -> bool {
+    (1..=249).contains(&topic.len())
+        && topic != "."
+        && topic != ".."
+        && topic.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+}
+
+impl KafkaConfig {
+    fn validate(&self, key: &str) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.brokers.is_empty() {
+            problems.push(format!("`{key}.brokers` is empty: give at least one bootstrap broker as host:port"));
+        }
+        for (i, broker) in self.brokers.iter().enumerate() {
+            let port = broker.rsplit_once(':').and_then(|(host, port)| (!host.is_empty()).then_some(port));
+            if port.and_then(|p| p.parse::<u16>().ok()).is_none() || broker.contains("://") || broker.contains(',') {
+                problems.push(format!("`{key}.brokers[{i}]` must be host:port (e.g. kafka-1.internal:9093)"));
+            }
+        }
+        if self.topic.is_none() && self.routes.is_empty() {
+            problems.push(format!("`{key}.topic` is missing: give the topic events go to (or `routes`)"));
+        }
+        if let Some(topic) = &self.topic
+            && !valid_topic(topic)
+        {
+            problems.push(format!("`{key}.topic` must be 1 to 249 of a-z, A-Z, 0-9, `.`, `_` and `-`"));
+        }
+        for (r, route) in self.routes.iter().enumerate() {
+            if !valid_topic(&route.topic) {
+                problems.push(format!("`{key}.routes[{r}].topic` must be 1 to 249 of a-z, A-Z, 0-9, `.`, `_` and `-`"));
+            }
+            if route.events.is_empty() {
+                problems.push(format!("`{key}.routes[{r}].events` is empty"));
+            }
+            for (i, filter) in route.events.iter().enumerate() {
+                if let Err(problem) = EventFilter::parse(filter) {
+                    problems.push(format!("`{key}.routes[{r}].events[{i}]`: {problem}"));
+                }
+            }
+        }
+        match (&self.sasl, self.security_protocol.uses_sasl()) {
+            (None, true) => problems.push(format!(
+                "`{key}.sasl` is missing: `security_protocol: {}` needs a mechanism, username and password",
+                self.security_protocol.as_str()
+            )),
+            (Some(_), false) => problems.push(format!(
+                "`{key}.sasl` is given but `security_protocol` is `{}`: use sasl_ssl (or sasl_plaintext)",
+                self.security_protocol.as_str()
+            )),
+            (Some(sasl), true) => {
+                if sasl.username.is_empty() {
+                    problems.push(format!("`{key}.sasl.username` is empty"));
+                }
+                if !sasl.password.is_fetchable() {
+                    problems.push(format!("`{key}.sasl.password`: {} is not a secret with a value", sasl.password));
+                }
+            }
+            (None, false) => {}
+        }
+        if !(1000..=100_000_000).contains(&self.max_message_bytes) {
+            problems.push(format!("`{key}.max_message_bytes` must be between 1000 and 100000000"));
+        }
+        if self.linger > Duration::from_secs(1) {
+            problems.push(format!("`{key}.linger` must be at most 1s"));
+        }
+        problems
+    }
+
+    /// The topic of an event type: the first matching route's, else `topic`.
+    pub fn topic_for(&self, event_type: &str) -> Option<&str> {
+        self.routes
+            .iter()
+            .find(|r| r.events.iter().filter_map(|f| EventFilter::parse(f).ok()).any(|f| f.matches(event_type)))
+            .map(|r| r.topic.as_str())
+            .or(self.topic.as_deref())
+    }
+}
+
+impl SqsConfig {
+    fn validate(&self, key: &str) -> Vec<String> {
+        let mut problems = Vec::new();
+        match self.queue_url.parse::<http::Uri>() {
+            Ok(uri)
+                if matches!(uri.scheme_str(), Some("http" | "https"))
+                    && uri.authority().is_some()
+                    && uri.path().trim_matches('/').contains('/') => {}
+            _ => problems.push(format!(
+                "`{key}.queue_url` must be a queue URL, e.g. https://sqs.eu-west-1.amazonaws.com/123456789012/stripe-events"
+            )),
+        }
+        if !(1024..=1024 * 1024).contains(&self.max_message_bytes) {
+            problems.push(format!("`{key}.max_message_bytes` must be between 1024 and 1048576 (SQS's limit)"));
+        }
+        if let Some(endpoint) = &self.aws.endpoint_url
+            && parse_destination_url(endpoint).is_err()
+        {
+            problems.push(format!("`{key}.aws.endpoint_url` must be an http(s) URL without credentials"));
+        }
+        if let Some(file) = &self.aws.credentials_file
+            && !file.is_file()
+        {
+            problems.push(format!("`{key}.aws.credentials_file`: {} is not a readable file", file.display()));
+        }
+        problems
     }
 }
 

@@ -50,7 +50,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc, watch};
 
 pub use config::{DestinationConfig, EndpointConfig, EventFilter, WebhooksConfig};
-pub use destination::{Delivery, Destination, HttpDestination, Outcome};
+pub use destination::{Delivery, Destination, HttpDestination, KafkaDestination, Outcome, SqsDestination};
 pub use error::WebhookError;
 pub use ingress::BeforeJournal;
 pub use journal::{EventJournal, JournalError, LogJournal, StoredWebhook, WebhookFilter, WebhookKind, WebhookRecord};
@@ -74,6 +74,8 @@ pub struct Webhooks {
     metrics: Arc<Metrics>,
     stop: watch::Sender<bool>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Every destination, for their readiness (a broker client's last error).
+    destinations: Vec<Arc<dyn Destination>>,
 }
 
 impl Webhooks {
@@ -104,7 +106,7 @@ impl Webhooks {
                 let (tx, rx) = mpsc::unbounded_channel();
                 routes.insert(destination.name.clone(), tx);
                 receivers.insert(destination.name.clone(), rx);
-                let built: Arc<dyn Destination> = Arc::new(HttpDestination::new(destination, secrets.clone())?);
+                let built = destination::build(destination, secrets.clone(), metrics.clone())?;
                 destinations.push((built, RetryPolicy::from_config(destination)));
             }
         }
@@ -119,6 +121,7 @@ impl Webhooks {
         }
         let (stop, stop_rx) = watch::channel(false);
         let mut tasks = Vec::new();
+        let built: Vec<Arc<dyn Destination>> = destinations.iter().map(|(d, _)| d.clone()).collect();
         for (destination, policy) in destinations {
             let name = destination.name().to_owned();
             let Some(work) = receivers.remove(&name) else { continue };
@@ -159,7 +162,7 @@ impl Webhooks {
             unjournaled = recovered.unjournaled.len(),
             "webhook state opened"
         );
-        Ok(Arc::new(Webhooks { config, ingress, store, metrics, stop, tasks: Mutex::new(tasks) }))
+        Ok(Arc::new(Webhooks { config, ingress, store, metrics, stop, tasks: Mutex::new(tasks), destinations: built }))
     }
 
     /// The configuration in force.
@@ -202,6 +205,13 @@ impl Webhooks {
             }
         }
         reasons
+    }
+
+    /// Destinations that cannot deliver now (a broker client's last error, until a delivery
+    /// succeeds again). Not readiness reasons: the ingress keeps acknowledging and deliveries are
+    /// held and retried, and the proxy must not leave its Service because a broker is down.
+    pub fn degraded(&self) -> Vec<String> {
+        self.destinations.iter().filter_map(|d| d.readiness()).collect()
     }
 
     /// Installs a test hook called with each verified request's headers just before its audit

@@ -35,6 +35,13 @@ pub struct OutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DestinationErrorLabels {
+    pub destination: String,
+    /// A fixed word per kind of error (`kafka_all_brokers_down`, `sqs`, …).
+    pub error: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StageLabels {
     pub stage: String,
 }
@@ -61,6 +68,7 @@ pub struct Metrics {
     pub backlog_age: Family<DestinationLabels, Gauge<f64, AtomicU64>>,
     pub journal_failures: Counter,
     pub rejections_unrecorded: Counter,
+    pub destination_errors: Family<DestinationErrorLabels, Counter>,
 }
 
 impl Metrics {
@@ -80,6 +88,7 @@ impl Metrics {
             backlog_age: Family::default(),
             journal_failures: Counter::default(),
             rejections_unrecorded: Counter::default(),
+            destination_errors: Family::default(),
         }
     }
 
@@ -151,7 +160,18 @@ impl Metrics {
             "Refused webhook requests not recorded in the audit log because too many records were waiting (a flood)",
             metrics.rejections_unrecorded.clone(),
         );
+        registry.register(
+            "keygate_webhook_destination_errors",
+            "Errors of a destination's broker client (Kafka producer errors, failed SQS sends), by fixed error word",
+            metrics.destination_errors.clone(),
+        );
         metrics
+    }
+
+    pub(crate) fn destination_error(&self, destination: &str, error: &str) {
+        self.destination_errors
+            .get_or_create(&DestinationErrorLabels { destination: destination.into(), error: error.into() })
+            .inc();
     }
 
     pub(crate) fn destination(name: &str) -> DestinationLabels {

@@ -40,32 +40,7 @@ impl fmt::Debug for AwsSource {
 
 impl AwsSource {
     pub(crate) async fn new(config: &AwsConfig, timeout: Duration) -> AwsSource {
-        let http_client = aws_smithy_http_client::Builder::new()
-            .tls_provider(tls::Provider::Rustls(tls::rustls_provider::CryptoMode::Ring))
-            .build_https();
-        let mut loader = aws_config::defaults(BehaviorVersion::latest())
-            .http_client(http_client)
-            .timeout_config(TimeoutConfig::builder().connect_timeout(timeout).operation_timeout(timeout).build())
-            // keygate's cache retries with its own back-off; one SDK retry absorbs a blip.
-            .retry_config(RetryConfig::standard().with_max_attempts(2));
-        if let Some(region) = &config.region {
-            loader = loader.region(aws_config::Region::new(region.clone()));
-        }
-        if let Some(endpoint) = &config.endpoint_url {
-            loader = loader.endpoint_url(endpoint.clone());
-        }
-        if let Some(profile) = &config.profile {
-            loader = loader.profile_name(profile.clone());
-        }
-        if let Some(file) = &config.credentials_file {
-            #[allow(deprecated)]
-            let files = ProfileFiles::builder()
-                .include_default_config_file(true)
-                .with_file(ProfileFileKind::Credentials, file.clone())
-                .build();
-            loader = loader.profile_files(files);
-        }
-        let sdk_config = loader.load().await;
+        let sdk_config = sdk_config(config, timeout).await;
         AwsSource { client: aws_sdk_secretsmanager::Client::new(&sdk_config) }
     }
 
@@ -193,4 +168,38 @@ fn classify(
             }
         }
     }
+}
+
+/// The AWS SDK configuration every keygate AWS client uses (Secrets Manager here, the SQS webhook
+/// destination in keygate-webhooks): the SDK's default credential chain, optionally pointed at a
+/// profile and credentials file; rustls on `ring`; the region and endpoint override of `config`;
+/// connect and operation timeouts of `timeout`; at most one SDK retry (callers retry with their
+/// own back-off).
+pub async fn sdk_config(config: &AwsConfig, timeout: Duration) -> aws_config::SdkConfig {
+    let http_client = aws_smithy_http_client::Builder::new()
+        .tls_provider(tls::Provider::Rustls(tls::rustls_provider::CryptoMode::Ring))
+        .build_https();
+    let mut loader = aws_config::defaults(BehaviorVersion::latest())
+        .http_client(http_client)
+        .timeout_config(TimeoutConfig::builder().connect_timeout(timeout).operation_timeout(timeout).build())
+        // keygate's cache retries with its own back-off; one SDK retry absorbs a blip.
+        .retry_config(RetryConfig::standard().with_max_attempts(2));
+    if let Some(region) = &config.region {
+        loader = loader.region(aws_config::Region::new(region.clone()));
+    }
+    if let Some(endpoint) = &config.endpoint_url {
+        loader = loader.endpoint_url(endpoint.clone());
+    }
+    if let Some(profile) = &config.profile {
+        loader = loader.profile_name(profile.clone());
+    }
+    if let Some(file) = &config.credentials_file {
+        #[allow(deprecated)]
+        let files = ProfileFiles::builder()
+            .include_default_config_file(true)
+            .with_file(ProfileFileKind::Credentials, file.clone())
+            .build();
+        loader = loader.profile_files(files);
+    }
+    loader.load().await
 }
