@@ -282,7 +282,7 @@ fn secs(duration: Duration) -> String {
 }
 
 /// Runs `bench-load` on the generator's core and parses its JSON report.
-fn run_load(
+pub(crate) fn run_load(
     env: &Environment,
     stack: &Stack,
     rate: Option<f64>,

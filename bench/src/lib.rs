@@ -9,6 +9,8 @@
 //! - [`harness`] — the plan (full or smoke), repetitions in rotated order, aggregation.
 //! - [`report`] — the results file, the targets, the Markdown block of docs/benchmarks.md.
 //! - [`fsync`], [`procstat`] — this machine's fsync latency; CPU time and peak RSS from /proc.
+//! - [`instructions`] — instructions per request under callgrind, a cost that does not move
+//!   with the neighbours' load.
 //!
 //! Invariants: every process the harness starts is stopped when its owner drops; tokens and keys
 //! never appear in output, command lines or `Debug` (they travel in environment variables, and in
@@ -19,6 +21,7 @@
 pub mod error;
 pub mod fsync;
 pub mod harness;
+pub mod instructions;
 pub mod loadgen;
 pub mod procs;
 pub mod procstat;

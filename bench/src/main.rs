@@ -49,6 +49,27 @@ enum Commands {
         #[command(flatten)]
         common: RunArgs,
     },
+    /// Instructions per request of each scenario's proxy, counted by callgrind over a fixed-rate
+    /// window after a warm-up: a cost that does not move with the machine's load.
+    Instructions {
+        /// Scenarios, comma-separated (P0, P1, P2, N).
+        #[arg(long, default_value = "P0,P1,N")]
+        scenarios: String,
+        /// Requests per second (the proxy runs about 50× slower under valgrind).
+        #[arg(long, default_value_t = 50.0)]
+        rate: f64,
+        /// Seconds of counted load.
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        /// Also write the counts as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Keep the counted window's callgrind dumps in this folder (for `callgrind_annotate`).
+        #[arg(long)]
+        keep_dumps: Option<PathBuf>,
+        #[command(flatten)]
+        common: RunArgs,
+    },
     /// Render an existing results file again (derived figures recomputed): summary on stdout,
     /// the file rewritten, and with --docs the Markdown block.
     Render {
@@ -115,6 +136,9 @@ fn main() {
         Commands::Profile { scenario, rate, seconds, perf_data, call_graph, common } => {
             profile(&scenario, rate, seconds, &perf_data, call_graph, common)
         }
+        Commands::Instructions { scenarios, rate, seconds, json, keep_dumps, common } => {
+            instructions(&scenarios, rate, seconds, json.as_deref(), keep_dumps, common)
+        }
         Commands::Render { results, docs } => render(&results, docs.as_deref()),
         Commands::Fsync { dir, samples } => keygate_bench::fsync::measure(&dir, samples, 4096).and_then(|stats| {
             serde_json::to_string_pretty(&stats)
@@ -176,6 +200,45 @@ fn profile(
     Ok(())
 }
 
+fn instructions(
+    scenarios: &str,
+    rate: f64,
+    seconds: f64,
+    json: Option<&Path>,
+    keep_dumps: Option<PathBuf>,
+    args: RunArgs,
+) -> Result<(), BenchError> {
+    let scenarios = scenarios
+        .split(',')
+        .map(|name| {
+            stack::Scenario::parse(name.trim())
+                .filter(|s| s.has_proxy())
+                .ok_or_else(|| BenchError::Invalid(format!("--scenarios: {name:?} is not one of P0, P1, P2, N")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let window = Duration::try_from_secs_f64(seconds)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| BenchError::Invalid("--seconds must be a positive number".to_owned()))?;
+    if !(rate.is_finite() && rate > 0.0) {
+        return Err(BenchError::Invalid("--rate must be a positive number".to_owned()));
+    }
+    let plan = keygate_bench::instructions::Plan { rate, window, keep_dumps, ..Default::default() };
+    let (env, _work) = environment(&args)?;
+    let mut counts = Vec::new();
+    for scenario in scenarios {
+        eprintln!("keygate-bench: counting {} under callgrind at {rate}/s for {seconds}s", scenario.name());
+        counts.push(keygate_bench::instructions::measure(&env, scenario, &plan)?);
+    }
+    println!("{}", keygate_bench::instructions::markdown(&counts));
+    if let Some(path) = json {
+        let text = serde_json::to_string_pretty(&counts)
+            .map_err(|source| BenchError::Json { what: "write the counts".to_owned(), source })?;
+        std::fs::write(path, text + "\n").map_err(|e| BenchError::io("write the counts", path, e))?;
+    }
+    Ok(())
+}
+
 /// The shared environment of a run, and the temporary work folder that must outlive it.
 fn environment(args: &RunArgs) -> Result<(Environment, tempfile::TempDir), BenchError> {
     let bin_dir = match args.bin_dir.clone() {
@@ -222,6 +285,7 @@ fn environment(args: &RunArgs) -> Result<(Environment, tempfile::TempDir), Bench
         token_hash,
         // A test-mode-shaped key the upstream requires: proves the proxies inject it.
         stripe_key: "sk_test_51BenchKeygateInjectedKey000000000000000000000000000000".to_owned(),
+        proxy_wrapper: Vec::new(),
     };
     Ok((env, work))
 }

@@ -74,6 +74,7 @@ impl Scenario {
 }
 
 /// What every stack shares: binaries, cores, the service token and the Stripe key.
+#[derive(Clone)]
 pub struct Environment {
     /// Folder of `keygate`, `bench-upstream` and `bench-load`.
     pub bin_dir: PathBuf,
@@ -95,6 +96,8 @@ pub struct Environment {
     pub token_hash: String,
     /// The Stripe key the proxies inject and the upstream requires.
     pub stripe_key: String,
+    /// A command the proxy runs under (`valgrind …` for instruction counts); empty: none.
+    pub proxy_wrapper: Vec<String>,
 }
 
 impl std::fmt::Debug for Environment {
@@ -108,6 +111,7 @@ impl std::fmt::Debug for Environment {
             .field("generator_core", &self.generator_core)
             .field("upstream_tls", &self.upstream_tls)
             .field("upstream_delay", &self.upstream_delay)
+            .field("proxy_wrapper", &self.proxy_wrapper)
             .finish_non_exhaustive()
     }
 }
@@ -327,6 +331,14 @@ pub fn keygate_config(
     Ok(config)
 }
 
+/// The command of a proxy: pinned to the proxy's core, under `env.proxy_wrapper` if any.
+fn proxy_command(env: &Environment, program: &Path) -> Command {
+    let Some((wrapper, args)) = env.proxy_wrapper.split_first() else { return pinned(env.proxy_core, program) };
+    let mut command = pinned(env.proxy_core, Path::new(wrapper));
+    command.args(args).arg(program);
+    command
+}
+
 fn start_keygate(
     env: &Environment,
     dir: &Path,
@@ -347,7 +359,7 @@ fn start_keygate(
     write_file(&config_path, &keygate_config(dir, scenario, upstream_url, ca_file)?)?;
     let log = dir.join("keygate.log");
     let log_file = std::fs::File::create(&log).map_err(|e| BenchError::io("create keygate's log", &log, e))?;
-    let mut command = pinned(env.proxy_core, &env.binary("keygate"));
+    let mut command = proxy_command(env, &env.binary("keygate"));
     command.arg("serve").arg("--config").arg(&config_path).current_dir(dir);
     // Settings come from the file only: a KEYGATE_… variable in the caller's environment would
     // silently change what is measured.
@@ -519,7 +531,7 @@ fn start_nginx(
     let stderr = dir.join("nginx.stderr");
     let stderr_file =
         std::fs::File::create(&stderr).map_err(|e| BenchError::io("create nginx's stderr", &stderr, e))?;
-    let mut command = pinned(env.proxy_core, &env.nginx);
+    let mut command = proxy_command(env, &env.nginx);
     command
         .arg("-p")
         .arg(dir)
