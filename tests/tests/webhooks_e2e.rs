@@ -25,6 +25,10 @@ const NEW_SECRET: &str = "whsec_e2e_NEWsigningsecret1111111111";
 const BILLING_SECRET: &str = "whsec_e2e_BILLINGdestination22222222";
 const DISPUTES_SECRET: &str = "whsec_e2e_DISPUTESdestination3333333";
 const ADMIN_TOKEN: &str = "kg_admin_e2e_token_44444444444444444444";
+/// The ingress limits of every test's configuration (the memory bound is derived from them).
+const MAX_CONNECTIONS: u64 = 64;
+const MAX_HEADER_BYTES: u64 = 16_384;
+const MAX_BODY_BYTES: u64 = 65_536;
 
 /// A webhook consumer written as a user would: the official Python SDK's `construct_event`.
 struct Consumer {
@@ -94,9 +98,15 @@ impl Consumer {
 
 /// Runs the Node sender with `spec`; returns its JSON output.
 fn node_send(spec: &Value) -> Value {
+    node_send_env(spec, &[])
+}
+
+/// [`node_send`] with extra environment variables (`NODE_EXTRA_CA_CERTS` for a TLS ingress).
+fn node_send_env(spec: &Value, env: &[(&str, &Path)]) -> Value {
     let mut child = Command::new(tool("node"))
         .arg(script("node/webhook_sender.mjs"))
         .env("KEYGATE_NODE_MODULES", node_modules())
+        .envs(env.iter().copied())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -170,7 +180,7 @@ impl Setup {
         let secret_refs: Vec<String> =
             secrets.iter().enumerate().map(|(i, s)| self.secret_ref(&format!("endpoint-{i}"), s)).collect();
         let mut text = format!(
-            "listen:\n  address: 127.0.0.1:0\nadmin:\n  address: 127.0.0.1:0\nupstreams:\n  api: http://127.0.0.1:9\npolicies:\n  dir: {}\n{}webhooks:\n  listen:\n    address: {ingress}\n  state_dir: {}\n  admin_tokens: [\"{}\"]\n  limits:\n    header_read_timeout: 1s\n    body_read_timeout: 1s\n  endpoints:\n    - name: main\n      max_body_bytes: 65536\n      secrets: [{}]\n      destinations:\n",
+            "listen:\n  address: 127.0.0.1:0\nadmin:\n  address: 127.0.0.1:0\nupstreams:\n  api: http://127.0.0.1:9\npolicies:\n  dir: {}\n{}webhooks:\n  listen:\n    address: {ingress}\n  state_dir: {}\n  admin_tokens: [\"{}\"]\n  limits:\n    header_read_timeout: 1s\n    body_read_timeout: 1s\n    max_connections: {MAX_CONNECTIONS}\n    max_header_bytes: {MAX_HEADER_BYTES}\n  endpoints:\n    - name: main\n      max_body_bytes: {MAX_BODY_BYTES}\n      secrets: [{}]\n      destinations:\n",
             self.policies.display(),
             audit_yaml(self.path(), "  roll:\n    max_age: 1s\n"),
             self.path().join("webhook-state").display(),
@@ -357,12 +367,70 @@ fn signed_events_are_verified_made_durable_and_delivered_to_python_sdk_consumers
     let paid_line = billing.lines().into_iter().find(|l| l["stripe_event_id"] == "evt_e2e_paid").unwrap();
     assert_eq!(paid_line["event_id"], first["event_id"], "the keygate event id travels with the delivery");
 
-    // Bad input: an oversize body is refused unread, a slow sender is cut off, a flood of
-    // unsigned requests is refused, and signed events are still served.
-    let oversize =
-        statuses(&url, vec![signed(&format!("{{\"id\":\"evt_big\",\"x\":\"{}\"}}", "a".repeat(70_000)), NEW_SECRET)]);
+    // Bad input. Oversize bodies: refused with 413 (declared or not), never delivered.
+    let big = format!("{{\"id\":\"evt_e2e_big\",\"type\":\"invoice.paid\",\"x\":\"{}\"}}", "a".repeat(70_000));
+    let oversize = statuses(&url, vec![signed(&big, NEW_SECRET)]);
     assert_eq!(oversize[0].0, 413, "{oversize:?}");
+    assert!(oversize[0].1.contains("keygate_webhook_body_too_large"), "{}", oversize[0].1);
+    let chunked = raw_exchange(
+        address,
+        &[format!("POST /webhooks/stripe/main HTTP/1.1\r\nHost: x\r\nStripe-Signature: t={now},v1={:064x}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n", 1).into_bytes(),
+          format!("{:x}\r\n{}\r\n0\r\n\r\n", big.len(), big).into_bytes()],
+    );
+    assert!(chunked.starts_with("HTTP/1.1 413"), "an undeclared oversize body: {chunked}");
+    // Malformed Stripe-Signature headers: each refused with 400, never delivered.
+    let long_header = format!("t={now},{}", vec!["v1=00"; 2000].join(","));
+    let malformed = [
+        String::new(),
+        "garbage".to_owned(),
+        format!("t=,v1={:064x}", 7),
+        format!("t=notanumber,v1={:064x}", 7),
+        format!("t={now},t={now},v1={:064x}", 7),
+        format!("t={now},v1="),
+        format!("t={now},v1=zz{}", "z".repeat(62)),
+        format!("t=-1,v1={:064x}", 7),
+        format!("t=99999999999999999999999,v1={:064x}", 7),
+        "t=1,v1".to_owned(),
+        ",,,=,=".to_owned(),
+        long_header,
+    ];
+    let cases = malformed
+        .iter()
+        .enumerate()
+        .map(|(i, raw)| json!({"payload": event(&format!("evt_e2e_malformed_{i}"), "invoice.paid"), "header": "raw", "raw": raw}))
+        .collect();
+    let refused_malformed = statuses(&url, cases);
+    for ((status, body), raw) in refused_malformed.iter().zip(&malformed) {
+        assert_eq!(*status, 400, "header {:?}: {body}", raw.chars().take(60).collect::<String>());
+        assert!(body.contains("keygate_webhook_signature_"), "{body}");
+    }
     let rss_before = rss_kib(keygate.pid());
+    // A slow sender (slowloris): a request head dripped one byte at a time is cut off by the
+    // header timeout while the sender is still sending.
+    let slowloris = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(address).unwrap();
+        stream.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        let head = b"POST /webhooks/stripe/main HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n";
+        let mut answer = Vec::new();
+        for (sent, byte) in head.iter().enumerate() {
+            if stream.write_all(&[*byte]).is_err() {
+                return (sent, answer);
+            }
+            let mut buf = [0u8; 512];
+            match stream.read(&mut buf) {
+                Ok(0) => return (sent, answer),
+                Ok(n) => {
+                    answer.extend_from_slice(&buf[..n]);
+                    return (sent, answer);
+                }
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                Err(_) => return (sent, answer),
+            }
+        }
+        (head.len(), answer)
+    });
+    // A slow body: the head is complete, the body never comes.
     let slow = std::thread::spawn(move || {
         use std::io::{Read, Write};
         let mut stream = std::net::TcpStream::connect(address).unwrap();
@@ -373,22 +441,77 @@ fn signed_events_are_verified_made_durable_and_delivered_to_python_sdk_consumers
         let _ = stream.read_to_string(&mut answer);
         (started.elapsed(), answer)
     });
-    let flood: Vec<Value> = (0..400)
-        .map(|i| json!({"payload": event(&format!("evt_flood_{i}"), "invoice.paid"), "header": "raw", "raw": format!("t={now},v1={:064x}", i)}))
+    // A flood of unsigned requests with bodies of the largest size accepted, from twice as many
+    // connections as the ingress serves at once, while signed events keep arriving (retried on a
+    // non-2xx as Stripe does): every signed event is acknowledged, every unsigned one refused.
+    let flooding = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let flooders: Vec<_> = (0..2 * MAX_CONNECTIONS)
+        .map(|t| {
+            let flooding = flooding.clone();
+            std::thread::spawn(move || {
+                let body = format!("{{\"id\":\"evt_flood_{t}\",\"type\":\"invoice.paid\",\"x\":\"{}\"}}", "f".repeat(60_000));
+                let mut answers: HashMap<String, u64> = HashMap::new();
+                while flooding.load(std::sync::atomic::Ordering::Relaxed) {
+                    let head = format!(
+                        "POST /webhooks/stripe/main HTTP/1.1\r\nHost: x\r\nStripe-Signature: t={},v1={:064x}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                        SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs(),
+                        t,
+                        body.len()
+                    );
+                    let answer = raw_exchange(address, &[head.into_bytes(), body.clone().into_bytes()]);
+                    *answers.entry(answer.split(' ').nth(1).unwrap_or("none").to_owned()).or_default() += 1;
+                }
+                answers
+            })
+        })
         .collect();
-    let flooded = statuses(&url, flood);
-    assert!(flooded.iter().all(|(s, _)| *s == 400), "every unsigned request is refused");
+    let during = node_send(&json!({"url": url, "flood": {
+        "count": 20, "secret": NEW_SECRET, "concurrency": 4, "deadline_ms": 30000,
+        "prefix": "evt_e2e_during_flood_", "types": ["invoice.paid"]
+    }}));
+    let rss_peak = rss_kib(keygate.pid());
+    flooding.store(false, std::sync::atomic::Ordering::Relaxed);
+    let mut flood_answers: HashMap<String, u64> = HashMap::new();
+    for flooder in flooders {
+        for (status, n) in flooder.join().unwrap() {
+            *flood_answers.entry(status).or_default() += n;
+        }
+    }
+    assert_eq!(during["unacked"].as_array().map(Vec::len), Some(0), "signed events lost in the flood: {during}");
+    assert!(flood_answers.get("400").is_some_and(|n| *n >= MAX_CONNECTIONS), "{flood_answers:?}");
+    assert!(flood_answers.keys().all(|s| s == "400" || s == "none"), "an unsigned request got {flood_answers:?}");
+    let (sent, answer) = slowloris.join().unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(sent < 100, "a slowloris sender was still being read after {sent} bytes: {answer}");
+    assert!(answer.is_empty() || answer.starts_with("HTTP/1.1 408"), "{answer}");
     let (took, answer) = slow.join().unwrap();
     assert!(took < Duration::from_secs(5), "a slow sender was held for {took:?}");
     assert!(answer.is_empty() || answer.starts_with("HTTP/1.1 408"), "{answer}");
     let late = event("evt_e2e_after_flood", "invoice.paid");
     assert_eq!(statuses(&url, vec![signed(&late, NEW_SECRET)])[0].0, 200);
-    billing.wait_for(&["evt_e2e_after_flood"], Duration::from_secs(15));
+    let during_ids: Vec<String> = (0..20).map(|i| format!("evt_e2e_during_flood_{i}")).collect();
+    let mut expected: Vec<&str> = during_ids.iter().map(String::as_str).collect();
+    expected.push("evt_e2e_after_flood");
+    billing.wait_for(&expected, Duration::from_secs(15));
+    // Memory stays bounded by the limits: at most `max_connections` requests are read at once,
+    // each holding at most its head and its body; twice that, plus 32 MiB for the allocator and
+    // the runtime, is the bound.
+    let per_request_kib = (MAX_HEADER_BYTES + MAX_BODY_BYTES) / 1024;
+    let bound = rss_before + 2 * MAX_CONNECTIONS * per_request_kib + 32 * 1024;
     let rss_after = rss_kib(keygate.pid());
-    assert!(rss_after < rss_before + 64 * 1024, "memory grew from {rss_before} KiB to {rss_after} KiB");
+    println!("RSS {rss_before} KiB before the flood, {rss_peak} KiB during, {rss_after} KiB after; bound {bound} KiB");
+    assert!(
+        rss_peak.max(rss_after) < bound,
+        "memory grew from {rss_before} KiB to {rss_peak}/{rss_after} KiB (bound {bound})"
+    );
+    // Nothing refused was delivered.
+    let delivered = billing.stripe_ids();
+    let refused_delivered =
+        |id: &&String| id.contains("big") || id.contains("malformed") || (id.starts_with("evt_flood_"));
+    assert!(!delivered.iter().any(|id| refused_delivered(&id)), "a refused event was delivered: {delivered:?}");
 
     let metrics = keygate.metrics();
-    assert_eq!(metric(&metrics, "keygate_webhook_received_total", &["endpoint=\"main\""]), 6.0, "{metrics}");
+    assert_eq!(metric(&metrics, "keygate_webhook_received_total", &["endpoint=\"main\""]), 26.0, "{metrics}");
     assert_eq!(metric(&metrics, "keygate_webhook_duplicates_total", &[]), 1.0);
     for reason in [
         "signature_mismatch",
@@ -428,6 +551,22 @@ fn signed_events_are_verified_made_durable_and_delivered_to_python_sdk_consumers
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(billing.stripe_ids().iter().filter(|id| *id == "evt_e2e_paid").count(), 1);
     drop(keygate);
+}
+
+/// Writes `parts` to a new connection to `address`, then reads the answer until the server
+/// closes (or 10 s pass); a write the server cut short is not an error.
+fn raw_exchange(address: SocketAddr, parts: &[Vec<u8>]) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(address) else { return String::new() };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    for part in parts {
+        if stream.write_all(part).is_err() {
+            break;
+        }
+    }
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    String::from_utf8_lossy(&answer).into_owned()
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -688,4 +827,240 @@ fn kill_9_at_random_moments_loses_no_acknowledged_event() {
     }
     let lake_duplicates: u64 = kinds.iter().filter(|((_, k), _)| k == "duplicate").map(|(_, n)| n).sum();
     println!("duplicates in the lake: {lake_duplicates}");
+}
+
+/// Replays past local retention come from the audit lake: with a one-second `dedup_window`, the
+/// state file forgets delivered events at once; a replay by Stripe event id and one of a time
+/// range with a type filter read their `received` rows from the lake (decrypted with the KEK
+/// keygate holds), deliver them to the one destination asked for, re-signed so that the Python
+/// SDK consumer accepts them, and record them as `replayed`.
+#[test]
+fn replays_past_local_retention_come_from_the_audit_lake() {
+    let setup = Setup::new();
+    let billing = Consumer::start(setup.path(), "billing", BILLING_SECRET);
+    let disputes = Consumer::start(setup.path(), "disputes", DISPUTES_SECRET);
+    let config = setup
+        .config(
+            "127.0.0.1:0",
+            &[NEW_SECRET],
+            &[
+                DestinationSpec {
+                    name: "billing",
+                    url: billing.url(),
+                    secret: BILLING_SECRET,
+                    events: &["*"],
+                    retry_for: "30s",
+                },
+                DestinationSpec {
+                    name: "disputes",
+                    url: disputes.url(),
+                    secret: DISPUTES_SECRET,
+                    events: &["*"],
+                    retry_for: "30s",
+                },
+            ],
+        )
+        .replace("  admin_tokens:", "  dedup_window: 1s\n  admin_tokens:");
+    let (keygate, address) = setup.start(&config);
+    let url = endpoint_url(address);
+    let paid = event("evt_e2e_lake_paid", "invoice.paid");
+    let charge = event("evt_e2e_lake_charge", "charge.succeeded")
+        .replace("\"amount_due\":1200", "\"amount_due\":1200,\"client_secret\":\"pi_1_secret_LAKEcanary123\"");
+    let acks = statuses(&url, vec![signed(&paid, NEW_SECRET), signed(&charge, NEW_SECRET)]);
+    assert!(acks.iter().all(|(s, _)| *s == 200), "{acks:?}");
+    let first: Value = serde_json::from_str(&acks[0].1).unwrap();
+    let ids = ["evt_e2e_lake_paid", "evt_e2e_lake_charge"];
+    billing.wait_for(&ids, Duration::from_secs(15));
+    disputes.wait_for(&ids, Duration::from_secs(15));
+
+    // Both are out of the state file (the housekeeping sweep logs it) and in the lake.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let swept: u64 = keygate
+            .stderr_text()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|l| l["message"] == "webhook events older than the dedup window removed from the state file")
+            .filter_map(|l| l["swept"].as_u64())
+            .sum();
+        if swept >= 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never swept:\n{}", keygate.stderr_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let lake = setup.path().join("lake");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while keygate_tests::audit::query_lake(
+        &lake,
+        "SELECT event_id FROM webhooks WHERE kind = 'received' AND stripe_event_id LIKE 'evt_e2e_lake_%'",
+    )
+    .len()
+        < 2
+    {
+        assert!(Instant::now() < deadline, "the received rows never reached the lake");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // By Stripe event id, through the CLI, to billing only.
+    let body = cli(&keygate, &["replay", "--destination", "billing", "--stripe-event-id", "evt_e2e_lake_paid"]);
+    assert_eq!(
+        (body["matched"].as_u64(), body["from_lake"].as_u64(), body["queued"].as_u64()),
+        (Some(1), Some(1), Some(1)),
+        "{body}"
+    );
+    // A time range with a type filter, through the admin API.
+    let (status, body) = admin(
+        &keygate,
+        "POST",
+        "/webhooks/replay",
+        ADMIN_TOKEN,
+        r#"{"destination":"billing","from":"2000-01-01T00:00:00Z","type":"charge.*"}"#,
+    );
+    assert_eq!((status, body["from_lake"].as_u64(), body["queued"].as_u64()), (200, Some(1), Some(1)), "{body}");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while billing.stripe_ids().len() < 4 {
+        assert!(Instant::now() < deadline, "lake replays not delivered: {:?}", billing.lines());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let lines = billing.lines();
+    assert!(lines.iter().all(|l| l.get("error").is_none()), "construct_event refused a replay: {lines:?}");
+    let mut got = billing.stripe_ids();
+    got.sort();
+    assert_eq!(got, vec!["evt_e2e_lake_charge", "evt_e2e_lake_charge", "evt_e2e_lake_paid", "evt_e2e_lake_paid"]);
+    let replayed_paid: Vec<&Value> = lines.iter().filter(|l| l["stripe_event_id"] == "evt_e2e_lake_paid").collect();
+    assert!(
+        replayed_paid.iter().all(|l| l["event_id"] == first["event_id"]),
+        "the keygate event id travels: {lines:?}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(disputes.stripe_ids().len(), 2, "a replay goes to the one destination asked for");
+    // An id the lake does not have matches nothing.
+    let (status, body) = admin(
+        &keygate,
+        "POST",
+        "/webhooks/replay",
+        ADMIN_TOKEN,
+        r#"{"destination":"billing","stripe_event_id":"evt_nowhere"}"#,
+    );
+    assert_eq!((status, body["matched"].as_u64()), (200, Some(0)), "{body}");
+    assert_no_secret_in("keygate's log", &keygate.stderr_text());
+
+    keygate.signal("TERM");
+    assert_eq!(keygate.wait_exit(Duration::from_secs(60)), Some(0));
+    let rows = keygate_tests::audit::query_lake(
+        &lake,
+        "SELECT stripe_event_id, destination FROM webhooks WHERE kind = 'replayed' ORDER BY stripe_event_id",
+    );
+    let replayed: Vec<(String, String)> = rows
+        .iter()
+        .map(|r| {
+            (r["stripe_event_id"].as_str().unwrap_or("").to_owned(), r["destination"].as_str().unwrap_or("").to_owned())
+        })
+        .collect();
+    assert_eq!(
+        replayed,
+        vec![("evt_e2e_lake_charge".into(), "billing".into()), ("evt_e2e_lake_paid".into(), "billing".into())],
+        "{rows:?}"
+    );
+    let lake_text = lake.display().to_string();
+    let (code, stdout, stderr) = keygate_tests::audit::auditlog(&["verify", "--lake", &lake_text], &[]);
+    assert_eq!(code, 0, "auditlog verify: {stdout}\n{stderr}");
+}
+
+/// A destination that accepts connections and never answers (past its timeout, attempt after
+/// attempt) holds up neither the ingress nor a healthy destination: every event a concurrent
+/// sender posts is acknowledged, and all of them reach the healthy destination while every one
+/// is still pending to the stalled one. The ingress is served over TLS with a test CA, and the
+/// sender (the official Node SDK's signatures, Node's fetch) trusts that CA.
+#[test]
+fn a_stalled_destination_holds_up_neither_the_ingress_nor_a_healthy_one_over_tls() {
+    let setup = Setup::new();
+    let billing = Consumer::start(setup.path(), "billing", BILLING_SECRET);
+    // Accepts every connection and never reads from it or answers.
+    let stall = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let stall_url = format!("http://{}/stripe/webhooks", stall.local_addr().unwrap());
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    {
+        let accepted = accepted.clone();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for stream in stall.incoming().flatten() {
+                accepted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                held.push(stream);
+            }
+        });
+    }
+    let ca = keygate_tests::pki::TestCa::new("keygate webhook ingress test CA");
+    let server = ca.server(setup.path(), "ingress");
+    let ca_file = ca.write_cert(setup.path(), "ingress-ca");
+    let config = setup
+        .config(
+            "127.0.0.1:0",
+            &[NEW_SECRET],
+            &[
+                DestinationSpec {
+                    name: "stalled",
+                    url: stall_url,
+                    secret: DISPUTES_SECRET,
+                    events: &["*"],
+                    retry_for: "60s",
+                },
+                DestinationSpec {
+                    name: "billing",
+                    url: billing.url(),
+                    secret: BILLING_SECRET,
+                    events: &["*"],
+                    retry_for: "60s",
+                },
+            ],
+        )
+        .replacen(
+            "    address: 127.0.0.1:0\n",
+            &format!(
+                "    address: 127.0.0.1:0\n    tls:\n      cert_file: {}\n      key_file: {}\n",
+                server.cert.display(),
+                server.key.display()
+            ),
+            1,
+        )
+        // The stalled destination: a short timeout (every attempt times out and is retried) and
+        // two deliveries in flight at most.
+        .replacen("timeout: 2s\n", "timeout: 500ms\n          concurrency: 2\n", 1);
+    let (keygate, address) = setup.start(&config);
+    let url = format!("https://127.0.0.1:{}/webhooks/stripe/main", address.port());
+    let count = 200;
+    let out = node_send_env(
+        &json!({"url": url, "flood": {
+            "count": count, "secret": NEW_SECRET, "concurrency": 16, "deadline_ms": 30000,
+            "prefix": "evt_e2e_stall_", "types": ["invoice.paid", "charge.succeeded"]
+        }}),
+        &[("NODE_EXTRA_CA_CERTS", &ca_file)],
+    );
+    assert_eq!(out["unacked"].as_array().map(Vec::len), Some(0), "not acknowledged: {out}");
+    println!("{} posts for {count} events", out["attempts"]);
+    let ids: Vec<String> = (0..count).map(|i| format!("evt_e2e_stall_{i}")).collect();
+    let id_refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    billing.wait_for(&id_refs, Duration::from_secs(60));
+    // At this point the stalled destination has not had a single delivery acknowledged.
+    let metrics = keygate.metrics();
+    assert_eq!(metric(&metrics, "keygate_webhook_backlog{", &["destination=\"stalled\""]), count as f64, "{metrics}");
+    assert_eq!(
+        metric(&metrics, "keygate_webhook_deliveries_total", &["destination=\"stalled\"", "outcome=\"delivered\""]),
+        0.0
+    );
+    assert!(accepted.load(std::sync::atomic::Ordering::Relaxed) >= 1, "keygate never tried the stalled destination");
+    assert!(
+        metric(&metrics, "keygate_webhook_retries_total", &["destination=\"stalled\""]) >= 1.0,
+        "the stalled destination's attempts time out and are retried: {metrics}"
+    );
+    let lines = billing.lines();
+    assert!(lines.iter().all(|l| l.get("error").is_none()), "{lines:?}");
+    // Plain HTTP to the TLS ingress is not served.
+    let plain = raw_exchange(
+        address,
+        &[b"POST /webhooks/stripe/main HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n".to_vec()],
+    );
+    assert!(!plain.starts_with("HTTP/1.1 200"), "{plain}");
+    drop(keygate);
 }
