@@ -14,9 +14,9 @@
 # built into a temporary root and moved into place only when it succeeded, so an interrupted build
 # never leaves a half-installed broker that a later run would trust.
 #
-# Not yet run by scripts/setup-test-env.sh: the Kafka end-to-end tests that need it are in
-# tests/wip/webhooks_brokers_kafka.rs until then (the Kafka destination's conformance suite runs on
-# librdkafka's mock cluster meanwhile). Install it by hand with this script to run them.
+# Run by scripts/setup-test-env.sh, which exports the path as KEYGATE_TANSU for the Kafka tests
+# in tests/tests/webhooks_brokers.rs. Never edit this file while it runs: bash reads a running
+# script from disk as it goes, and an edit mid-build loses the build.
 #
 # Usage: scripts/install-tansu.sh        (prints the tansu path on stdout, progress on stderr)
 # Test hooks (scripts/tests/setup-scripts.sh): KEYGATE_TANSU_VERSION (default below), KEYGATE_CARGO
@@ -36,6 +36,17 @@ fi
 
 command -v "$cargo" >/dev/null 2>&1 || { echo "install-tansu: $cargo is required to build tansu $version (install Rust from https://rustup.rs)" >&2; exit 1; }
 mkdir -p "$cache"
+# One build at a time per version: a second setup run started meanwhile (another checkout, CI
+# beside a developer) waits for the first and then uses its broker instead of building it again.
+exec 9>"$cache/.tansu-$version.lock"
+if ! flock -n 9; then
+    echo "install-tansu: another install of tansu $version is running; waiting for it" >&2
+    flock 9
+fi
+if [[ -x "$bin" ]]; then
+    echo "$bin"
+    exit 0
+fi
 tmp="$(mktemp -d "$cache/.tansu-$version.XXXXXX")"
 cleanup() { rm -rf "$tmp" || true; return 0; }
 trap cleanup EXIT

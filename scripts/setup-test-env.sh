@@ -4,14 +4,17 @@
 #     localstripe, the Stripe SDK, DuckDB, pyarrow, the Helm v4 SDK, kubernetes-validate, checkov);
 #   - the official `stripe` npm package, for the Node SDK end-to-end test;
 #   - nginx from Debian's packages (scripts/install-deb.sh), the benchmark's reference proxy;
-#   - redis-server from Debian's packages (scripts/install-deb.sh), for the limit store tests.
+#   - redis-server from Debian's packages (scripts/install-deb.sh), for the limit store tests;
+#   - chromium from Debian's packages, for the anomaly report's headless render;
+#   - the tansu Kafka-protocol broker (scripts/install-tansu.sh, built once with cargo), for the
+#     Kafka webhook destination tests.
 # The cache folder is $KEYGATE_CACHE (default ~/.cache/keygate); a stamp of the requirement files
 # decides whether it is up to date, so a second run is a no-op.
-# Prints the lines `export KEYGATE_TOOLS_BIN=…`, `export KEYGATE_NODE_MODULES=…` and
-# `export KEYGATE_REDIS_SERVER=…` on stdout (and nothing else there: progress goes to stderr) only
-# once every step has succeeded. Run it as a
-# command and check its status (scripts/test.sh writes its output to a file), never inside a
-# command substitution, which would hide a failure.
+# Prints the lines `export KEYGATE_TOOLS_BIN=…`, `export KEYGATE_NODE_MODULES=…`,
+# `export KEYGATE_REDIS_SERVER=…`, `export KEYGATE_CHROMIUM=…` and `export KEYGATE_TANSU=…` on
+# stdout (and nothing else there: progress goes to stderr) only once every step has succeeded.
+# Run it as a command and check its status (scripts/test.sh writes its output to a file), never
+# inside a command substitution, which would hide a failure.
 set -euo pipefail
 step="start"
 trap 'status=$?; [ $status -eq 0 ] || echo "setup-test-env: FAILED in step: $step (exit $status)" >&2' EXIT
@@ -59,6 +62,12 @@ redis_server="$("$here/scripts/install-deb.sh" redis-server)"
 step="chromium (scripts/install-deb.sh chromium)"
 chromium="$("$here/scripts/install-deb.sh" chromium)"
 
+# tansu, a Kafka-protocol broker, for the Kafka webhook destination's end-to-end tests
+# (tests/tests/webhooks_brokers.rs). Built once with cargo into its own versioned cache folder
+# ($KEYGATE_TANSU_CACHE, not $KEYGATE_CACHE: see scripts/install-tansu.sh), reused afterwards.
+step="tansu (scripts/install-tansu.sh)"
+tansu="$("$here/scripts/install-tansu.sh")"
+
 step="check installed tools"
 for tool in bao moto_server localstripe python; do
   [ -x "$venv/bin/$tool" ] || { echo "setup-test-env: $venv/bin/$tool is missing after the install" >&2; exit 1; }
@@ -66,9 +75,11 @@ done
 [ -d "$node_dir/node_modules/stripe" ] || { echo "setup-test-env: $node_dir/node_modules/stripe is missing after the install" >&2; exit 1; }
 [ -x "$redis_server" ] || { echo "setup-test-env: redis-server ($redis_server) is not executable after the install" >&2; exit 1; }
 [ -x "$chromium" ] || { echo "setup-test-env: chromium ($chromium) is not executable after the install" >&2; exit 1; }
+[ -x "$tansu" ] || { echo "setup-test-env: tansu ($tansu) is not executable after the install" >&2; exit 1; }
 step="done"
 
 echo "export KEYGATE_TOOLS_BIN=$venv/bin"
 echo "export KEYGATE_NODE_MODULES=$node_dir/node_modules"
 echo "export KEYGATE_REDIS_SERVER=$redis_server"
 echo "export KEYGATE_CHROMIUM=$chromium"
+echo "export KEYGATE_TANSU=$tansu"

@@ -161,6 +161,50 @@ fn bench(c: &mut Criterion) {
     g.finish();
 
     wal_group_commit(c, &exchanges);
+    merkle(c);
+}
+
+/// The Merkle tree's cost per row (the shipper appends each committed row's hash to its
+/// writer's frontier), and an inclusion proof over a simulated writer of 10 million rows (the
+/// tree part of `auditlog prove`; reading the writer's files comes on top).
+fn merkle(c: &mut Criterion) {
+    use keygate_auditlog::merkle::{Frontier, inclusion_proof, leaf_hash, root_of, verify_inclusion};
+    let mut g = c.benchmark_group("audit_merkle");
+    g.throughput(Throughput::Elements(1));
+    let mut frontier = Frontier::new();
+    let mut n = 0u64;
+    g.bench_function("append_one_row_to_the_tree", |b| {
+        b.iter(|| {
+            n += 1;
+            let mut h = [0u8; 32];
+            h[..8].copy_from_slice(&n.to_le_bytes());
+            frontier.push_row(&h);
+        })
+    });
+    g.finish();
+    const ROWS: u64 = 10_000_000;
+    let leaves: Vec<[u8; 32]> = (0..ROWS)
+        .map(|i| {
+            let mut h = [0u8; 32];
+            h[..8].copy_from_slice(&i.to_le_bytes());
+            leaf_hash(&h)
+        })
+        .collect();
+    let t = std::time::Instant::now();
+    let root = root_of(&leaves);
+    let root_time = t.elapsed();
+    let t = std::time::Instant::now();
+    let index = ROWS * 3 / 7;
+    let path = inclusion_proof(&leaves, index).unwrap_or_default();
+    let prove_time = t.elapsed();
+    assert!(verify_inclusion(&leaves[index as usize], index, ROWS, &path, &root));
+    // A proof file: header, index, one base64 line (44 characters) per path hash, the checkpoint
+    // (about 190 bytes), and the row's JSON in base64 (about 4/3 of its columns and sealed payload).
+    eprintln!(
+        "audit merkle: {ROWS} rows simulated: root in {root_time:?}, inclusion proof in {prove_time:?}, {} path hashes = {} bytes of path lines",
+        path.len(),
+        path.len() * 45
+    );
 }
 
 /// `durability: sync` records from 256 concurrent callers on a one-thread runtime (the writer

@@ -60,6 +60,72 @@ pub struct S3Config {
     pub secret_access_key: Option<String>,
 }
 
+/// `audit.checkpoints`: where signed Merkle checkpoints ([`crate::checkpoint`]) go besides the
+/// lake, and how often the newest is re-published while the writer is idle.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointsConfig {
+    /// The log name that starts every origin (`<log_name>/<table>/<writer>`). Default: the lake
+    /// location without its scheme (`bucket/prefix`, or the folder's absolute path without the
+    /// leading `/`).
+    pub log_name: Option<String>,
+    /// A second place that receives every checkpoint, create-only: `s3://bucket/prefix` (a
+    /// bucket with Object Lock, or a prefix whose credential may create but not overwrite or
+    /// delete) or a folder. Default: none (checkpoints are kept in the lake only).
+    pub publish: Option<String>,
+    /// S3 settings and credential for `publish`, separate from `audit.s3`.
+    pub publish_s3: S3Config,
+    /// While no file is committed, the newest checkpoint is re-written to the lake and the publish
+    /// store at least this often (a failed publish is retried then). Default 60s.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+}
+
+impl Default for CheckpointsConfig {
+    fn default() -> Self {
+        CheckpointsConfig {
+            log_name: None,
+            publish: None,
+            publish_s3: S3Config::default(),
+            interval: Duration::from_secs(60),
+        }
+    }
+}
+
+impl CheckpointsConfig {
+    /// The log name for a lake at `lake`.
+    pub fn log_name_for(&self, lake: &str) -> String {
+        self.log_name.clone().unwrap_or_else(|| crate::checkpoint::default_log_name(lake))
+    }
+
+    fn validate(&self, lake: &str) -> Result<(), AuditError> {
+        if self.interval.is_zero() {
+            return Err(AuditError::Config("audit.checkpoints.interval must be positive (default 60s)".into()));
+        }
+        if let Some(name) = &self.log_name
+            && (name.trim().is_empty() || name.chars().any(|c| c.is_whitespace() || c.is_control() || c == '+'))
+        {
+            return Err(AuditError::Config(format!(
+                "audit.checkpoints.log_name `{name}` must be non-empty, without spaces, control characters or '+' (it starts every checkpoint's origin line)"
+            )));
+        }
+        if let Some(p) = &self.publish {
+            let norm = |s: &str| s.trim_start_matches("file://").trim_end_matches('/').to_owned();
+            if p.trim().is_empty() {
+                return Err(AuditError::Config(
+                    "audit.checkpoints.publish is empty: give s3://bucket/prefix or a folder, or leave it out".into(),
+                ));
+            }
+            if norm(p) == norm(lake) {
+                return Err(AuditError::Config(
+                    "audit.checkpoints.publish must be another location than audit.lake (a place the lake's writers cannot rewrite)".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The `audit:` configuration section.
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -120,6 +186,8 @@ pub struct AuditConfig {
     /// error (the proxy answers 503 `keygate_audit_unavailable`) and counted in
     /// `keygate_audit_queue_full_total`, instead of growing memory. Default 65536.
     pub queue_capacity: usize,
+    /// Signed Merkle checkpoints: log name, second location, idle interval.
+    pub checkpoints: CheckpointsConfig,
 }
 
 /// Default of [`AuditConfig::queue_capacity`].
@@ -149,6 +217,7 @@ impl Default for AuditConfig {
             lake_timeout: Duration::from_secs(30),
             max_lake_lag: Duration::from_secs(300),
             queue_capacity: DEFAULT_QUEUE_CAPACITY,
+            checkpoints: CheckpointsConfig::default(),
         }
     }
 }
@@ -209,6 +278,41 @@ impl AuditConfig {
         if !(1..=19).contains(&self.zstd_level) {
             return Err(AuditError::Config("audit.zstd_level must be between 1 and 19".into()));
         }
-        Ok(())
+        self.checkpoints.validate(&self.lake)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn parsed(checkpoints: serde_json::Value) -> Result<AuditConfig, String> {
+        let v = serde_json::json!({
+            "lake": "/var/lib/keygate/lake",
+            "kek": "env://KEK",
+            "signing_key": "env://SIGNING",
+            "checkpoints": checkpoints,
+        });
+        serde_json::from_value::<AuditConfig>(v).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn checkpoints_config_is_typed_and_validated_once() {
+        let ok = parsed(serde_json::json!({"publish": "s3://acme-checkpoints/keygate", "interval": "30s"})).unwrap();
+        ok.validate().unwrap();
+        assert_eq!(ok.checkpoints.interval, Duration::from_secs(30));
+        assert_eq!(ok.checkpoints.log_name_for(&ok.lake), "var/lib/keygate/lake");
+        let default = parsed(serde_json::json!({})).unwrap();
+        default.validate().unwrap();
+        assert_eq!((default.checkpoints.publish, default.checkpoints.interval), (None, Duration::from_secs(60)));
+
+        let err = |v| parsed(v).unwrap().validate().unwrap_err().to_string();
+        assert!(err(serde_json::json!({"publish": "file:///var/lib/keygate/lake/"})).contains("another location"));
+        assert!(err(serde_json::json!({"publish": " "})).contains("is empty"));
+        assert!(err(serde_json::json!({"interval": "0s"})).contains("interval must be positive"));
+        assert!(err(serde_json::json!({"log_name": "a b"})).contains("log_name"));
+        assert!(err(serde_json::json!({"log_name": "a+b"})).contains("log_name"));
+        assert!(parsed(serde_json::json!({"publsh": "s3://x"})).unwrap_err().contains("unknown field"));
     }
 }

@@ -258,6 +258,18 @@ pub fn webhook_row_aad(writer_id: &str, file_first_seq: u64, event_id: &uuid::Uu
     aad
 }
 
+/// Associated data of an `anomalies` row's payload: binds it to the writer, the file, the event
+/// and the table (it opens as no other table's payload, and theirs not as its).
+pub fn anomaly_row_aad(writer_id: &str, file_first_seq: u64, event_id: &uuid::Uuid) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(64 + writer_id.len());
+    aad.extend_from_slice(b"keygate-anomalies-row-v1\0");
+    aad.extend_from_slice(writer_id.as_bytes());
+    aad.push(0);
+    aad.extend_from_slice(&file_first_seq.to_be_bytes());
+    aad.extend_from_slice(event_id.as_bytes());
+    aad
+}
+
 /// Associated data of an intent's payload inside a WAL segment (never copied to the lake).
 pub fn intent_aad(writer_id: &str, segno: u64, event_id: &uuid::Uuid) -> Vec<u8> {
     let mut aad = Vec::with_capacity(64 + writer_id.len());

@@ -20,8 +20,8 @@ pub enum Outcome {
     UpstreamError,
     /// keygate crashed between forwarding and recording the response.
     Unknown,
-    /// A row written by `keygate reconcile` to close an `unknown` one: its `reason` starts with
-    /// `reconciles <event_id of the unknown row>`; the unknown row itself is never changed.
+    /// A row written by `keygate reconcile` to close an `unknown` one: its `reconciles` column
+    /// holds the unknown row's `event_id`; the unknown row itself is never changed.
     Reconciled,
 }
 
@@ -86,6 +86,9 @@ pub struct Exchange {
     pub currency: Option<String>,
     pub key_ref: Option<String>,
     pub key_version: Option<String>,
+    /// For an [`Outcome::Reconciled`] row: the `event_id` of the `unknown` row it closes. A UUID
+    /// keygate generated, so it is recorded as it is (never redacted).
+    pub reconciles: Option<uuid::Uuid>,
     pub request: HttpMessage,
     pub response: Option<HttpMessage>,
 }
@@ -133,6 +136,7 @@ impl Exchange {
             currency: None,
             key_ref: None,
             key_version: None,
+            reconciles: None,
             request: HttpMessage { start_line: format!("{method} {path} HTTP/1.1"), ..HttpMessage::default() },
             response: None,
         }

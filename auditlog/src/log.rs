@@ -42,6 +42,7 @@ struct Inner {
     shipper: Mutex<Option<tokio::task::JoinHandle<()>>>,
     shutdown_timeout: std::time::Duration,
     max_lake_lag: std::time::Duration,
+    checkpoints: crate::checkpoint::Publisher,
     _lock: DirLock,
 }
 
@@ -90,7 +91,7 @@ impl AuditLog {
         let start = match recovery.start.clone() {
             Some(s) => s,
             None if configured => crate::shipper::start_from_lake(&lake, &writer_id, next_segno).await?,
-            None => StartPoint { next_segno, next_seq: 1, head: [0; 32], webhooks: Default::default() },
+            None => StartPoint { next_segno, chains: Default::default() },
         };
         let metrics = Metrics::default();
         let shared = Arc::new(Shared {
@@ -147,6 +148,12 @@ impl AuditLog {
             })?;
         ready_rx.await.map_err(|_| AuditError::Closed)??;
 
+        let checkpoints = crate::checkpoint::Publisher::open(
+            &config.checkpoints,
+            &lake.display,
+            config.multipart_threshold_bytes,
+            config.lake_timeout,
+        )?;
         let shipper = Shipper {
             lake: lake.clone(),
             writer_id: writer_id.clone(),
@@ -155,6 +162,8 @@ impl AuditLog {
             backoff: Backoff { initial: config.retry_initial_backoff, max: config.retry_max_backoff },
             head: Default::default(),
             attempt_timeout: config.lake_timeout,
+            checkpoints: checkpoints.clone(),
+            tree_rebuild_failed: [false; crate::Table::COUNT],
         };
         // Keeps the lag gauge current between scrapes of /readyz (ends with the log).
         let lag_gauge = {
@@ -184,6 +193,7 @@ impl AuditLog {
                 shipper: Mutex::new(Some(shipper)),
                 shutdown_timeout: config.shutdown_timeout,
                 max_lake_lag: config.max_lake_lag,
+                checkpoints,
                 _lock: lock,
             })),
         })
@@ -192,6 +202,12 @@ impl AuditLog {
     /// A log that records nothing (`audit.enabled: false`).
     pub fn disabled() -> AuditLog {
         AuditLog { inner: None }
+    }
+
+    /// The newest signed checkpoint of each of this log's trees (one per table with rows):
+    /// `(table, writer, signed note text)`, as the admin listener serves them.
+    pub fn checkpoints(&self) -> Vec<(crate::Table, String, String)> {
+        self.inner.as_ref().map(|i| i.checkpoints.newest()).unwrap_or_default()
     }
 
     /// Whether this log records anything.
@@ -331,6 +347,35 @@ impl AuditLog {
             self.is_ready().map_err(|reason| AuditError::WalUnavailable { dir: i.shared.dir.clone(), reason })?;
             self.send(i, Command::WebhookRow { prepared, sync, ack: None })
         }
+    }
+
+    /// Records an anomaly detector's alert (or shadow-mode record) as a row of the `anomalies`
+    /// table, under a fresh UUIDv7 `event_id` which it returns. Durable as `audit.durability`
+    /// says: under `sync` it returns once the row is fsynced (sharing group commit with the other
+    /// tables), under `async` once queued. Never panics and never waits for room in the queue: a
+    /// full queue, a WAL over its quota or a closed log is an error (the alert is still logged
+    /// and counted by the caller). A disabled log records nothing and returns a fresh id.
+    pub async fn record_anomaly(&self, alert: &keygate_detectors::Alert) -> Result<uuid::Uuid, AuditError> {
+        let Some(i) = &self.inner else { return Ok(uuid::Uuid::now_v7()) };
+        let (prepared, failed) = crate::anomaly::prepare_anomaly(alert, i.zstd_level)?;
+        crate::wal::segment::check_payload_fits(prepared.compressed.len())?;
+        let id = prepared.columns.event_id;
+        if failed {
+            i.shared.metrics.redaction_failures.inc();
+            tracing::error!(event_id = %id, "anomaly redaction failed; the row records fixed fields only");
+        }
+        match i.durability {
+            Durability::Sync => {
+                let (ack, done) = oneshot::channel();
+                self.send(i, Command::AnomalyRow { prepared, ack: Some(ack) })?;
+                done.await.map_err(|_| AuditError::Closed)??;
+            }
+            Durability::Async => {
+                self.is_ready().map_err(|reason| AuditError::WalUnavailable { dir: i.shared.dir.clone(), reason })?;
+                self.send(i, Command::AnomalyRow { prepared, ack: None })?;
+            }
+        }
+        Ok(id)
     }
 
     /// Reads `webhooks` rows back from this log's lake with its KEK, decrypted (and redacted):

@@ -5,6 +5,8 @@
 //! line, where `ps` would show them). Exit codes: 0 success (verify: no finding), 1 verify found
 //! something, 2 error.
 
+mod anomalies;
+
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -19,7 +21,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use keygate_auditlog::Table;
 use keygate_auditlog::crypto::KekRing;
 use keygate_auditlog::lake::Lake;
-use keygate_auditlog::query::{Decryptor, event_sql_in, run_sql};
+use keygate_auditlog::query::{Decryptor, event_sql_anywhere, event_sql_in, run_sql};
 use keygate_auditlog::verify::{VerifyOptions, verify};
 use keygate_auditlog::{AuditConfig, AuditError, keys};
 use keygate_secrets::{SecretStore, SecretsConfig};
@@ -53,7 +55,7 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Runs SQL over tables `audit` and `webhooks` (partition columns `dt` = 'YYYY-MM-DD' and `hour` = 'HH' prune files).
+    /// Runs SQL over tables `audit`, `webhooks` and `anomalies` (partition columns `dt` = 'YYYY-MM-DD' and `hour` = 'HH' prune files).
     Query {
         /// The SQL, e.g. "SELECT service, count(*) FROM audit WHERE dt = '2026-11-29' GROUP BY 1".
         sql: String,
@@ -86,6 +88,55 @@ enum Cmd {
         signing_keys: Vec<String>,
         #[arg(long, value_enum, default_value_t = VerifyFormat::Text)]
         format: VerifyFormat,
+        /// Where the published checkpoints are (s3://bucket/prefix or a folder; S3 settings from
+        /// audit.checkpoints.publish_s3, else the --s3-* flags). Default:
+        /// audit.checkpoints.publish, else the lake's own checkpoints/.
+        #[arg(long)]
+        checkpoints: Option<String>,
+    },
+    /// Writes a proof (C2SP tlog-proof) that the row of EVENT_ID is in its writer's log,
+    /// unchanged, against the newest signed checkpoint covering it; check it with check-proof.
+    Prove {
+        /// The event_id (UUID).
+        event_id: String,
+        /// Only rows of this table (`audit`, `webhooks` or `anomalies`).
+        #[arg(long)]
+        table: Option<String>,
+        /// Only the row with this seq (a webhook event's rows share its event_id).
+        #[arg(long)]
+        seq: Option<u64>,
+        /// Take the checkpoint from this store (as verify --checkpoints). Default:
+        /// audit.checkpoints.publish, else the lake's own checkpoints/.
+        #[arg(long)]
+        checkpoints: Option<String>,
+    },
+    /// Checks a proof file offline: the row hashes to its hash, its leaf is in the signed
+    /// checkpoint's tree, and the checkpoint's signature is the given key's. Exit 1 if not.
+    CheckProof {
+        /// The proof file (as `auditlog prove` writes it).
+        file: PathBuf,
+        /// Trusted Ed25519 public key: ed25519-pub:<64 hex>, a PUBLIC KEY PEM, or a file holding
+        /// one; repeatable. Required.
+        #[arg(long = "public-key", required = true)]
+        public_keys: Vec<String>,
+    },
+    /// Runs keygate's anomaly detectors over the lake's plaintext columns (needs no key) and
+    /// prints their alerts, each citing its event ids; see docs/anomalies.md.
+    Anomalies {
+        /// Rows completed at or after this time: RFC 3339, a date, or a duration before now.
+        #[arg(long, default_value = "30d")]
+        since: String,
+        /// Only these services (repeatable; webhook events by endpoint name).
+        #[arg(long = "service")]
+        services: Vec<String>,
+        #[arg(long, value_enum, default_value_t = anomalies::AnomalyFormat::Table)]
+        format: anomalies::AnomalyFormat,
+        /// Also print what detectors in shadow mode would have raised.
+        #[arg(long)]
+        include_shadow: bool,
+        /// Save the learned baselines to this file (to start a keygate instance with them).
+        #[arg(long)]
+        save_state: Option<PathBuf>,
     },
     /// Prints a new key-encryption key (hex), a new Ed25519 signing key (PKCS#8 PEM) and its
     /// public key (ed25519-pub:<hex> and PEM).
@@ -205,6 +256,28 @@ impl Ctx {
         Ok(Lake::open(&self.audit.lake, &self.audit.s3, self.audit.multipart_threshold_bytes)?)
     }
 
+    /// The store of published checkpoints: `--checkpoints`, else audit.checkpoints.publish.
+    fn checkpoint_store(&self, flag: Option<&str>) -> Result<Option<Lake>, CliError> {
+        let Some(url) = flag.map(str::to_owned).or_else(|| self.audit.checkpoints.publish.clone()) else {
+            return Ok(None);
+        };
+        let mut s3 = self.audit.checkpoints.publish_s3.clone();
+        if s3.endpoint.is_none() {
+            s3.endpoint = self.audit.s3.endpoint.clone();
+            s3.allow_http |= self.audit.s3.allow_http;
+        }
+        if s3.region.is_none() {
+            s3.region = self.audit.s3.region.clone();
+        }
+        if !url.starts_with("s3://") {
+            let path = url.strip_prefix("file://").unwrap_or(&url);
+            if !std::path::Path::new(path).is_dir() {
+                return Err(CliError::Usage(format!("checkpoint folder {path} does not exist")));
+            }
+        }
+        Ok(Some(Lake::open(&url, &s3, self.audit.multipart_threshold_bytes)?))
+    }
+
     async fn ring(&self) -> Result<KekRing, CliError> {
         let mut keys = Vec::new();
         for r in &self.kek_refs {
@@ -217,6 +290,9 @@ impl Ctx {
 async fn run(cli: Cli) -> Result<ExitCode, CliError> {
     if matches!(cli.cmd, Cmd::Keygen) {
         return keygen();
+    }
+    if let Cmd::CheckProof { file, public_keys } = &cli.cmd {
+        return check_proof(file, public_keys);
     }
     let ctx = context(&cli).await?;
     let lake = ctx.lake()?;
@@ -232,6 +308,18 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
             print_batches(&batches, *format)?;
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Anomalies { since, services, format, include_shadow, save_state } => {
+            let config = anomalies::config_from(cli.config.as_deref())?;
+            let opts = anomalies::Options {
+                since_us: parse_since(since)?,
+                services: services.clone(),
+                format: *format,
+                save_state: save_state.clone(),
+                include_shadow: *include_shadow,
+            };
+            anomalies::run(&lake, &config, &opts).await?;
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Show { event_id } => {
             let id = uuid::Uuid::parse_str(event_id)
                 .map_err(|_| CliError::Usage(format!("{event_id} is not an event_id (a UUID)")))?;
@@ -239,6 +327,16 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
             for table in Table::ALL {
                 for b in run_sql(&lake, &event_sql_in(table, &id)).await? {
                     batches.push((table, b));
+                }
+            }
+            // Not in the partitions its id's time points at (a row logged long after it was
+            // received, e.g. recovered or imported): look in every partition.
+            if batches.iter().all(|(_, b)| b.num_rows() == 0) {
+                batches.clear();
+                for table in Table::ALL {
+                    for b in run_sql(&lake, &event_sql_anywhere(table, &id)).await? {
+                        batches.push((table, b));
+                    }
                 }
             }
             let ring = ctx.ring().await?;
@@ -285,7 +383,28 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Verify { since, public_keys, signing_keys, format } => {
+        Cmd::Prove { event_id, table, seq, checkpoints } => {
+            let id = uuid::Uuid::parse_str(event_id)
+                .map_err(|_| CliError::Usage(format!("{event_id} is not an event_id (a UUID)")))?;
+            let table = match table.as_deref() {
+                None => None,
+                Some(t) => Some(
+                    Table::ALL
+                        .into_iter()
+                        .find(|x| x.name() == t)
+                        .ok_or_else(|| CliError::Usage(format!("--table {t}: use audit, webhooks or anomalies")))?,
+                ),
+            };
+            let store = ctx.checkpoint_store(checkpoints.as_deref())?;
+            let req = keygate_auditlog::proof::ProveRequest { event_id: id, table, seq: *seq };
+            let text = keygate_auditlog::proof::prove(&lake, store.as_ref(), &req).await?;
+            let mut out = std::io::stdout().lock();
+            out.write_all(text.as_bytes()).map_err(|e| CliError::Usage(format!("cannot write the proof: {e}")))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::CheckProof { .. } => Err(CliError::Usage("check-proof needs no lake".into())),
+        Cmd::Verify { since, public_keys, signing_keys, format, checkpoints } => {
+            let checkpoints = ctx.checkpoint_store(checkpoints.as_deref())?;
             let trusted =
                 keys::trusted_keys(&ctx.store, public_keys, signing_keys, Some(ctx.audit.signing_key.as_str())).await?;
             if trusted.is_empty() {
@@ -301,7 +420,8 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
             if let Ok(style) = ProgressStyle::with_template("{bar:40} {pos}/{len} files {elapsed}") {
                 bar.set_style(style);
             }
-            let report = verify(&lake, &VerifyOptions { trusted_keys: trusted, since_us }, |done, total| {
+            let opts = VerifyOptions { trusted_keys: trusted, since_us, checkpoints };
+            let report = verify(&lake, &opts, |done, total| {
                 bar.set_length(total);
                 bar.set_position(done);
             })
@@ -315,13 +435,17 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
                     for f in &report.findings {
                         out_line(&f.to_string())?;
                     }
+                    for n in &report.no_merkle_data {
+                        out_line(&format!("note: {n}"))?;
+                    }
                     out_line(&format!(
-                        "{} finding(s); {} writer(s), {} manifest(s), {} file(s), {} row(s) checked{}",
+                        "{} finding(s); {} writer(s), {} manifest(s), {} file(s), {} row(s), {} checkpoint(s) checked{}",
                         report.findings.len(),
                         report.writers,
                         report.manifests,
                         report.files,
                         report.rows,
+                        report.checkpoints,
                         if report.trusted_keys { "" } else { " (no trusted key)" }
                     ))?;
                 }
@@ -329,6 +453,38 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
             Ok(if report.findings.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
         Cmd::Keygen => keygen(),
+    }
+}
+
+/// `auditlog check-proof`: offline, no lake, no secret store.
+fn check_proof(file: &std::path::Path, public_keys: &[String]) -> Result<ExitCode, CliError> {
+    let mut keys = Vec::new();
+    for k in public_keys {
+        let text = if std::path::Path::new(k).is_file() {
+            std::fs::read_to_string(k).map_err(|e| CliError::Usage(format!("cannot read --public-key {k}: {e}")))?
+        } else {
+            k.clone()
+        };
+        keys.push(keygate_auditlog::VerifyingKey::from_text(&text)?);
+    }
+    let bytes =
+        std::fs::read(file).map_err(|e| CliError::Usage(format!("cannot read the proof {}: {e}", file.display())))?;
+    let checked = std::str::from_utf8(&bytes)
+        .map_err(|_| AuditError::Corrupt { what: "proof".into(), reason: "not UTF-8 text".into() })
+        .and_then(|text| keygate_auditlog::proof::check(text, &keys));
+    match checked {
+        Ok(c) => {
+            out_line(&serde_json::to_string_pretty(&c).map_err(|e| CliError::Usage(e.to_string()))?)?;
+            eprintln!(
+                "auditlog: proof OK: {} row seq {} of writer {} is leaf {} of the signed checkpoint {} at size {}",
+                c.table, c.seq, c.writer_id, c.index, c.origin, c.tree_size
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("auditlog: proof does NOT verify: {e}");
+            Ok(ExitCode::from(1))
+        }
     }
 }
 

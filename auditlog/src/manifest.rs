@@ -38,6 +38,43 @@ pub struct ManifestBody {
     pub kek_id: String,
     /// Hex of the Ed25519 public key that signed this manifest.
     pub signing_key: String,
+    /// The writer's Merkle tree in this table after this file ([`crate::merkle`]): absent in
+    /// manifests written before there were trees (whose signed bytes must not change).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tree: Option<TreeState>,
+}
+
+/// A writer's Merkle tree after a file: size, root and the frontier to continue it from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TreeState {
+    /// Leaves: the writer's rows of this table up to and including this file.
+    pub size: u64,
+    /// Hex RFC 6962 root.
+    pub root: String,
+    /// Hex roots of the perfect subtrees covering the tree, largest first.
+    pub frontier: Vec<String>,
+}
+
+impl TreeState {
+    /// The state of a frontier.
+    pub fn of(f: &crate::merkle::Frontier) -> TreeState {
+        TreeState { size: f.size(), root: hex::encode(f.root()), frontier: f.nodes().iter().map(hex::encode).collect() }
+    }
+
+    /// The frontier it describes, checked against its size and root.
+    pub fn frontier(&self) -> Option<crate::merkle::Frontier> {
+        let nodes = self
+            .frontier
+            .iter()
+            .map(|h| {
+                let mut out = [0u8; 32];
+                hex::decode_to_slice(h, &mut out).ok().map(|()| out)
+            })
+            .collect::<Option<Vec<_>>>()?;
+        let f = crate::merkle::Frontier::from_parts(self.size, nodes)?;
+        (hex::encode(f.root()) == self.root).then_some(f)
+    }
 }
 
 /// A manifest file.
@@ -110,6 +147,7 @@ mod tests {
             received_at_max_us: 1,
             kek_id: "local:x".into(),
             signing_key: String::new(),
+            tree: None,
         }
     }
 
@@ -123,5 +161,20 @@ mod tests {
         changed.body.row_count = 3;
         assert!(!changed.signature_valid(&key.verifying_key()));
         assert!(!parsed.signature_valid(&SigningKey::generate().verifying_key()));
+    }
+
+    #[test]
+    fn a_manifest_without_tree_keeps_its_bytes_and_one_with_a_tree_round_trips() {
+        let key = SigningKey::generate();
+        let old = Manifest::sign(body(), &key).unwrap();
+        assert!(!String::from_utf8(old.to_bytes().unwrap()).unwrap().contains("tree"));
+        let mut f = crate::merkle::Frontier::new();
+        for i in 0..5u8 {
+            f.push_row(&[i; 32]);
+        }
+        let with = Manifest::sign(ManifestBody { tree: Some(TreeState::of(&f)), ..body() }, &key).unwrap();
+        let parsed = Manifest::parse(&with.to_bytes().unwrap()).unwrap();
+        assert!(parsed.signature_valid(&key.verifying_key()));
+        assert_eq!(parsed.body.tree.as_ref().unwrap().frontier(), Some(f));
     }
 }

@@ -11,6 +11,8 @@ pub struct Metrics {
     pub records: Counter,
     /// `webhooks` rows appended to the WAL.
     pub webhook_records: Counter,
+    /// `anomalies` rows appended to the WAL.
+    pub anomaly_records: Counter,
     pub intents: Counter,
     pub wal_bytes: Gauge,
     pub wal_segments_backlog: Gauge,
@@ -36,6 +38,7 @@ impl Default for Metrics {
         Metrics {
             records: Counter::default(),
             webhook_records: Counter::default(),
+            anomaly_records: Counter::default(),
             intents: Counter::default(),
             wal_bytes: Gauge::default(),
             wal_segments_backlog: Gauge::default(),
@@ -56,6 +59,16 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// The counter of rows of `table` appended to the WAL (`records` is `audit`'s, as before
+    /// there were other tables).
+    pub fn records_of(&self, table: crate::Table) -> &Counter {
+        match table {
+            crate::Table::Audit => &self.records,
+            crate::Table::Webhooks => &self.webhook_records,
+            crate::Table::Anomalies => &self.anomaly_records,
+        }
+    }
+
     /// Registers everything under the `keygate_audit_` prefix.
     pub fn register(&self, registry: &mut Registry) {
         let r = registry.sub_registry_with_prefix("keygate_audit");
@@ -64,6 +77,11 @@ impl Metrics {
             "webhook_records",
             "Webhook rows (received, rejected, delivery outcomes) appended to the WAL",
             self.webhook_records.clone(),
+        );
+        r.register(
+            "anomaly_records",
+            "Anomaly rows (alerts and shadow-mode records of the detectors) appended to the WAL",
+            self.anomaly_records.clone(),
         );
         r.register("intents", "Intents appended to the WAL", self.intents.clone());
         r.register("wal_bytes", "Bytes held by WAL segments on disk", self.wal_bytes.clone());

@@ -45,6 +45,8 @@ pub const META_FORMAT: &str = "keygate.format";
 pub const FORMAT_V1: &str = "keygate-audit-v1";
 /// `keygate.format` of a `webhooks` table file.
 pub const FORMAT_WEBHOOKS_V1: &str = "keygate-webhooks-v1";
+/// `keygate.format` of an `anomalies` table file.
+pub const FORMAT_ANOMALIES_V1: &str = "keygate-anomalies-v1";
 const META_WRITER: &str = "keygate.writer_id";
 const META_FIRST_SEQ: &str = "keygate.first_seq";
 const META_LAST_SEQ: &str = "keygate.last_seq";
@@ -88,6 +90,7 @@ pub static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("key_version", DataType::Utf8, true),
         Field::new("request_bytes", DataType::UInt64, false),
         Field::new("response_bytes", DataType::UInt64, false),
+        Field::new("reconciles", DataType::Utf8, true),
         Field::new("payload", DataType::Binary, false),
         Field::new("prev_hash", DataType::Binary, false),
         Field::new("hash", DataType::Binary, false),
@@ -113,6 +116,7 @@ fn props(meta: &FileMeta) -> WriterProperties {
     let unique: &[&str] = match meta.table {
         Table::Audit => &["payload", "prev_hash", "hash", "event_id", "idempotency_key", "request_id"],
         Table::Webhooks => &["payload", "prev_hash", "hash", "event_id", "stripe_event_id"],
+        Table::Anomalies => &["payload", "prev_hash", "hash", "event_id"],
     };
     for col in unique {
         b = b.set_column_dictionary_enabled(ColumnPath::from(*col), false);
@@ -213,6 +217,9 @@ pub fn to_batch(rows: &[ChainedRow]) -> Result<RecordBatch, AuditError> {
         key_version,
         u64s(&|r| Some(r.columns.request_bytes)),
         u64s(&|r| Some(r.columns.response_bytes)),
+        Arc::new(StringArray::from(
+            rows.iter().map(|r| r.columns.reconciles.map(|u| u.to_string())).collect::<Vec<_>>(),
+        )),
         bins(&|r| &r.payload),
         bins(&|r| &r.prev_hash),
         bins(&|r| &r.hash),
@@ -348,6 +355,11 @@ pub fn from_batch(b: &RecordBatch) -> Result<Vec<ChainedRow>, AuditError> {
     let amount = col::<Int64Array>(b, "amount")?;
     let (currency, key_ref, key_version) = (s("currency")?, s("key_ref")?, s("key_version")?);
     let (req_bytes, resp_bytes) = (u("request_bytes")?, u("response_bytes")?);
+    // Files written before the column existed have no `reconciles`.
+    let reconciles = match b.column_by_name("reconciles") {
+        Some(_) => Some(s("reconciles")?),
+        None => None,
+    };
     let (payload, prev, hash) =
         (col::<BinaryArray>(b, "payload")?, col::<BinaryArray>(b, "prev_hash")?, col::<BinaryArray>(b, "hash")?);
     let mut out = Vec::with_capacity(b.num_rows());
@@ -385,6 +397,14 @@ pub fn from_batch(b: &RecordBatch) -> Result<Vec<ChainedRow>, AuditError> {
                 key_version: opt_str(key_version, i),
                 request_bytes: req_bytes.value(i),
                 response_bytes: resp_bytes.value(i),
+                reconciles: match reconciles.and_then(|a| opt_str(a, i)) {
+                    Some(text) => {
+                        Some(uuid::Uuid::parse_str(&text).map_err(|_| {
+                            AuditError::corrupt("lake file", format!("row {i}: reconciles is not a UUID"))
+                        })?)
+                    }
+                    None => None,
+                },
             },
             payload: payload.value(i).to_vec(),
             prev_hash: hash32(prev, i),
@@ -392,4 +412,50 @@ pub fn from_batch(b: &RecordBatch) -> Result<Vec<ChainedRow>, AuditError> {
         });
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use crate::row::row_hash;
+
+    fn row(reconciles: Option<uuid::Uuid>) -> ChainedRow {
+        let event_id = uuid::Uuid::from_u128(0x0190_0000_0000_7000_8000_0000_0000_0001);
+        let mut ex = crate::exchange::Exchange::new(event_id, "POST", "/v1/payment_intents");
+        ex.received_at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+        ex.completed_at = ex.received_at;
+        ex.service = Some("checkout".into());
+        ex.status = 200;
+        ex.reconciles = reconciles;
+        let (columns, _) = crate::row::redact_exchange(&ex);
+        let payload = vec![1, 2, 3];
+        let hash = row_hash(&[0; 32], "w", 1, &columns, &payload);
+        ChainedRow { writer_id: "w".into(), seq: 1, columns, payload, prev_hash: [0; 32], hash }
+    }
+
+    #[test]
+    fn rows_without_reconciles_keep_the_hash_they_had_before_the_column_existed() {
+        // The value the chain gave this row before `reconciles` was added: old lakes still verify.
+        assert_eq!(hex::encode(row(None).hash), "c5bdbdbff259f924e469cb4524b128dd9d951571f8f298537c95fa9ee0cc3c25");
+        let linked = row(Some(uuid::Uuid::now_v7()));
+        assert_ne!(linked.hash, row(None).hash, "the link is covered by the chain");
+    }
+
+    #[test]
+    fn reconciles_round_trips_and_files_without_the_column_read_as_none() {
+        let unknown = uuid::Uuid::now_v7();
+        let rows = vec![row(Some(unknown)), row(None)];
+        let batch = to_batch(&rows).unwrap();
+        let back = from_batch(&batch).unwrap();
+        assert_eq!(back, rows);
+        assert_eq!(back[0].columns.reconciles, Some(unknown));
+        // A batch of a file written before the column existed.
+        let keep: Vec<usize> =
+            (0..batch.num_columns()).filter(|&i| batch.schema().field(i).name() != "reconciles").collect();
+        let old = batch.project(&keep).unwrap();
+        let back = from_batch(&old).unwrap();
+        assert!(back.iter().all(|r| r.columns.reconciles.is_none()));
+        assert_eq!(back[1], rows[1]);
+    }
 }

@@ -1,5 +1,5 @@
-//! SQL over the lake with DataFusion: tables `audit` and `webhooks` (the Parquet files under
-//! `audit/` and `webhooks/`, with the Hive partition columns `dt` and `hour`, so that
+//! SQL over the lake with DataFusion: tables `audit`, `webhooks` and `anomalies` (the Parquet
+//! files under `audit/`, `webhooks/` and `anomalies/`, with the Hive partition columns `dt` and `hour`, so that
 //! `WHERE dt = … AND hour = …` prunes files), and decryption of payloads for readers who hold the
 //! key-encryption key.
 //!
@@ -20,6 +20,7 @@ use datafusion::prelude::SessionContext;
 use object_store::path::Path as ObjPath;
 use parquet::arrow::async_reader::{ParquetObjectReader, ParquetRecordBatchStreamBuilder};
 
+use crate::anomaly::open_anomaly_payload;
 use crate::crypto::{DataKey, KekRing};
 use crate::error::AuditError;
 use crate::lake::{Lake, parse_data_name};
@@ -32,7 +33,7 @@ fn q(e: impl std::fmt::Display) -> AuditError {
     AuditError::Query(e.to_string())
 }
 
-/// A DataFusion session with the lake's tables registered (`audit`, `webhooks`).
+/// A DataFusion session with the lake's tables registered (`audit`, `webhooks`, `anomalies`).
 pub async fn session(lake: &Lake) -> Result<SessionContext, AuditError> {
     let ctx = SessionContext::new();
     ctx.register_object_store(&lake.root_url, lake.root_store.clone());
@@ -105,7 +106,7 @@ impl Decryptor {
         Ok(entry)
     }
 
-    /// The redacted exchange (or webhook event) of one row of `table`, as JSON.
+    /// The redacted exchange (or webhook event, or alert) of one row of `table`, as JSON.
     pub async fn decrypt_in(
         &mut self,
         table: Table,
@@ -120,6 +121,7 @@ impl Decryptor {
         let value = match table {
             Table::Audit => serde_json::to_value(open_payload(&entry.1, &entry.0, &id, payload)?),
             Table::Webhooks => serde_json::to_value(open_webhook_payload(&entry.1, &entry.0, &id, payload)?),
+            Table::Anomalies => serde_json::to_value(open_anomaly_payload(&entry.1, &entry.0, &id, payload)?),
         };
         value.map_err(|e| AuditError::corrupt("payload", e.to_string()))
     }
@@ -135,8 +137,8 @@ impl Decryptor {
         self.decrypt_in(Table::Audit, writer, seq, event_id, payload).await
     }
 
-    /// Decrypts a row of either table: `likely` first, then the other (a payload opens only
-    /// under its own table's associated data, so a wrong guess fails cleanly).
+    /// Decrypts a row of any table: `likely` first, then the others (a payload opens only under
+    /// its own table's associated data, so a wrong guess fails cleanly).
     async fn decrypt_any(
         &mut self,
         likely: Table,
@@ -148,8 +150,12 @@ impl Decryptor {
         match self.decrypt_in(likely, writer, seq, event_id, payload).await {
             Ok(v) => Ok(v),
             Err(first) => {
-                let other = if likely == Table::Audit { Table::Webhooks } else { Table::Audit };
-                self.decrypt_in(other, writer, seq, event_id, payload).await.map_err(|_| first)
+                for other in Table::ALL.into_iter().filter(|t| *t != likely) {
+                    if let Ok(v) = self.decrypt_in(other, writer, seq, event_id, payload).await {
+                        return Ok(v);
+                    }
+                }
+                Err(first)
             }
         }
     }
@@ -174,10 +180,12 @@ impl Decryptor {
                 return Err(AuditError::Query("writer_id, seq, event_id or payload has an unexpected type".into()));
             };
             // A result with webhook columns (and none only `audit` has) most likely holds
-            // `webhooks` rows.
+            // `webhooks` rows; one with the detectors' columns, `anomalies` rows.
             let has = |name: &str| b.column_by_name(name).is_some();
             let likely = if (has("endpoint") || has("stripe_event_id") || has("kind")) && !has("operation") {
                 Table::Webhooks
+            } else if (has("detector") || has("raised_at") || has("cited_event_ids")) && !has("operation") {
+                Table::Anomalies
             } else {
                 Table::Audit
             };
@@ -206,9 +214,15 @@ pub fn event_sql(event_id: &uuid::Uuid) -> String {
     event_sql_in(Table::Audit, event_id)
 }
 
+/// SQL for one event of `table` in any partition: the fallback when [`event_sql_in`]'s pruning
+/// finds nothing (a row logged long after the time in its id).
+pub fn event_sql_anywhere(table: Table, event_id: &uuid::Uuid) -> String {
+    format!("SELECT * FROM {table} WHERE event_id = '{event_id}'")
+}
+
 /// SQL for one event of `table`, with partition pruning from the UUIDv7 timestamp.
 pub fn event_sql_in(table: Table, event_id: &uuid::Uuid) -> String {
-    let mut sql = format!("SELECT * FROM {table} WHERE event_id = '{event_id}'");
+    let mut sql = event_sql_anywhere(table, event_id);
     if let Some(ts) = event_id.get_timestamp() {
         let (secs, _) = ts.to_unix();
         let day = |s: u64| {

@@ -43,6 +43,10 @@ pub struct RowColumns {
     pub key_version: Option<String>,
     pub request_bytes: u64,
     pub response_bytes: u64,
+    /// The `event_id` of the `unknown` row a `reconciled` row closes. Absent from files and WAL
+    /// records written before the column existed (read as `None`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reconciles: Option<uuid::Uuid>,
 }
 
 /// A row with its position in its writer's chain of its table (`audit` rows by default; see
@@ -138,6 +142,7 @@ fn redact_exchange_inner(ex: &Exchange) -> (RowColumns, PayloadDoc) {
         key_version: redact::redact_opt(&ex.key_version),
         request_bytes: ex.request.body.len() as u64,
         response_bytes: ex.response.as_ref().map_or(0, |r| r.body.len() as u64),
+        reconciles: ex.reconciles,
     };
     (columns, PayloadDoc { request, response })
 }
@@ -200,6 +205,7 @@ pub fn fallback_exchange(ex: &Exchange) -> (RowColumns, PayloadDoc) {
         key_version: None,
         request_bytes,
         response_bytes,
+        reconciles: ex.reconciles,
     };
     let message = |bytes: u64| RedactedMessage {
         start_line: REDACTION_FAILED.to_owned(),
@@ -271,6 +277,10 @@ impl Canon {
 }
 
 /// SHA-256 of the previous hash and every column of the row, in schema order.
+///
+/// `reconciles`, the newest column, is hashed only when it is set (a `2` tag and the UUID's 16
+/// bytes, where the payload that follows would start with a `1` tag), so that every row written
+/// before the column existed keeps its hash.
 pub fn row_hash(prev_hash: &[u8; 32], writer_id: &str, seq: u64, c: &RowColumns, payload: &[u8]) -> [u8; 32] {
     let mut h = Canon(Sha256::new());
     h.0.update(b"keygate-audit-chain-v1");
@@ -304,6 +314,10 @@ pub fn row_hash(prev_hash: &[u8; 32], writer_id: &str, seq: u64, c: &RowColumns,
     h.opt_str(&c.key_version);
     h.u64(c.request_bytes);
     h.u64(c.response_bytes);
+    if let Some(reconciles) = c.reconciles {
+        h.0.update([2u8]);
+        h.0.update(reconciles.as_bytes());
+    }
     h.bytes(payload);
     h.0.finalize().into()
 }

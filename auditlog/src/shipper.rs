@@ -17,10 +17,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
+use crate::checkpoint::Publisher;
 use crate::crypto::SigningKey;
 use crate::error::AuditError;
 use crate::lake::{Lake, Put, data_path_of, manifest_path_of};
-use crate::manifest::{Manifest, ManifestBody, sha256_hex};
+use crate::manifest::{Manifest, ManifestBody, TreeState, sha256_hex};
+use crate::merkle::Frontier;
 use crate::parquet_io::{self, FileMeta};
 use crate::row::ChainedRow;
 use crate::table::{Table, TableRow};
@@ -34,6 +36,8 @@ pub struct LakeHead {
     pub last_seq: u64,
     pub chain_head_out: [u8; 32],
     pub manifest_sha256: String,
+    /// The writer's Merkle tree after that manifest; `None` when the manifest predates trees.
+    pub tree: Option<Frontier>,
 }
 
 /// Reads the newest `audit` manifest of `writer_id`, if any.
@@ -55,7 +59,8 @@ pub async fn lake_head_of(lake: &Lake, table: Table, writer_id: &str) -> Result<
     let mut out = [0u8; 32];
     hex::decode_to_slice(&m.body.chain_head_out, &mut out)
         .map_err(|_| AuditError::corrupt(last.location.to_string(), "bad chain_head_out"))?;
-    Ok(Some(LakeHead { last_seq: m.body.last_seq, chain_head_out: out, manifest_sha256: sha256_hex(&bytes) }))
+    let tree = m.body.tree.as_ref().and_then(TreeState::frontier);
+    Ok(Some(LakeHead { last_seq: m.body.last_seq, chain_head_out: out, manifest_sha256: sha256_hex(&bytes), tree }))
 }
 
 /// Where a writer without WAL state continues its chains: after the lake's newest manifests of
@@ -68,9 +73,11 @@ pub async fn start_from_lake(
     let pos = |h: Option<LakeHead>| {
         h.map_or_else(ChainPos::default, |h| ChainPos { next_seq: h.last_seq + 1, head: h.chain_head_out })
     };
-    let audit = pos(lake_head_of(lake, Table::Audit, writer_id).await?);
-    let webhooks = pos(lake_head_of(lake, Table::Webhooks, writer_id).await?);
-    Ok(crate::wal::writer::StartPoint { next_segno, next_seq: audit.next_seq, head: audit.head, webhooks })
+    let mut chains = [ChainPos::default(); Table::COUNT];
+    for t in Table::ALL {
+        chains[t.index()] = pos(lake_head_of(lake, t, writer_id).await?);
+    }
+    Ok(crate::wal::writer::StartPoint { next_segno, chains })
 }
 
 /// Back-off settings.
@@ -89,10 +96,15 @@ pub struct Shipper {
     pub signing_key: SigningKey,
     pub backoff: Backoff,
     /// Per table ([`Table::index`]): the lake's newest manifest of this writer, once read.
-    pub head: [Option<Option<LakeHead>>; 2],
+    pub head: [Option<Option<LakeHead>>; Table::COUNT],
     /// Longest one commit attempt may take before it counts as failed and is retried (a store
     /// that hangs must show as failures, not as silence).
     pub attempt_timeout: Duration,
+    /// Signs, stores and publishes a checkpoint after each file, and again every interval.
+    pub checkpoints: Publisher,
+    /// Per table: building the Merkle tree over a pre-tree lake took too long once; not tried
+    /// again by this process.
+    pub tree_rebuild_failed: [bool; Table::COUNT],
 }
 
 impl Shipper {
@@ -110,7 +122,15 @@ impl Shipper {
                 if closed {
                     return;
                 }
-                match rx.recv().await {
+                let received = tokio::select! {
+                    r = rx.recv() => r,
+                    () = tokio::time::sleep(self.checkpoints.interval) => {
+                        // Idle: the newest checkpoints again (a publish that failed is retried).
+                        self.checkpoints.republish(&self.lake).await;
+                        continue;
+                    }
+                };
+                match received {
                     Some(s) => {
                         queue.push_back(s);
                         continue;
@@ -150,6 +170,10 @@ impl Shipper {
                     }
                 }
             }
+            // The committed files' checkpoints, outside the commit's time limit: a publish store
+            // that fails or hangs (each operation bounded by audit.lake_timeout) never holds up
+            // the WAL.
+            self.checkpoints.flush(&self.lake).await;
             queue.pop_front();
             while let Ok(s) = rx.try_recv() {
                 queue.push_back(s);
@@ -167,13 +191,19 @@ impl Shipper {
         let dir = self.shared.dir.join("set-aside");
         let path = seg.path.clone();
         let reason_text = reason.clone();
-        type Ranges = (Option<(u64, u64)>, Option<(u64, u64)>);
+        // Per table: the seqs the segment holds (`audit`'s always named, from its header).
+        type Ranges = [Option<(u64, u64)>; Table::COUNT];
         let moved = tokio::task::spawn_blocking(move || -> std::io::Result<(u64, Ranges)> {
             let contents = read_segment(&path).ok().flatten();
-            let range =
-                contents.as_ref().map(|c| (c.header.first_seq, c.rows.last().map_or(c.header.first_seq, |r| r.seq)));
-            let webhooks =
-                contents.as_ref().and_then(|c| Some((c.header.webhooks_start.next_seq, c.webhook_rows.last()?.seq)));
+            let ranges = Table::ALL.map(|t| {
+                let c = contents.as_ref()?;
+                let first = c.header.chain_start(t).next_seq;
+                match (t, c.last_row(t)) {
+                    (_, Some((last, _))) => Some((first, last)),
+                    (Table::Audit, None) => Some((first, first)),
+                    (_, None) => None,
+                }
+            });
             let name = path.file_name().map(|n| n.to_owned()).unwrap_or_default();
             let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
             std::fs::create_dir_all(&dir)?;
@@ -182,20 +212,22 @@ impl Shipper {
             std::fs::write(dir.join(reason_name), reason_text)?;
             std::fs::rename(&path, dir.join(&name))?;
             std::fs::File::open(&dir)?.sync_all()?;
-            Ok((len, (range, webhooks)))
+            Ok((len, ranges))
         })
         .await;
-        let (range, webhooks_range) = match moved {
+        let ranges: Ranges = match moved {
             Ok(Ok((len, ranges))) => {
                 self.shared.sub_bytes(len);
                 ranges
             }
             Ok(Err(e)) => {
                 tracing::error!(segment = %seg.path.display(), error = %e, "could not move the segment to set-aside/; it stays where it is");
-                (None, None)
+                [None; Table::COUNT]
             }
-            Err(_) => (None, None),
+            Err(_) => [None; Table::COUNT],
         };
+        let range = ranges[Table::Audit.index()];
+        let (webhooks_range, anomalies_range) = (ranges[Table::Webhooks.index()], ranges[Table::Anomalies.index()]);
         let seqs = range.map_or_else(|| "unknown seqs".to_owned(), |(a, b)| format!("seq {a}..={b}"));
         tracing::error!(segment = %seg.path.display(), %seqs, error = %reason, "audit WAL segment set aside after a permanent lake error; later segments keep flowing (docs/audit-lake.md, Set-aside segments)");
         if let Ok(mut list) = self.shared.set_aside.lock() {
@@ -212,6 +244,8 @@ impl Shipper {
             "last_seq": range.map(|r| r.1),
             "webhooks_first_seq": webhooks_range.map(|r| r.0),
             "webhooks_last_seq": webhooks_range.map(|r| r.1),
+            "anomalies_first_seq": anomalies_range.map(|r| r.0),
+            "anomalies_last_seq": anomalies_range.map(|r| r.1),
             "reason": reason,
             "set_aside_at_us": crate::row::micros(std::time::SystemTime::now()),
             "signing_key": self.signing_key.public_key_hex(),
@@ -234,13 +268,24 @@ impl Shipper {
             return Ok(h.clone());
         }
         let h = lake_head_of(&self.lake, table, &self.writer_id).await?;
+        if let Some(tree) = h.as_ref().and_then(|h| h.tree.as_ref()) {
+            // Signed again (Ed25519 is deterministic: the same bytes) so that it is served and
+            // re-published even when the process that committed it died before storing it.
+            let cp = crate::checkpoint::Checkpoint {
+                origin: crate::checkpoint::origin(&self.checkpoints.log_name, table, &self.writer_id),
+                size: tree.size(),
+                root: tree.root(),
+            }
+            .sign(&self.signing_key);
+            self.checkpoints.remember(table, &self.writer_id, cp);
+        }
         self.head[table.index()] = Some(h.clone());
         Ok(h)
     }
 
-    /// Ships one segment (idempotent): its `audit` rows, then its `webhooks` rows, each into its
-    /// table's file with its own manifest and chain; then records where both chains continue and
-    /// deletes the segment.
+    /// Ships one segment (idempotent): its `audit` rows, then its `webhooks` rows, then its
+    /// `anomalies` rows, each into its table's file with its own manifest and chain; then records
+    /// where every chain continues and deletes the segment.
     pub async fn ship(&mut self, seg: &SealedSegment) -> Result<(), AuditError> {
         let path = seg.path.clone();
         let read = tokio::task::spawn_blocking(move || read_segment(&path))
@@ -256,11 +301,15 @@ impl Shipper {
         // The rows are moved, not copied, into the file's rows: a segment can be tens of
         // megabytes, and each copy of it is peak memory of the process.
         let header = contents.header;
-        let audit_start = ChainPos { next_seq: header.first_seq, head: header.prev_hash };
-        let audit_after = self.ship_table(seg, &header, contents.rows, audit_start, seg.upto_seq).await?;
-        let webhooks_after =
-            self.ship_table(seg, &header, contents.webhook_rows, header.webhooks_start, seg.webhooks_upto_seq).await?;
-        self.remove_segment(seg, Some((audit_after, webhooks_after))).await
+        let (a, w, n) = (Table::Audit, Table::Webhooks, Table::Anomalies);
+        let mut after = [ChainPos::default(); Table::COUNT];
+        after[a.index()] =
+            self.ship_table(seg, &header, contents.rows, header.chain_start(a), seg.upto[a.index()]).await?;
+        after[w.index()] =
+            self.ship_table(seg, &header, contents.webhook_rows, header.chain_start(w), seg.upto[w.index()]).await?;
+        after[n.index()] =
+            self.ship_table(seg, &header, contents.anomaly_rows, header.chain_start(n), seg.upto[n.index()]).await?;
+        self.remove_segment(seg, Some(after)).await
     }
 
     /// Commits one table's rows of a segment (those below `upto`) as a lake file and its
@@ -319,6 +368,36 @@ impl Shipper {
         if head.is_some() && first_seq != committed + 1 {
             tracing::error!(writer = %self.writer_id, %table, expected = committed + 1, found = first_seq, "gap in the audit chain: WAL segments were lost");
         }
+        // The Merkle tree continues from the previous manifest's frontier; a writer whose lake
+        // predates trees has its old rows read once to build it.
+        let tree_before = match &head {
+            None => Some(Frontier::new()),
+            Some(LakeHead { tree: Some(t), .. }) => Some(t.clone()),
+            Some(_) if self.tree_rebuild_failed[table.index()] => None,
+            Some(_) => {
+                // Bounded, so that a large old lake cannot make every commit attempt time out:
+                // past half of audit.lake_timeout this process writes manifests without trees.
+                let rebuild = crate::proof::rebuild_frontier(&self.lake, table, &self.writer_id);
+                match tokio::time::timeout(self.attempt_timeout / 2, rebuild).await {
+                    Ok(Ok(f)) => Some(f),
+                    Ok(Err(e)) => {
+                        tracing::warn!(writer = %self.writer_id, %table, error = %e, "cannot build the Merkle tree over the lake's older files; this file's manifest carries no Merkle data");
+                        None
+                    }
+                    Err(_) => {
+                        self.tree_rebuild_failed[table.index()] = true;
+                        tracing::warn!(writer = %self.writer_id, %table, "building the Merkle tree over the lake's older files takes longer than half of audit.lake_timeout; this process writes manifests without Merkle data (raise audit.lake_timeout once to build it)");
+                        None
+                    }
+                }
+            }
+        };
+        let tree_after = tree_before.map(|mut f| {
+            for r in &chained {
+                f.push_row(&r.hash);
+            }
+            f
+        });
         let meta = FileMeta {
             table,
             writer_id: self.writer_id.clone(),
@@ -355,6 +434,7 @@ impl Shipper {
             received_at_max_us: chained.iter().map(|r| r.columns.received_at_us()).max().unwrap_or(0),
             kek_id: header.kek_id.clone(),
             signing_key: self.signing_key.public_key_hex(),
+            tree: tree_after.as_ref().map(TreeState::of),
         };
         let manifest = Manifest::sign(body, &self.signing_key)?;
         let mpath = manifest_path_of(table, &self.writer_id, first_seq);
@@ -370,8 +450,16 @@ impl Shipper {
             }
             mbytes = existing;
         }
-        self.head[table.index()] =
-            Some(Some(LakeHead { last_seq, chain_head_out: last_hash, manifest_sha256: sha256_hex(&mbytes) }));
+        let committed_tree = Manifest::parse(&mbytes)?.body.tree.as_ref().and_then(TreeState::frontier);
+        if let Some(t) = &committed_tree {
+            self.checkpoints.committed(&self.signing_key, table, &self.writer_id, t.size(), t.root());
+        }
+        self.head[table.index()] = Some(Some(LakeHead {
+            last_seq,
+            chain_head_out: last_hash,
+            manifest_sha256: sha256_hex(&mbytes),
+            tree: committed_tree,
+        }));
         self.shared.metrics.lake_commits.inc();
         self.shared.metrics.lake_rows.inc_by(chained.len() as u64);
         tracing::info!(file = %path, rows = chained.len(), "audit lake file committed");
@@ -401,7 +489,7 @@ impl Shipper {
     async fn remove_segment(
         &self,
         seg: &SealedSegment,
-        chain_after: Option<(ChainPos, ChainPos)>,
+        chain_after: Option<[ChainPos; Table::COUNT]>,
     ) -> Result<(), AuditError> {
         let dir = self.shared.dir.clone();
         let path = seg.path.clone();
@@ -409,15 +497,8 @@ impl Shipper {
         let segno = seg.segno;
         let shared = self.shared.clone();
         tokio::task::spawn_blocking(move || {
-            if let Some((audit, webhooks)) = chain_after {
-                let head = ChainHead {
-                    writer_id,
-                    next_seq: audit.next_seq,
-                    head: audit.head,
-                    next_segno: segno + 1,
-                    webhooks,
-                };
-                write_chain_head(&dir, &head)?;
+            if let Some(chains) = chain_after {
+                write_chain_head(&dir, &ChainHead::new(writer_id, segno + 1, chains))?;
             }
             let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
             match std::fs::remove_file(&path) {

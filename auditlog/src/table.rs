@@ -1,5 +1,6 @@
-//! The lake's tables: `audit` (one row per request-response pair) and `webhooks` (one row per
-//! received Stripe event and per delivery outcome), and what one code path needs to know about
+//! The lake's tables: `audit` (one row per request-response pair), `webhooks` (one row per
+//! received Stripe event and per delivery outcome) and `anomalies` (one row per alert or shadow
+//! record of the anomaly detectors), and what one code path needs to know about
 //! each to write, ship, verify and read it.
 //!
 //! Invariants: every table goes through the same WAL (one segment, one data key, one group
@@ -24,17 +25,23 @@ pub enum Table {
     Audit,
     /// Webhook ingress and delivery.
     Webhooks,
+    /// Alerts of the anomaly detectors (and shadow-mode records).
+    Anomalies,
 }
 
 impl Table {
     /// Every table, in the order the shipper commits them.
-    pub const ALL: [Table; 2] = [Table::Audit, Table::Webhooks];
+    pub const ALL: [Table; Table::COUNT] = [Table::Audit, Table::Webhooks, Table::Anomalies];
+
+    /// How many tables there are: the length of per-table arrays ([`Table::index`]).
+    pub const COUNT: usize = 3;
 
     /// The table's name: its folder in the lake and its SQL name.
     pub fn name(self) -> &'static str {
         match self {
             Table::Audit => "audit",
             Table::Webhooks => "webhooks",
+            Table::Anomalies => "anomalies",
         }
     }
 
@@ -44,6 +51,7 @@ impl Table {
         match self {
             Table::Audit => "manifests",
             Table::Webhooks => "webhook-manifests",
+            Table::Anomalies => "anomaly-manifests",
         }
     }
 
@@ -52,6 +60,7 @@ impl Table {
         match self {
             Table::Audit => crate::parquet_io::FORMAT_V1,
             Table::Webhooks => crate::parquet_io::FORMAT_WEBHOOKS_V1,
+            Table::Anomalies => crate::parquet_io::FORMAT_ANOMALIES_V1,
         }
     }
 
@@ -60,6 +69,7 @@ impl Table {
         match self {
             Table::Audit => crate::parquet_io::SCHEMA.clone(),
             Table::Webhooks => crate::webhook::SCHEMA.clone(),
+            Table::Anomalies => crate::anomaly::SCHEMA.clone(),
         }
     }
 
@@ -68,6 +78,7 @@ impl Table {
         match self {
             Table::Audit => 0,
             Table::Webhooks => 1,
+            Table::Anomalies => 2,
         }
     }
 
@@ -76,7 +87,7 @@ impl Table {
     pub fn manifest_tag(self) -> Option<String> {
         match self {
             Table::Audit => None,
-            Table::Webhooks => Some(self.name().to_owned()),
+            Table::Webhooks | Table::Anomalies => Some(self.name().to_owned()),
         }
     }
 
@@ -93,8 +104,9 @@ impl std::fmt::Display for Table {
 }
 
 /// The plaintext columns of one table's rows: what the WAL keeps, the chain hashes and the
-/// Parquet file holds. Implemented by [`crate::row::RowColumns`] (`audit`) and
-/// [`crate::webhook::WebhookColumns`] (`webhooks`).
+/// Parquet file holds. Implemented by [`crate::row::RowColumns`] (`audit`),
+/// [`crate::webhook::WebhookColumns`] (`webhooks`) and [`crate::anomaly::AnomalyColumns`]
+/// (`anomalies`).
 ///
 /// Contract: [`TableRow::chain_hash`] covers every column the file holds (and the payload), in
 /// schema order, under a domain tag of the table; [`TableRow::to_batch`] and

@@ -1,6 +1,6 @@
 //! `auditlog verify`: proves that nothing in the lake was altered, removed, reordered or added.
 //!
-//! Every table ([`Table::ALL`]: `audit`, `webhooks`) is checked the same way, on its own (each
+//! Every table ([`Table::ALL`]: `audit`, `webhooks`, `anomalies`) is checked the same way, on its own (each
 //! writer has one chain per table). Checks, per table and writer, in `seq` order: each manifest's Ed25519 signature (against the trusted
 //! public keys given, else against the key the manifest names, which is then reported as weaker),
 //! the link from each manifest to the previous one's SHA-256, the continuity of `seq` and of the
@@ -15,6 +15,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use bytes::Bytes;
 use serde::Serialize;
 
+use crate::anomaly::AnomalyColumns;
 use crate::crypto::VerifyingKey;
 use crate::error::AuditError;
 use crate::lake::Lake;
@@ -41,6 +42,9 @@ pub enum FindingKind {
     /// A manifest's signature does not verify with the trusted keys (signed by another key, or
     /// the manifest was altered).
     BadSignature,
+    /// A writer's history differs from what a signed checkpoint committed to: it was truncated
+    /// and written again (rolled back or forked), by someone holding the signing key.
+    Forked,
 }
 
 impl FindingKind {
@@ -52,6 +56,7 @@ impl FindingKind {
             FindingKind::Truncated => "truncated",
             FindingKind::Unsigned => "unsigned",
             FindingKind::BadSignature => "bad_signature",
+            FindingKind::Forked => "forked",
         }
     }
 }
@@ -91,8 +96,12 @@ pub struct VerifyOptions {
     /// Public keys whose signatures are trusted. Empty: each manifest is checked against the key
     /// it names (which proves integrity against accidents, not against someone who can re-sign).
     pub trusted_keys: Vec<VerifyingKey>,
-    /// Only files with rows received at or after this time (µs since the epoch).
+    /// Only files with rows received at or after this time (µs since the epoch). Merkle trees
+    /// and checkpoints are then not checked (they need every row).
     pub since_us: Option<i64>,
+    /// Where the published checkpoints are (`audit.checkpoints.publish`); default: the lake's
+    /// own `checkpoints/`.
+    pub checkpoints: Option<Lake>,
 }
 
 /// The outcome of a run.
@@ -104,6 +113,27 @@ pub struct VerifyReport {
     pub files: usize,
     pub rows: u64,
     pub trusted_keys: bool,
+    /// Checkpoints checked against the lake.
+    pub checkpoints: usize,
+    /// Per table and writer whose manifests carry no Merkle data (written before trees): what
+    /// could not be checked. Not a finding: old lakes verify as before.
+    pub no_merkle_data: Vec<String>,
+}
+
+/// What verify learnt of a writer's tree while walking its files.
+#[derive(Default)]
+struct WriterTree {
+    /// Leaf hashes in order.
+    leaves: Vec<crate::merkle::Hash>,
+    frontier: crate::merkle::Frontier,
+    /// `(leaves after the file, file)` in order.
+    files: Vec<(u64, String)>,
+    /// A file could not be read: the leaves are incomplete.
+    incomplete: bool,
+    manifests_without_tree: usize,
+    manifests: usize,
+    /// Keys the writer's manifests name.
+    keys: Vec<VerifyingKey>,
 }
 
 struct Loaded {
@@ -198,8 +228,16 @@ async fn verify_table(
         }
         all.insert(writer, loaded);
     }
+    let mut trees: BTreeMap<String, WriterTree> = BTreeMap::new();
     for (writer, loaded) in &all {
         let mut prev: Option<&Loaded> = None;
+        let tree = trees.entry(writer.clone()).or_default();
+        if opts.since_us.is_some() {
+            tree.incomplete = true;
+        }
+        // Merkle checks need a chain that is otherwise intact: once the chain shows a finding,
+        // that finding is the news and the tree is not compared further.
+        let findings_before = report.findings.len();
         for cur in loaded {
             tick();
             report.manifests += 1;
@@ -319,9 +357,58 @@ async fn verify_table(
                 _ => {}
             }
             prev = Some(cur);
-            check_file(lake, table, m, data.get(&b.file).copied(), &sha_owner, writer, report).await?;
+            let before = tree.leaves.len();
+            check_file(lake, table, m, data.get(&b.file).copied(), &sha_owner, writer, report, &mut tree.leaves)
+                .await?;
+            if tree.leaves.len() as u64 - before as u64 != b.row_count || report.findings.len() > findings_before {
+                tree.incomplete = true;
+            }
+            for leaf in &tree.leaves[before..] {
+                tree.frontier.push_leaf(*leaf);
+            }
+            tree.files.push((tree.leaves.len() as u64, b.file.clone()));
+            tree.manifests += 1;
+            if let Ok(k) = VerifyingKey::from_hex(&b.signing_key)
+                && !tree.keys.contains(&k)
+            {
+                tree.keys.push(k);
+            }
+            match &b.tree {
+                None => tree.manifests_without_tree += 1,
+                Some(t) if !tree.incomplete => {
+                    if t.size != tree.frontier.size() || t.root != hex::encode(tree.frontier.root()) {
+                        report.findings.push(f(
+                            FindingKind::Changed,
+                            &cur.path,
+                            None,
+                            Some(b.first_seq),
+                            format!(
+                                "the manifest's Merkle tree (size {}, root {}) is not the tree of writer {writer}'s rows up to this file (size {})",
+                                t.size,
+                                t.root,
+                                tree.frontier.size()
+                            ),
+                        ));
+                    }
+                }
+                Some(_) => {}
+            }
+        }
+        if report.findings.len() > findings_before {
+            tree.incomplete = true;
+        }
+        if tree.manifests_without_tree > 0 {
+            report.no_merkle_data.push(if tree.manifests_without_tree == tree.manifests {
+                format!("{table} writer {writer}: no Merkle data (its manifests predate Merkle trees)")
+            } else {
+                format!(
+                    "{table} writer {writer}: no Merkle data in {} of {} manifests (written before Merkle trees)",
+                    tree.manifests_without_tree, tree.manifests
+                )
+            });
         }
     }
+    check_checkpoints(lake, table, &trees, opts, report).await?;
     for file in data.keys() {
         if !named.contains(file) {
             report.findings.push(Finding {
@@ -351,6 +438,7 @@ async fn annotate_set_aside_gaps(
         writer: String,
         first_seq: Option<u64>,
         webhooks_first_seq: Option<u64>,
+        anomalies_first_seq: Option<u64>,
         reason: String,
         signed: bool,
         path: String,
@@ -373,6 +461,7 @@ async fn annotate_set_aside_gaps(
             writer: note["writer_id"].as_str().unwrap_or_default().to_owned(),
             first_seq: note["first_seq"].as_u64(),
             webhooks_first_seq: note["webhooks_first_seq"].as_u64(),
+            anomalies_first_seq: note["anomalies_first_seq"].as_u64(),
             reason: note["reason"].as_str().unwrap_or("no reason recorded").to_owned(),
             signed,
             path,
@@ -380,11 +469,12 @@ async fn annotate_set_aside_gaps(
     }
     for finding in report.findings.iter_mut().filter(|f| f.kind == FindingKind::Missing) {
         let Some(note) = notes.iter().find(|n| {
-            let unknown = n.first_seq.is_none() && n.webhooks_first_seq.is_none();
+            let unknown = n.first_seq.is_none() && n.webhooks_first_seq.is_none() && n.anomalies_first_seq.is_none();
             finding.writer.as_deref() == Some(n.writer.as_str())
                 && match finding.table {
                     Table::Audit => n.first_seq.is_none() || n.first_seq == finding.seq,
                     Table::Webhooks => unknown || n.webhooks_first_seq == finding.seq,
+                    Table::Anomalies => unknown || n.anomalies_first_seq == finding.seq,
                 }
         }) else {
             continue;
@@ -400,6 +490,7 @@ async fn annotate_set_aside_gaps(
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn check_file(
     lake: &Lake,
     table: Table,
@@ -408,6 +499,7 @@ async fn check_file(
     sha_owner: &HashMap<String, String>,
     writer: &str,
     report: &mut VerifyReport,
+    leaves: &mut Vec<crate::merkle::Hash>,
 ) -> Result<(), AuditError> {
     let b = &m.body;
     let f = |kind, row, seq, detail: String| Finding {
@@ -419,9 +511,10 @@ async fn check_file(
         writer: Some(writer.to_owned()),
         detail,
     };
-    let check_rows = |bytes: Bytes, report: &mut VerifyReport, changed: bool| match table {
-        Table::Audit => check_rows::<RowColumns>(bytes, m, writer, report, changed),
-        Table::Webhooks => check_rows::<WebhookColumns>(bytes, m, writer, report, changed),
+    let check_rows = |bytes: Bytes, report: &mut VerifyReport, changed: bool, leaves: &mut Vec<_>| match table {
+        Table::Audit => check_rows::<RowColumns>(bytes, m, writer, report, changed, leaves),
+        Table::Webhooks => check_rows::<WebhookColumns>(bytes, m, writer, report, changed, leaves),
+        Table::Anomalies => check_rows::<AnomalyColumns>(bytes, m, writer, report, changed, leaves),
     };
     if size.is_none() {
         report.findings.push(f(
@@ -436,7 +529,7 @@ async fn check_file(
     let sha = sha256_hex(&bytes);
     if sha == b.file_sha256 && bytes.len() as u64 == b.file_bytes {
         // Identical to what was signed; still walk the rows to catch a writer that signed bad data.
-        check_rows(bytes, report, false);
+        check_rows(bytes, report, false, leaves);
         return Ok(());
     }
     if let Some(owner) = sha_owner.get(&sha) {
@@ -457,7 +550,7 @@ async fn check_file(
         ));
         return Ok(());
     }
-    if !check_rows(bytes, report, true) {
+    if !check_rows(bytes, report, true, leaves) {
         report.findings.push(f(
             FindingKind::Changed,
             None,
@@ -469,7 +562,14 @@ async fn check_file(
 }
 
 /// Walks a file's rows; returns true when it reported something row-level.
-fn check_rows<C: TableRow>(bytes: Bytes, m: &Manifest, writer: &str, report: &mut VerifyReport, changed: bool) -> bool {
+fn check_rows<C: TableRow>(
+    bytes: Bytes,
+    m: &Manifest,
+    writer: &str,
+    report: &mut VerifyReport,
+    changed: bool,
+    leaves: &mut Vec<crate::merkle::Hash>,
+) -> bool {
     let b = &m.body;
     let f = |kind, row, seq, detail: String| Finding {
         table: C::TABLE,
@@ -524,6 +624,7 @@ fn check_rows<C: TableRow>(bytes: Bytes, m: &Manifest, writer: &str, report: &mu
             ));
         }
         prev_hash = r.hash;
+        leaves.push(crate::merkle::leaf_hash(&r.hash));
     }
     if (rows.len() as u64) < b.row_count {
         report.findings.push(f(
@@ -552,4 +653,112 @@ fn check_rows<C: TableRow>(bytes: Bytes, m: &Manifest, writer: &str, report: &mu
         ));
     }
     report.findings.len() > before
+}
+
+/// Checks every published checkpoint of `table` against the writers' rows: signature, that the
+/// lake still holds every leaf it counts, and that the lake's tree at its size has its root.
+/// Successive checkpoints are then consistent with each other: both are roots of prefixes of the
+/// one leaf sequence the lake holds, checked leaf by leaf (what an RFC 9162 consistency proof
+/// establishes for someone who holds only the two checkpoints).
+async fn check_checkpoints(
+    lake: &Lake,
+    table: Table,
+    trees: &BTreeMap<String, WriterTree>,
+    opts: &VerifyOptions,
+    report: &mut VerifyReport,
+) -> Result<(), AuditError> {
+    use crate::merkle;
+    let store = opts.checkpoints.as_ref().unwrap_or(lake);
+    let all = crate::checkpoint::list_checkpoints(store).await?;
+    let empty = WriterTree::default();
+    for ((t, writer), list) in all.into_iter().filter(|((t, _), _)| *t == table) {
+        let tree = trees.get(&writer).unwrap_or(&empty);
+        if tree.incomplete {
+            continue;
+        }
+        let keys = if opts.trusted_keys.is_empty() { &tree.keys } else { &opts.trusted_keys };
+        let held = tree.leaves.len() as u64;
+        let file_of = |leaf: u64| {
+            tree.files.iter().find(|(end, _)| *end > leaf).map_or("(no file)".to_owned(), |(_, f)| f.clone())
+        };
+        // The lake's root at every checkpointed size it holds, in one pass over the leaves (a
+        // root per checkpoint from scratch would cost rows x checkpoints hashes).
+        let mut sizes: Vec<u64> = list
+            .iter()
+            .filter_map(|(_, p)| p.as_ref().ok().map(|cp| cp.checkpoint.size))
+            .filter(|size| *size <= held)
+            .collect();
+        sizes.sort_unstable();
+        sizes.dedup();
+        let mut roots = HashMap::new();
+        let mut frontier = merkle::Frontier::new();
+        for size in sizes {
+            for leaf in &tree.leaves[frontier.size() as usize..size as usize] {
+                frontier.push_leaf(*leaf);
+            }
+            roots.insert(size, frontier.root());
+        }
+        let mut agreed_up_to = 0u64;
+        for (path, parsed) in &list {
+            report.checkpoints += 1;
+            let f = |kind, seq, detail: String| Finding {
+                table: t,
+                kind,
+                file: path.clone(),
+                row: None,
+                seq,
+                writer: Some(writer.clone()),
+                detail,
+            };
+            let cp = match parsed {
+                Ok(cp) => cp,
+                Err(e) => {
+                    report.findings.push(f(FindingKind::Changed, None, format!("not a valid signed checkpoint: {e}")));
+                    continue;
+                }
+            };
+            let c = &cp.checkpoint;
+            if !cp.verify_any(keys) {
+                report.findings.push(f(
+                    FindingKind::BadSignature,
+                    None,
+                    "the checkpoint's signature does not verify with the trusted keys".into(),
+                ));
+                continue;
+            }
+            if !c.origin.ends_with(&format!("/{}/{writer}", t.name())) || !path.ends_with(&format!("{:020}", c.size)) {
+                report.findings.push(f(
+                    FindingKind::Reordered,
+                    None,
+                    format!("the checkpoint (origin {}, size {}) does not match its name", c.origin, c.size),
+                ));
+                continue;
+            }
+            if c.size > held {
+                report.findings.push(f(
+                    FindingKind::Missing,
+                    Some(held + 1),
+                    format!(
+                        "this signed checkpoint proves that writer {writer} had {} {t} rows; the lake holds {held}: rows {}..={} are gone (newest files deleted with their manifests, or the writer was rolled back)",
+                        c.size,
+                        held + 1,
+                        c.size
+                    ),
+                ));
+            } else if roots.get(&c.size) != Some(&c.root) {
+                report.findings.push(f(
+                    FindingKind::Forked,
+                    Some(agreed_up_to + 1),
+                    format!(
+                        "writer {writer}'s {t} rows up to {} differ from what this signed checkpoint committed to: the history was rewritten after row {agreed_up_to} (first rewritten rows in {})",
+                        c.size,
+                        file_of(agreed_up_to)
+                    ),
+                ));
+            } else {
+                agreed_up_to = agreed_up_to.max(c.size);
+            }
+        }
+    }
+    Ok(())
 }

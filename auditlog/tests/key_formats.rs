@@ -33,7 +33,7 @@ async fn signed_lake(signing: SigningKey, rows: usize) -> Env {
 }
 
 async fn run_verify(env: &Env, trusted: Vec<VerifyingKey>) -> VerifyReport {
-    let opts = VerifyOptions { trusted_keys: trusted, since_us: None };
+    let opts = VerifyOptions { trusted_keys: trusted, since_us: None, checkpoints: None };
     verify(&open_lake(&env.lake_dir()), &opts, |_, _| {}).await.unwrap()
 }
 
@@ -154,7 +154,7 @@ async fn an_old_quick_start_folder_with_bare_hex_keys_still_verifies() {
     }
     log.shutdown().await.unwrap();
     let lake = open_lake(&data.path().join("lake"));
-    let opts = |trusted| VerifyOptions { trusted_keys: trusted, since_us: None };
+    let opts = |trusted| VerifyOptions { trusted_keys: trusted, since_us: None, checkpoints: None };
     // `auditlog --config keygate.yaml verify`: audit.signing_key is a signing key.
     let trusted = keys::trusted_keys(&store, &[], &[], Some(&cfg.signing_key)).await.unwrap();
     assert_eq!(trusted, vec![expected]);

@@ -41,7 +41,7 @@ fn rel(lake: &Path, p: &Path) -> String {
 }
 
 async fn run(env: &Env) -> VerifyReport {
-    let opts = VerifyOptions { trusted_keys: vec![env.signing.verifying_key()], since_us: None };
+    let opts = VerifyOptions { trusted_keys: vec![env.signing.verifying_key()], since_us: None, checkpoints: None };
     verify(&open_lake(&env.lake_dir()), &opts, |_, _| {}).await.unwrap()
 }
 
@@ -139,7 +139,8 @@ async fn a_truncated_newest_file_is_reported_truncated() {
 async fn manifests_signed_by_another_key_have_a_bad_signature() {
     let env = env();
     let files = lake_with_files(&env).await;
-    let opts = VerifyOptions { trusted_keys: vec![SigningKey::generate().verifying_key()], since_us: None };
+    let opts =
+        VerifyOptions { trusted_keys: vec![SigningKey::generate().verifying_key()], since_us: None, checkpoints: None };
     let report = verify(&open_lake(&env.lake_dir()), &opts, |_, _| {}).await.unwrap();
     let bad = report.findings.iter().filter(|f| f.kind == FindingKind::BadSignature).count();
     assert_eq!(bad, files.len(), "{:#?}", report.findings);

@@ -294,7 +294,7 @@ async fn a_permanent_lake_error_sets_the_segment_aside_and_later_segments_keep_f
     wait_for("keygate_audit_lake_commits_total", 1.0).await;
     let committed_before = metric(&log, "keygate_audit_lake_commits_total");
     // The next data file cannot be written, permanently.
-    faults.arm(Op::Put, "audit/", Action::FailPermanently, 1);
+    faults.arm(Op::Put, "audit/dt=", Action::FailPermanently, 1);
     for i in 8..40 {
         log.record(exchange(i), None).await.unwrap();
     }
@@ -309,8 +309,11 @@ async fn a_permanent_lake_error_sets_the_segment_aside_and_later_segments_keep_f
     let kept: Vec<_> = std::fs::read_dir(&aside).unwrap().flatten().map(|e| e.file_name()).collect();
     assert_eq!(kept.len(), 2, "the segment and its reason are kept: {kept:?}");
     let lake = open_lake(&env.lake_dir());
-    let opts =
-        keygate_auditlog::verify::VerifyOptions { trusted_keys: vec![env.signing.verifying_key()], since_us: None };
+    let opts = keygate_auditlog::verify::VerifyOptions {
+        trusted_keys: vec![env.signing.verifying_key()],
+        since_us: None,
+        checkpoints: None,
+    };
     let report = keygate_auditlog::verify::verify(&lake, &opts, |_, _| {}).await.unwrap();
     assert_eq!(report.findings.len(), 1, "one gap: {:#?}", report.findings);
     let finding = &report.findings[0];

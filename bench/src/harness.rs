@@ -223,6 +223,7 @@ pub fn run(env: &Environment, plan: &Plan, progress: &mut dyn FnMut(&str)) -> Re
             body_bytes: plan.body_bytes,
             upstream_tls: env.upstream_tls,
             upstream_delay_ms: u64::try_from(env.upstream_delay.as_millis()).unwrap_or(u64::MAX),
+            anomalies: env.anomalies,
             order,
             keygate_log: "info (one JSON access-log line per request to a file), TOKIO_WORKER_THREADS=1".to_owned(),
             nginx_log: "access_log (combined, unbuffered, one line per request to a file), worker_processes 1"

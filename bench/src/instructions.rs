@@ -159,7 +159,12 @@ pub fn measure(env: &Environment, scenario: Scenario, plan: &Plan) -> Result<Ins
         }
     }
     Ok(InstructionCount {
-        scenario: scenario.name().to_owned(),
+        // `P0+anomalies`: keygate ran live anomaly detection (`--anomalies`).
+        scenario: if env.anomalies && matches!(scenario, Scenario::P0 | Scenario::P1 | Scenario::P2) {
+            format!("{}+anomalies", scenario.name())
+        } else {
+            scenario.name().to_owned()
+        },
         requests: load.requests,
         instructions,
         instructions_per_request: instructions as f64 / load.requests as f64,

@@ -126,6 +126,10 @@ struct RunArgs {
     /// Repetitions of each scenario (default: 3 for full, 1 for smoke).
     #[arg(long)]
     reps: Option<usize>,
+    /// keygate (P0, P1, P2) runs live anomaly detection, every detector at its defaults: what
+    /// the detectors cost the request path, against a run without it.
+    #[arg(long)]
+    anomalies: bool,
 }
 
 fn main() {
@@ -286,6 +290,7 @@ fn environment(args: &RunArgs) -> Result<(Environment, tempfile::TempDir), Bench
         // A test-mode-shaped key the upstream requires: proves the proxies inject it.
         stripe_key: "sk_test_51BenchKeygateInjectedKey000000000000000000000000000000".to_owned(),
         proxy_wrapper: Vec::new(),
+        anomalies: args.anomalies,
     };
     Ok((env, work))
 }

@@ -194,6 +194,9 @@ pub struct Setup {
     pub body_bytes: usize,
     pub upstream_tls: bool,
     pub upstream_delay_ms: u64,
+    /// keygate ran live anomaly detection (`--anomalies`); absent in older results files.
+    #[serde(default)]
+    pub anomalies: bool,
     /// Scenario order of each repetition (rotated so that drift hits all alike).
     pub order: Vec<Vec<String>>,
     pub keygate_log: String,
@@ -347,7 +350,7 @@ pub fn markdown(results: &Results) -> String {
          Load average before {:.2}, after {:.2}, highest after a run {:.2} (the machine is shared: \
          read ratios, not absolutes). {} repetitions per scenario, alternated; medians, spread = (max − min) / median. \
          Requests: `{}` with a {}-byte form body and a service token, {} keep-alive connections at fixed rates, \
-         {} for maximum throughput; upstream {}{}.\n\n",
+         {} for maximum throughput; upstream {}{}{}.\n\n",
         results.started_at,
         s.mode,
         results.versions.git_commit,
@@ -366,6 +369,7 @@ pub fn markdown(results: &Results) -> String {
         s.max_connections,
         if s.upstream_tls { "over TLS" } else { "plain HTTP" },
         if s.upstream_delay_ms > 0 { format!(", {} ms fixed delay", s.upstream_delay_ms) } else { String::new() },
+        if s.anomalies { "; keygate with live anomaly detection (every detector at its defaults)" } else { "" },
     ));
     let f = &results.fsync;
     out.push_str(&format!(

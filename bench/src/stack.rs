@@ -98,6 +98,9 @@ pub struct Environment {
     pub stripe_key: String,
     /// A command the proxy runs under (`valgrind …` for instruction counts); empty: none.
     pub proxy_wrapper: Vec<String>,
+    /// keygate runs live anomaly detection (`anomalies:` with every detector at its defaults),
+    /// to measure what the detectors cost the request path (issue 18).
+    pub anomalies: bool,
 }
 
 impl std::fmt::Debug for Environment {
@@ -112,6 +115,7 @@ impl std::fmt::Debug for Environment {
             .field("upstream_tls", &self.upstream_tls)
             .field("upstream_delay", &self.upstream_delay)
             .field("proxy_wrapper", &self.proxy_wrapper)
+            .field("anomalies", &self.anomalies)
             .finish_non_exhaustive()
     }
 }
@@ -291,12 +295,14 @@ fn write_file(path: &Path, text: &str) -> Result<(), BenchError> {
     std::fs::write(path, text).map_err(|e| BenchError::io("write a benchmark file", path, e))
 }
 
-/// keygate's configuration for a scenario (audit off for P0, sync for P1, async for P2).
+/// keygate's configuration for a scenario (audit off for P0, sync for P1, async for P2), with
+/// live anomaly detection at its defaults when `anomalies` is set.
 pub fn keygate_config(
     dir: &Path,
     scenario: Scenario,
     upstream_url: &str,
     ca_file: Option<&Path>,
+    anomalies: bool,
 ) -> Result<String, BenchError> {
     let policies = dir.join("policies");
     let mut config = format!(
@@ -328,6 +334,13 @@ pub fn keygate_config(
             ));
         }
     }
+    if anomalies {
+        // Every detector at its defaults; the state file in the stack's folder.
+        config.push_str(&format!(
+            "anomalies:\n  live:\n    state_file: {}\n",
+            dir.join("anomalies-state.json").display()
+        ));
+    }
     Ok(config)
 }
 
@@ -356,7 +369,7 @@ fn start_keygate(
         ),
     )?;
     let config_path = dir.join("keygate.yaml");
-    write_file(&config_path, &keygate_config(dir, scenario, upstream_url, ca_file)?)?;
+    write_file(&config_path, &keygate_config(dir, scenario, upstream_url, ca_file, env.anomalies)?)?;
     let log = dir.join("keygate.log");
     let log_file = std::fs::File::create(&log).map_err(|e| BenchError::io("create keygate's log", &log, e))?;
     let mut command = proxy_command(env, &env.binary("keygate"));

@@ -57,6 +57,40 @@ pub struct AnomaliesConfig {
     pub bursts: BurstsConfig,
     pub first_seen: FirstSeenConfig,
     pub webhook_surge: WebhookSurgeConfig,
+    /// The live path in keygate (ignored by `auditlog anomalies`).
+    pub live: LiveConfig,
+}
+
+/// How keygate runs the detectors live, off the request path.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LiveConfig {
+    /// Inputs waiting for the detector task; when it is full, an input is dropped and counted
+    /// (`keygate_anomaly_inputs_dropped_total`), never waited for.
+    pub queue: usize,
+    /// How often the learned state is saved to `state_file` (and once at shutdown).
+    #[serde(with = "humantime_serde")]
+    pub save_interval: Duration,
+    /// How often the detectors' clock moves without traffic (closing hours, finding silences).
+    #[serde(with = "humantime_serde")]
+    pub tick: Duration,
+    /// How long an alert counts in the `keygate_anomalies_active` gauge.
+    #[serde(with = "humantime_serde")]
+    pub active_for: Duration,
+    /// The state file; default `anomalies-state.json` in the data folder.
+    pub state_file: Option<std::path::PathBuf>,
+}
+
+impl Default for LiveConfig {
+    fn default() -> Self {
+        LiveConfig {
+            queue: 10_000,
+            save_interval: Duration::from_secs(60),
+            tick: Duration::from_secs(10),
+            active_for: Duration::from_secs(3600),
+            state_file: None,
+        }
+    }
 }
 
 impl Default for AnomaliesConfig {
@@ -69,6 +103,7 @@ impl Default for AnomaliesConfig {
             bursts: BurstsConfig::default(),
             first_seen: FirstSeenConfig::default(),
             webhook_surge: WebhookSurgeConfig::default(),
+            live: LiveConfig::default(),
         }
     }
 }
@@ -448,6 +483,13 @@ impl AnomaliesConfig {
             format!("anomalies.webhook_surge.min_ratio is {}; it must be 1 or more", w.min_ratio)
         })?;
         positive("anomalies.webhook_surge.sigmas", w.sigmas)?;
+        let l = &self.live;
+        check((1..=1_000_000).contains(&l.queue), || {
+            format!("anomalies.live.queue is {}; it must be between 1 and 1000000", l.queue)
+        })?;
+        duration("anomalies.live.save_interval", l.save_interval, Duration::from_secs(1))?;
+        duration("anomalies.live.tick", l.tick, Duration::from_millis(100))?;
+        duration("anomalies.live.active_for", l.active_for, Duration::from_secs(1))?;
         Ok(())
     }
 }

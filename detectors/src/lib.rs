@@ -51,7 +51,7 @@ pub mod webhook_surge;
 mod conformance;
 
 pub use alert::{Alert, DetectorKind};
-pub use config::{AnomaliesConfig, Mode, Severity};
+pub use config::{AnomaliesConfig, LiveConfig, Mode, Severity};
 pub use detector::Detector;
 pub use engine::{Engine, EngineState};
 pub use error::DetectorError;

@@ -12,9 +12,8 @@
 //! 4. otherwise `needs_review`, with what a person needs to find it in the Stripe Dashboard.
 //!
 //! The caller (the `keygate` binary, which can send through its own pipeline) acts on the plan.
-//! Each resolution is a new row with outcome `reconciled` whose `reason` starts with
-//! `reconciles <event_id of the unknown row>` ([`link_reason`], [`reconciles`]); the unknown row
-//! is never changed.
+//! Each resolution is a new row with outcome `reconciled` whose `reconciles` column holds the
+//! `event_id` of the unknown row; the unknown row is never changed.
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
@@ -28,17 +27,6 @@ pub const IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(24 * 3600);
 
 /// The outcome of a resolution row.
 pub const OUTCOME_RECONCILED: &str = "reconciled";
-
-/// The `reason` of a resolution row: `reconciles <event_id>: <how>`.
-pub fn link_reason(unknown: &uuid::Uuid, how: &str) -> String {
-    format!("reconciles {unknown}: {how}")
-}
-
-/// The unknown row a resolution row's `reason` links to.
-pub fn reconciles(reason: &str) -> Option<uuid::Uuid> {
-    let rest = reason.strip_prefix("reconciles ")?;
-    uuid::Uuid::parse_str(rest.get(..36)?).ok()
-}
 
 /// What closes one unknown row.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -95,7 +83,7 @@ pub fn plan(rows: &[RecordedRow], now_us: i64) -> Vec<PlanItem> {
     let reconciled: BTreeMap<uuid::Uuid, String> = rows
         .iter()
         .filter(|r| r.columns.outcome == OUTCOME_RECONCILED)
-        .filter_map(|r| Some((reconciles(r.columns.reason.as_deref()?)?, r.columns.event_id.to_string())))
+        .filter_map(|r| Some((r.columns.reconciles?, r.columns.event_id.to_string())))
         .collect();
     let window = i64::try_from(IDEMPOTENCY_WINDOW.as_micros()).unwrap_or(i64::MAX);
     let mut seen_keys: HashSet<(String, String)> = HashSet::new();
@@ -181,10 +169,25 @@ fn needs_review(row: &RecordedRow, now_us: i64, window: i64) -> Option<Action> {
 mod tests {
     use super::*;
 
+    fn row(outcome: &str, key: Option<&str>, reconciles: Option<uuid::Uuid>) -> RecordedRow {
+        let mut ex = keygate_auditlog::Exchange::new(uuid::Uuid::now_v7(), "POST", "/v1/charges");
+        ex.service = Some("checkout".into());
+        ex.idempotency_key = key.map(str::to_owned);
+        ex.reconciles = reconciles;
+        let (mut columns, _) = keygate_auditlog::row::redact_exchange(&ex);
+        columns.outcome = outcome.to_owned();
+        RecordedRow { writer_id: "w".into(), seq: 1, columns, request: None, not_decrypted: None }
+    }
+
     #[test]
-    fn a_link_reason_names_the_row_it_reconciles() {
-        let id = uuid::Uuid::now_v7();
-        assert_eq!(reconciles(&link_reason(&id, "re-sent")), Some(id));
-        assert_eq!(reconciles("allowed by rule"), None);
+    fn an_unknown_row_named_by_a_reconciled_rows_column_is_already_closed_and_only_that_one() {
+        let unknown = row("unknown", Some("k1"), None);
+        let other = row("unknown", None, None);
+        let resolution = row(OUTCOME_RECONCILED, Some("k1"), Some(unknown.columns.event_id));
+        let rows = vec![unknown.clone(), other, resolution.clone()];
+        let plan = plan(&rows, unknown.columns.received_at_us);
+        assert_eq!(plan.len(), 2, "the reconciled row is not itself an unknown one");
+        assert_eq!(plan[0].action, Action::AlreadyReconciled { by: resolution.columns.event_id.to_string() });
+        assert!(matches!(plan[1].action, Action::NeedsReview { .. }), "{:?}", plan[1].action);
     }
 }

@@ -1,5 +1,6 @@
 //! The admin listener: `/healthz` (the process is alive), `/readyz` (policies loaded, every
-//! service's key fetched once, audit log writable, not draining) and `/metrics` (Prometheus text).
+//! service's key fetched once, audit log writable, not draining), `/metrics` (Prometheus text) and
+//! `/audit/checkpoints` (the newest signed Merkle checkpoint of each audit tree, JSON).
 //!
 //! It is a separate listener so that the proxy port never exposes metrics and a NetworkPolicy can
 //! open it to the cluster's monitoring only.
@@ -58,7 +59,22 @@ pub fn answer(gateway: &Gateway, method: &Method, path: &str) -> Reply {
                 }
             }
         }
-        _ => text(StatusCode::NOT_FOUND, "text/plain", "admin endpoints: /healthz /readyz /metrics\n".into()),
+        // The newest signed Merkle checkpoint of each of this instance's audit trees, for monitors
+        // that keep them (docs/audit-lake.md): public data, signed, so served like /metrics.
+        "/audit/checkpoints" => {
+            let list: Vec<serde_json::Value> = gateway
+                .audit
+                .checkpoints()
+                .into_iter()
+                .map(|(table, writer, note)| serde_json::json!({"table": table, "writer": writer, "checkpoint": note}))
+                .collect();
+            text(StatusCode::OK, "application/json", format!("{}\n", serde_json::json!({ "checkpoints": list })))
+        }
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "admin endpoints: /healthz /readyz /metrics /audit/checkpoints\n".into(),
+        ),
     }
 }
 

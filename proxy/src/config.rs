@@ -50,6 +50,48 @@ pub struct Config {
     /// The Stripe webhook ingress (see docs/webhooks.md); off when absent.
     #[serde(default)]
     pub webhooks: Option<keygate_webhooks::WebhooksConfig>,
+    /// The background job that closes `outcome = unknown` rows (see docs/operations.md); off by
+    /// default.
+    #[serde(default)]
+    pub reconcile: ReconcileConfig,
+    /// Live anomaly detection (see docs/anomalies.md); off when absent.
+    #[serde(default)]
+    pub anomalies: Option<keygate_detectors::AnomaliesConfig>,
+}
+
+/// `reconcile`: `keygate reconcile --apply` run by keygate itself, every `interval`, over the
+/// lake's last `lookback`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ReconcileConfig {
+    /// Off by default: run it on one replica only (each replica would otherwise re-send the same
+    /// rows; Stripe's idempotency keeps that to one charge, but each would write its own row).
+    #[serde(default)]
+    pub enabled: bool,
+    /// How often the lake is read and the unknown rows closed.
+    #[serde(default = "default_reconcile_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    /// How far back each pass reads; Stripe keeps an idempotency key's answer for 24 h, so older
+    /// rows can only need review.
+    #[serde(default = "default_reconcile_lookback", with = "humantime_serde")]
+    pub lookback: Duration,
+}
+
+impl Default for ReconcileConfig {
+    fn default() -> Self {
+        ReconcileConfig {
+            enabled: false,
+            interval: default_reconcile_interval(),
+            lookback: default_reconcile_lookback(),
+        }
+    }
+}
+
+fn default_reconcile_interval() -> Duration {
+    Duration::from_secs(15 * 60)
+}
+
+fn default_reconcile_lookback() -> Duration {
+    Duration::from_secs(24 * 3600)
 }
 
 /// The proxy listener.
@@ -382,8 +424,20 @@ fn render_problems(source: &str, problems: &[String]) -> String {
 
 /// The top-level sections; a `KEYGATE_…` variable whose first segment is not one of these is
 /// not configuration (tools use the prefix too) and is left alone.
-const SECTIONS: [&str; 10] =
-    ["listen", "admin", "upstreams", "limits", "policies", "log", "secrets", "audit", "limit_store", "webhooks"];
+const SECTIONS: [&str; 12] = [
+    "listen",
+    "admin",
+    "upstreams",
+    "limits",
+    "policies",
+    "log",
+    "secrets",
+    "audit",
+    "limit_store",
+    "webhooks",
+    "reconcile",
+    "anomalies",
+];
 
 /// Reads the YAML file (if any), applies `KEYGATE_…` overrides from `env`, and validates.
 pub fn load(path: Option<&Path>, env: &[(String, String)]) -> Result<Config, ConfigError> {
@@ -615,6 +669,24 @@ fn validate(config: &Config, from_file: bool) -> Vec<String> {
                     .push(format!("`webhooks.listen.address` and `{key}` must differ: the ingress faces the internet"));
             }
         }
+    }
+    if config.reconcile.enabled {
+        for (key, value) in
+            [("reconcile.interval", config.reconcile.interval), ("reconcile.lookback", config.reconcile.lookback)]
+        {
+            if value.is_zero() {
+                problems.push(format!("`{key}` must be longer than 0s"));
+            }
+        }
+        if !config.audit.enabled || config.audit.lake.is_empty() {
+            problems.push(
+                "`reconcile.enabled` needs the audit lake (`audit.enabled: true` and `audit.lake`): it closes the lake's unknown rows"
+                    .into(),
+            );
+        }
+    }
+    if let Some(Err(error)) = config.anomalies.as_ref().map(keygate_detectors::AnomaliesConfig::validate) {
+        problems.push(error.to_string());
     }
     // Without a file (the quick start) keygate generates the audit keys itself.
     if from_file && let Err(error) = config.audit.validate() {

@@ -155,6 +155,19 @@ impl ProxyError {
         }
     }
 
+    /// Stripe could not be reached or answered unusably (the record's outcome is
+    /// `upstream_error`), as opposed to keygate refusing the request.
+    pub fn is_upstream_failure(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::UpstreamConnect { .. }
+                | ProxyError::UpstreamTimeout { .. }
+                | ProxyError::UpstreamBroken { .. }
+                | ProxyError::ResponseTooLarge { .. }
+                | ProxyError::ResponseOverBudget { .. }
+        )
+    }
+
     /// The `code` field of the error JSON: always `keygate_…`, so nobody mistakes it for Stripe's.
     pub fn code(&self) -> &'static str {
         match self {

@@ -76,7 +76,11 @@ pub struct Gateway {
     pub limits: Arc<Limits>,
     /// The Stripe webhook ingress and its deliveries, when configured.
     pub webhooks: Option<Arc<keygate_webhooks::Webhooks>>,
+    /// Live anomaly detection, when configured (`anomalies:`).
+    pub anomalies: Option<Arc<crate::anomalies::Anomalies>>,
     pub metrics: Arc<ProxyMetrics>,
+    /// The background reconcile job's metrics, when `reconcile.enabled`.
+    pub reconcile: Option<Arc<crate::reconcile::ReconcileMetrics>>,
     pub registry: Registry,
     shutting_down: AtomicBool,
 }
@@ -92,7 +96,10 @@ pub struct GatewayParts {
     pub audit: AuditLog,
     pub limits: Arc<Limits>,
     pub webhooks: Option<Arc<keygate_webhooks::Webhooks>>,
+    pub anomalies: Option<Arc<crate::anomalies::Anomalies>>,
     pub metrics: Arc<ProxyMetrics>,
+    /// The background reconcile job's metrics, when `reconcile.enabled`.
+    pub reconcile: Option<Arc<crate::reconcile::ReconcileMetrics>>,
     pub registry: Registry,
 }
 
@@ -108,7 +115,9 @@ impl Gateway {
             audit: parts.audit,
             limits: parts.limits,
             webhooks: parts.webhooks,
+            anomalies: parts.anomalies,
             metrics: parts.metrics,
+            reconcile: parts.reconcile,
             registry: parts.registry,
             shutting_down: AtomicBool::new(false),
         }

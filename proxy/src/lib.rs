@@ -8,9 +8,11 @@
 //! [`pipeline`] (the request phases), [`budget`] (the bound on buffered request bytes),
 //! [`limiting`] (rate limits and money budgets in the limit store), [`auth`],
 //! [`upstream`], [`routing`], [`headers`], [`error`] (the one place errors become responses),
-//! [`telemetry`], [`quickstart`], [`run`] (assembling and running everything).
+//! [`telemetry`], [`anomalies`] (live anomaly detection off the request path), [`quickstart`],
+//! [`run`] (assembling and running everything).
 
 pub mod admin;
+pub mod anomalies;
 pub mod auth;
 pub mod budget;
 pub mod config;

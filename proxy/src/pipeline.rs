@@ -113,16 +113,36 @@ pub struct RequestContext {
 
 impl RequestContext {
     fn new(connection: &ConnectionInfo, request: &Request<Incoming>) -> RequestContext {
-        let path = request.uri().path().to_owned();
+        let mut ctx = RequestContext::start(
+            Uuid::now_v7(),
+            connection.peer,
+            request.method().clone(),
+            request.version(),
+            request.uri().path().to_owned(),
+            request.uri().query().map(str::to_owned),
+        );
+        ctx.share = request.extensions().get::<crate::budget::ConnectionShare>().cloned();
+        ctx
+    }
+
+    /// A context at the start of the phases: nothing read, decided or sent yet.
+    fn start(
+        event_id: Uuid,
+        peer: SocketAddr,
+        method: Method,
+        version: http::Version,
+        path: String,
+        query: Option<String>,
+    ) -> RequestContext {
         RequestContext {
-            event_id: Uuid::now_v7(),
+            event_id,
             received_at: SystemTime::now(),
             started: Instant::now(),
-            peer: connection.peer,
-            host: route(request.method(), &path),
-            method: request.method().clone(),
-            version: request.version(),
-            query: request.uri().query().map(str::to_owned),
+            peer,
+            host: route(&method, &path),
+            method,
+            version,
+            query,
             path,
             request_headers: HeaderMap::new(),
             request_body: Bytes::new(),
@@ -136,7 +156,7 @@ impl RequestContext {
             outcome: Outcome::Rejected,
             error_code: None,
             intent: None,
-            share: request.extensions().get::<crate::budget::ConnectionShare>().cloned(),
+            share: None,
             budget_charge: None,
             reconciles: None,
         }
@@ -178,14 +198,7 @@ pub async fn handle(
             {
                 gateway.limits.refund(ctx.service.as_deref().unwrap_or_default(), charge).await;
             }
-            if matches!(
-                error,
-                ProxyError::UpstreamConnect { .. }
-                    | ProxyError::UpstreamTimeout { .. }
-                    | ProxyError::UpstreamBroken { .. }
-                    | ProxyError::ResponseTooLarge { .. }
-                    | ProxyError::ResponseOverBudget { .. }
-            ) {
+            if error.is_upstream_failure() {
                 ctx.outcome = Outcome::UpstreamError;
             } else {
                 metrics.refused.get_or_create(&ReasonLabels { reason: error.code().to_owned() }).inc();
@@ -222,9 +235,6 @@ async fn run_phases(
     ctx: &mut RequestContext,
     request: Request<Incoming>,
 ) -> Result<Reply, ProxyError> {
-    if gateway.is_shutting_down() {
-        return Err(ProxyError::ShuttingDown);
-    }
     let (head, body) = request.into_parts();
     #[cfg(debug_assertions)]
     let panic_hook = test_hooks::requested(&head.headers);
@@ -232,6 +242,11 @@ async fn run_phases(
     let wal_fault_hook = test_hooks::wal_fault_requested(&head.headers);
     check_head(gateway, &head.headers)?;
     ctx.request_headers = head.headers;
+    // After the headers are kept, so that the refusal's row names the request (its
+    // Idempotency-Key above all: the client may retry it on another replica).
+    if gateway.is_shutting_down() {
+        return Err(ProxyError::ShuttingDown);
+    }
     // The canonical request, part one: method, headers, path and query, all refused before
     // authentication when ambiguous (nothing about them depends on who asks).
     ctx.method = keygate_wire::check_head(head.method.as_str(), &ctx.request_headers)?;
@@ -674,12 +689,17 @@ fn exchange(ctx: &RequestContext, reply: Option<&Reply>, status: u16, outcome: A
         None => ctx.path.clone(),
     };
     let now = SystemTime::now();
-    let (outcome, reason) = match ctx.reconciles {
-        Some(unknown) if outcome != AuditOutcome::Unknown => (
+    let reason = || decision.map(|d| d.reason.clone()).or_else(|| ctx.error_code.map(str::to_owned));
+    // A re-send closes its unknown row only when Stripe answered it; a refused or failed re-send
+    // keeps its own outcome and the link, and the unknown row stays open.
+    let (outcome, reason, reconciles) = match ctx.reconciles {
+        Some(unknown) if outcome == AuditOutcome::Completed => (
             AuditOutcome::Reconciled,
-            Some(reconciled_reason(&unknown, status, reply, decision.map(|d| d.reason.as_str()))),
+            Some(reconciled_reason(status, reply, decision.map(|d| d.reason.as_str()))),
+            Some(unknown),
         ),
-        _ => (outcome, decision.map(|d| d.reason.clone()).or_else(|| ctx.error_code.map(str::to_owned))),
+        Some(unknown) if outcome != AuditOutcome::Unknown => (outcome, reason(), Some(unknown)),
+        _ => (outcome, reason(), None),
     };
     Exchange {
         event_id: ctx.event_id,
@@ -707,6 +727,7 @@ fn exchange(ctx: &RequestContext, reply: Option<&Reply>, status: u16, outcome: A
         currency: decision.and_then(|d| d.currency.clone()),
         key_ref: ctx.key_ref.clone(),
         key_version: ctx.key_version.clone(),
+        reconciles,
         request: http_message(format!("{} {target} {:?}", ctx.method, ctx.version), headers, &ctx.request_body),
         response: reply.map(|reply| {
             http_message(
@@ -748,6 +769,9 @@ async fn finish(gateway: &Gateway, ctx: &mut RequestContext, mut reply: Reply) -
     let decision = ctx.decision.as_ref();
     let verdict = decision.map_or("none", |d| d.verdict.as_str());
     let status = reply.status.as_u16();
+    if let Some(anomalies) = &gateway.anomalies {
+        anomalies.offer_request(ctx, status);
+    }
     let metrics = &gateway.metrics;
     metrics
         .requests
@@ -781,18 +805,18 @@ async fn finish(gateway: &Gateway, ctx: &mut RequestContext, mut reply: Reply) -
     reply
 }
 
-/// The reason of a re-sent request's record: the row it reconciles, then what Stripe answered.
-fn reconciled_reason(unknown: &Uuid, status: u16, reply: Option<&Reply>, decided: Option<&str>) -> String {
+/// The reason of a re-sent request's record: what Stripe answered (the row it reconciles is in
+/// its `reconciles` column).
+fn reconciled_reason(status: u16, reply: Option<&Reply>, decided: Option<&str>) -> String {
     let replayed = reply.and_then(|r| header_str(&r.headers, "idempotent-replayed")) == Some("true");
-    let how = match (status, replayed) {
+    match (status, replayed) {
         (0, _) => "re-sent with its Idempotency-Key; no answer".to_owned(),
         (_, true) => format!(
             "re-sent with its Idempotency-Key; Stripe answered {status} with the first attempt's result (Idempotent-Replayed: true)"
         ),
         (s, false) if s < 300 => format!("re-sent with its Idempotency-Key; Stripe performed it now ({status})"),
         _ => format!("re-sent with its Idempotency-Key; answered {status} ({})", decided.unwrap_or("see the response")),
-    };
-    keygate_ops::reconcile::link_reason(unknown, &how)
+    }
 }
 
 /// A recorded request to send again ([`resend`]).
@@ -812,56 +836,45 @@ pub struct ResendRequest {
 
 /// Sends a recorded request again through the pipeline, for `keygate reconcile --apply`: the
 /// policy in force decides it, the service's key is injected, a durable intent precedes it and
-/// the exchange is recorded (outcome `reconciled`, reason `reconciles <unknown>: …`). Its rate
+/// the exchange is recorded (outcome `reconciled`, `reconciles` = `unknown`). Its rate
 /// limit and budget are not taken again: the first attempt may have reached Stripe, so its
 /// charge stayed. `headers` are the recorded ones keygate forwards (with the `Idempotency-Key`).
-pub async fn resend(gateway: &Gateway, request: ResendRequest) -> Reply {
+pub async fn resend(gateway: &Gateway, request: ResendRequest) -> Resent {
     let ResendRequest { event_id, service, method, path, query, headers, body, unknown } = request;
-    let mut ctx = RequestContext {
+    let mut ctx = RequestContext::start(
         event_id,
-        received_at: SystemTime::now(),
-        started: Instant::now(),
-        peer: SocketAddr::from(([127, 0, 0, 1], 0)),
-        host: route(&method, &path),
+        SocketAddr::from(([127, 0, 0, 1], 0)),
         method,
-        version: http::Version::HTTP_11,
+        http::Version::HTTP_11,
         path,
         query,
-        request_headers: headers,
-        request_body: body,
-        service: Some(service.clone()),
-        decision: None,
-        key_ref: None,
-        key_version: None,
-        livemode: None,
-        upstream_us: None,
-        request_id: None,
-        outcome: Outcome::Rejected,
-        error_code: None,
-        intent: None,
-        share: None,
-        budget_charge: None,
-        reconciles: Some(unknown),
-    };
+    );
+    ctx.request_headers = headers;
+    ctx.request_body = body;
+    ctx.service = Some(service.clone());
+    ctx.reconciles = Some(unknown);
     let result = resend_phases(gateway, &service, &mut ctx).await;
     let reply = match result {
         Ok(reply) => reply,
         Err(error) => {
             ctx.error_code = Some(error.code());
-            if matches!(
-                error,
-                ProxyError::UpstreamConnect { .. }
-                    | ProxyError::UpstreamTimeout { .. }
-                    | ProxyError::UpstreamBroken { .. }
-                    | ProxyError::ResponseTooLarge { .. }
-                    | ProxyError::ResponseOverBudget { .. }
-            ) {
+            if error.is_upstream_failure() {
                 ctx.outcome = Outcome::UpstreamError;
             }
             error.to_reply()
         }
     };
-    finish(gateway, &mut ctx, reply).await
+    let reply = finish(gateway, &mut ctx, reply).await;
+    Resent { reply, closed: ctx.outcome == Outcome::Completed }
+}
+
+/// What [`resend`] got back.
+#[derive(Debug)]
+pub struct Resent {
+    /// The reply (Stripe's answer, or keygate's error).
+    pub reply: Reply,
+    /// Stripe answered, so the unknown row is closed (its record has outcome `reconciled`).
+    pub closed: bool,
 }
 
 async fn resend_phases(gateway: &Gateway, service: &str, ctx: &mut RequestContext) -> Result<Reply, ProxyError> {

@@ -15,18 +15,24 @@
 //! Invariants: nothing is sent or written without `--apply`; the unknown row is never changed;
 //! a re-send carries the recorded `Idempotency-Key`, so Stripe performs the mutation at most once.
 
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use keygate_auditlog::{Exchange, Outcome as AuditOutcome};
 use keygate_ops::LakeReader;
-use keygate_ops::reconcile::{Action, PlanItem, link_reason, plan};
+use keygate_ops::reconcile::{Action, PlanItem, plan};
 use keygate_secrets::SecretStore;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use uuid::Uuid;
 
-use crate::pipeline::{ResendRequest, resend};
+use crate::pipeline::{ResendRequest, Resent, resend};
 
 /// What can stop `keygate reconcile`.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +71,9 @@ pub struct Resolution {
     pub item: PlanItem,
     /// `false` in a dry run, or when nothing was to be done.
     pub applied: bool,
+    /// The unknown row is closed by what was applied: Stripe answered the re-send, or a later
+    /// request of the client had. A refused or failed re-send leaves it open for the next run.
+    pub closed: bool,
     /// The event id of the `reconciled` row written.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reconciled_by: Option<String>,
@@ -76,6 +85,10 @@ pub struct Resolution {
 }
 
 impl Resolution {
+    fn planned(item: PlanItem) -> Resolution {
+        Resolution { item, applied: false, closed: false, reconciled_by: None, status: None, idempotent_replayed: None }
+    }
+
     /// One line for a person.
     pub fn line(&self) -> String {
         let i = &self.item;
@@ -101,6 +114,9 @@ impl Resolution {
                 if self.idempotent_replayed == Some(true) {
                     out.push_str(" (Idempotent-Replayed: true)");
                 }
+            }
+            if !self.closed {
+                out.push_str(" (Stripe did not answer: still open, retried on the next run)");
             }
             if let Some(by) = &self.reconciled_by {
                 out.push_str(&format!("; recorded as {by}"));
@@ -147,10 +163,7 @@ pub async fn run(options: ReconcileOptions) -> Result<Vec<Resolution>, Reconcile
     let rows = reader.read(since_us, &[], |_, _| {}).await?;
     let now = keygate_auditlog::row::micros(SystemTime::now());
     let items = plan(&rows, now);
-    let mut out: Vec<Resolution> = items
-        .into_iter()
-        .map(|item| Resolution { item, applied: false, reconciled_by: None, status: None, idempotent_replayed: None })
-        .collect();
+    let mut out: Vec<Resolution> = items.into_iter().map(Resolution::planned).collect();
     let Some(mut config) = config.filter(|_| options.apply) else { return Ok(out) };
     if !out.iter().any(|r| matches!(r.item.action, Action::Resend | Action::ResolvedByClient { .. })) {
         return Ok(out);
@@ -163,6 +176,9 @@ pub async fn run(options: ReconcileOptions) -> Result<Vec<Resolution>, Reconcile
     config.audit.wal_dir = PathBuf::from(wal);
     config.audit.lake = lake;
     config.webhooks = None;
+    // Nor a running keygate's detectors (whose state file it would share) or background job.
+    config.anomalies = None;
+    config.reconcile.enabled = false;
     config.limit_store.kind = keygate_limits::StoreKind::Memory;
     let dir = config.policies.dir.clone().ok_or_else(|| {
         ReconcileError::Usage("the configuration names no policies.dir: a re-send needs the policies in force".into())
@@ -188,7 +204,7 @@ pub async fn run(options: ReconcileOptions) -> Result<Vec<Resolution>, Reconcile
 async fn apply(gateway: &crate::gateway::Gateway, resolution: &mut Resolution) -> Result<(), ReconcileError> {
     let item = &resolution.item;
     match &item.action {
-        Action::ResolvedByClient { by, status, request_id } => {
+        Action::ResolvedByClient { status, request_id, .. } => {
             let event_id = Uuid::now_v7();
             let mut exchange = Exchange::new(event_id, &item.method, &item.path);
             exchange.service = item.service.clone();
@@ -200,14 +216,15 @@ async fn apply(gateway: &crate::gateway::Gateway, resolution: &mut Resolution) -
             exchange.peer = "keygate-reconcile".to_owned();
             exchange.status = *status;
             exchange.outcome = AuditOutcome::Reconciled;
-            exchange.reason = Some(link_reason(
-                &item.unknown_id,
-                &format!(
-                    "completed by a later request with the same Idempotency-Key ({by}, status {status}); nothing sent"
-                ),
+            exchange.reconciles = Some(item.unknown_id);
+            // The later row is not named in the reason (a UUID there could meet the digit-run
+            // redaction rule): it shares this row's Idempotency-Key.
+            exchange.reason = Some(format!(
+                "completed by a later request with the same Idempotency-Key (status {status}); nothing sent"
             ));
             gateway.audit.record(exchange, None).await?;
             resolution.applied = true;
+            resolution.closed = true;
             resolution.reconciled_by = Some(event_id.to_string());
             resolution.status = Some(*status);
         }
@@ -227,7 +244,7 @@ async fn apply(gateway: &crate::gateway::Gateway, resolution: &mut Resolution) -
                 }
             }
             let event_id = Uuid::now_v7();
-            let reply = resend(
+            let Resent { reply, closed } = resend(
                 gateway,
                 ResendRequest {
                     event_id,
@@ -242,6 +259,7 @@ async fn apply(gateway: &crate::gateway::Gateway, resolution: &mut Resolution) -
             )
             .await;
             resolution.applied = true;
+            resolution.closed = closed;
             resolution.reconciled_by = Some(event_id.to_string());
             resolution.status = Some(reply.status.as_u16());
             resolution.idempotent_replayed =
@@ -250,4 +268,145 @@ async fn apply(gateway: &crate::gateway::Gateway, resolution: &mut Resolution) -
         Action::NeedsReview { .. } | Action::AlreadyReconciled { .. } => {}
     }
     Ok(())
+}
+
+/// The background job's metrics (registered only when `reconcile.enabled`).
+#[derive(Debug, Default)]
+pub struct ReconcileMetrics {
+    open: Gauge,
+    needs_review: Gauge,
+    resolved: Counter,
+    passes: Family<PassLabels, Counter>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, prometheus_client::encoding::EncodeLabelSet)]
+struct PassLabels {
+    result: &'static str,
+}
+
+impl ReconcileMetrics {
+    /// Registers the job's metrics.
+    pub fn register(registry: &mut Registry) -> Arc<ReconcileMetrics> {
+        let metrics = Arc::new(ReconcileMetrics::default());
+        registry.register(
+            "keygate_reconcile_unknown_open",
+            "Unknown-outcome rows of the lookback still open after the last pass (needing review, or not closed by a re-send)",
+            metrics.open.clone(),
+        );
+        registry.register(
+            "keygate_reconcile_needs_review",
+            "Unknown-outcome rows of the lookback that only a person can close, as of the last pass",
+            metrics.needs_review.clone(),
+        );
+        registry.register(
+            "keygate_reconcile_resolved",
+            "Unknown-outcome rows closed by the background job (a `reconciled` row written)",
+            metrics.resolved.clone(),
+        );
+        registry.register(
+            "keygate_reconcile_passes",
+            "Passes of the background reconcile job, by result (ok, error)",
+            metrics.passes.clone(),
+        );
+        metrics
+    }
+}
+
+/// What one pass found and did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PassSummary {
+    pub unknown: usize,
+    pub resolved: usize,
+    pub needs_review: usize,
+    pub open: usize,
+}
+
+/// The background job: a pass every `reconcile.interval` until `stop` resolves (the first one
+/// an interval after start, once keygate's own recovery has shipped its unknown rows).
+///
+/// Unlike `keygate reconcile`, it records through the running keygate's own audit writer. The
+/// unknown rows it closed are remembered for the life of the process, so that a pass that runs
+/// before its resolution rows have reached the lake does not re-send them again; one it could not
+/// close (the policy in force refuses it, Stripe is unreachable) is re-sent on at most
+/// [`MAX_ATTEMPTS`] passes, so that it does not add a refused row to the lake every interval.
+pub async fn background(
+    gateway: Arc<crate::gateway::Gateway>,
+    metrics: Arc<ReconcileMetrics>,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    let interval = gateway.config.reconcile.interval;
+    let mut attempts = Attempts::default();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            () = &mut stop => return,
+            () = tokio::time::sleep(interval) => {}
+        }
+        match pass(&gateway, &mut attempts).await {
+            Ok(summary) => {
+                metrics.passes.get_or_create(&PassLabels { result: "ok" }).inc();
+                metrics.open.set(i64::try_from(summary.open).unwrap_or(i64::MAX));
+                metrics.needs_review.set(i64::try_from(summary.needs_review).unwrap_or(i64::MAX));
+                metrics.resolved.inc_by(summary.resolved as u64);
+                tracing::info!(
+                    unknown = summary.unknown,
+                    resolved = summary.resolved,
+                    needs_review = summary.needs_review,
+                    open = summary.open,
+                    "reconcile pass"
+                );
+            }
+            Err(error) => {
+                metrics.passes.get_or_create(&PassLabels { result: "error" }).inc();
+                tracing::warn!(error = %error, "reconcile pass failed; the next one retries");
+            }
+        }
+    }
+}
+
+/// How many passes of one process re-send an unknown row that stays open.
+pub const MAX_ATTEMPTS: u32 = 3;
+
+/// What the background job did to each unknown row, for the life of the process.
+#[derive(Debug, Default)]
+pub struct Attempts {
+    closed: HashSet<Uuid>,
+    tried: HashMap<Uuid, u32>,
+}
+
+/// One pass: read the lookback, plan, apply.
+pub async fn pass(gateway: &crate::gateway::Gateway, attempts: &mut Attempts) -> Result<PassSummary, ReconcileError> {
+    let config = &gateway.config;
+    let kek: Vec<String> = if config.audit.kek.trim().is_empty() { Vec::new() } else { vec![config.audit.kek.clone()] };
+    let reader = LakeReader::open_with(&config.audit.lake, &config.audit.s3, &gateway.secrets, &kek).await?;
+    let lookback = i64::try_from(config.reconcile.lookback.as_micros()).unwrap_or(i64::MAX);
+    let now = keygate_auditlog::row::micros(SystemTime::now());
+    let rows = reader.read(now.saturating_sub(lookback), &[], |_, _| {}).await?;
+    let mut summary = PassSummary::default();
+    for item in plan(&rows, now) {
+        summary.unknown += 1;
+        if attempts.closed.contains(&item.unknown_id) || matches!(item.action, Action::AlreadyReconciled { .. }) {
+            continue;
+        }
+        if matches!(item.action, Action::NeedsReview { .. }) {
+            summary.needs_review += 1;
+            summary.open += 1;
+            continue;
+        }
+        let tried = attempts.tried.entry(item.unknown_id).or_default();
+        if *tried >= MAX_ATTEMPTS {
+            summary.open += 1;
+            continue;
+        }
+        *tried += 1;
+        let mut resolution = Resolution::planned(item);
+        apply(gateway, &mut resolution).await?;
+        if resolution.closed {
+            attempts.closed.insert(resolution.item.unknown_id);
+            summary.resolved += 1;
+        } else {
+            summary.open += 1;
+        }
+    }
+    Ok(summary)
 }

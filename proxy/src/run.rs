@@ -36,6 +36,8 @@ pub enum StartError {
     Audit(#[from] keygate_auditlog::AuditError),
     #[error("{0}")]
     Limits(#[from] keygate_limits::LimitError),
+    #[error("{0}")]
+    Anomalies(#[from] keygate_detectors::DetectorError),
     #[error("webhooks: {0}")]
     Webhooks(#[from] keygate_webhooks::WebhookError),
     #[error("{0}")]
@@ -73,13 +75,22 @@ pub async fn build_gateway(config: Config, policies: PolicySet) -> Result<Arc<Ga
     };
     audit.register_metrics(&mut registry);
     let limits = Arc::new(crate::limiting::Limits::open(&config.limit_store, &secrets, &mut registry).await?);
+    let anomalies = config
+        .anomalies
+        .clone()
+        .map(|c| crate::anomalies::Anomalies::start(c, &mut registry, audit.clone()))
+        .transpose()?;
     let webhooks = match &config.webhooks {
         Some(section) => {
-            let journal = crate::webhook_journal::for_audit(&audit);
+            let mut journal = crate::webhook_journal::for_audit(&audit);
+            if let Some(anomalies) = &anomalies {
+                journal = crate::anomalies::feeding_journal(journal, anomalies.clone());
+            }
             Some(keygate_webhooks::Webhooks::start(section.clone(), secrets.clone(), journal, &mut registry).await?)
         }
         None => None,
     };
+    let reconcile = config.reconcile.enabled.then(|| crate::reconcile::ReconcileMetrics::register(&mut registry));
     Ok(Arc::new(Gateway::new(GatewayParts {
         config,
         policies,
@@ -89,7 +100,9 @@ pub async fn build_gateway(config: Config, policies: PolicySet) -> Result<Arc<Ga
         audit,
         limits,
         webhooks,
+        anomalies,
         metrics,
+        reconcile,
         registry,
     })))
 }
@@ -118,6 +131,10 @@ pub async fn serve(options: ServeOptions) -> Result<(), StartError> {
     crate::telemetry::init_logging(&config.log);
     // The local limit store lives in the data folder unless configured elsewhere.
     config.limit_store.local.path.get_or_insert_with(|| options.data_dir.join("limits.redb"));
+    // So does the anomaly detectors' learned state.
+    if let Some(anomalies) = &mut config.anomalies {
+        anomalies.live.state_file.get_or_insert_with(|| options.data_dir.join("anomalies-state.json"));
+    }
 
     let mut banner = None;
     let policies = match &config.policies.dir {
@@ -231,6 +248,10 @@ pub async fn serve(options: ServeOptions) -> Result<(), StartError> {
     });
     let reload = tokio::spawn(crate::run::watch_reload_signal(gateway.clone(), stopped(stop_rx.clone())));
     let limits_probe = tokio::spawn(gateway.limits.clone().probe(stopped(stop_rx.clone())));
+    let reconcile = gateway.reconcile.clone().map(|metrics| {
+        tracing::info!(interval = ?gateway.config.reconcile.interval, "background reconcile job on");
+        tokio::spawn(crate::reconcile::background(gateway.clone(), metrics, stopped(stop_rx.clone())))
+    });
     let signals = wait_for_stop_signal()?;
     tokio::spawn(async move {
         signals.await;
@@ -241,11 +262,21 @@ pub async fn serve(options: ServeOptions) -> Result<(), StartError> {
     preload.abort();
     reload.abort();
     limits_probe.abort();
+    if let Some(mut job) = reconcile {
+        // A pass in progress finishes (its re-sends are recorded) within the shutdown grace.
+        if tokio::time::timeout(gateway.config.limits.shutdown_grace, &mut job).await.is_err() {
+            tracing::warn!("the reconcile pass did not finish within limits.shutdown_grace; stopped");
+            job.abort();
+        }
+    }
     if let Some(ingress) = ingress {
         let _ = ingress.await;
     }
     if let Some(webhooks) = &gateway.webhooks {
         webhooks.shutdown().await;
+    }
+    if let Some(anomalies) = &gateway.anomalies {
+        anomalies.shutdown().await;
     }
     let audit = gateway.audit.clone();
     if audit.is_enabled() {

@@ -6,8 +6,9 @@
 #     with a temporary PATH holding a fake apt-get and temporary locations for the policy file and
 #     the packaged binary, so the machine's own nginx, redis-server and policy-rc.d are never touched;
 #   - scripts/install-tansu.sh with the broker already cached, built (with a fake cargo) and with
-#     a failing build (nothing half-installed is left in the cache);
-#   - scripts/setup-test-env.sh's output (exactly four export lines naming the installed tools)
+#     a failing build (nothing half-installed is left in the cache), and two installs at once (one
+#     builds, the other waits for it);
+#   - scripts/setup-test-env.sh's output (exactly five export lines naming the installed tools)
 #     and its failure (a missing prerequisite fails with the step named);
 #   - scripts/test.sh stops at once, naming the step, when the setup fails.
 # Prints `N passed, N failed` and exits non-zero on any failure.
@@ -128,13 +129,22 @@ cat > "$tansu_root/bin/cargo" <<CARGO
 #!/bin/sh
 echo "cargo \$*" >> "$tansu_root/cargo.log"
 [ -n "\${FAKE_CARGO_FAIL:-}" ] && { echo "error: fake build failure" >&2; exit 101; }
+[ -n "\${FAKE_CARGO_SLEEP:-}" ] && sleep "\$FAKE_CARGO_SLEEP"
 while [ \$# -gt 0 ]; do [ "\$1" = "--root" ] && root="\$2"; shift; done
 mkdir -p "\$root/bin" && printf '#!/bin/sh\necho tansu\n' > "\$root/bin/tansu" && chmod 755 "\$root/bin/tansu"
 CARGO
 chmod 755 "$tansu_root/bin/cargo"
-run_tansu() {
+run_tansu_to() {
+    local out="$1"
+    shift
     env "$@" KEYGATE_CARGO="$tansu_root/bin/cargo" KEYGATE_TANSU_VERSION=9.9.9 \
-        bash "$here/scripts/install-tansu.sh" > "$tansu_root/out" 2> "$tansu_root/err"
+        bash "$here/scripts/install-tansu.sh" > "$out" 2> "$out.err"
+}
+run_tansu() {
+    run_tansu_to "$tansu_root/out" "$@"
+    local code=$?
+    cp "$tansu_root/out.err" "$tansu_root/err"
+    return $code
 }
 # a. not cached: built with --locked --features dynostore, moved into the cache, path printed.
 if run_tansu KEYGATE_TANSU_CACHE="$tansu_root/cache" && [ "$(cat "$tansu_root/out")" = "$tansu_root/cache/tansu-9.9.9/bin/tansu" ] \
@@ -154,13 +164,32 @@ fi
 # c. the build fails: non-zero, nothing left in the cache that a later run would trust.
 if run_tansu KEYGATE_TANSU_CACHE="$tansu_root/cache-fail" FAKE_CARGO_FAIL=1; then
     bad "install-tansu: failing build" "exit 0 although cargo failed"
-elif [ -e "$tansu_root/cache-fail/tansu-9.9.9" ] || [ -n "$(ls -A "$tansu_root/cache-fail" 2>/dev/null)" ]; then
+elif [ -e "$tansu_root/cache-fail/tansu-9.9.9" ] || [ -n "$(ls -A "$tansu_root/cache-fail" 2>/dev/null | grep -v '^\.tansu-9\.9\.9\.lock$')" ]; then
     bad "install-tansu: failing build" "left $(ls -A "$tansu_root/cache-fail") behind"
 else
-    ok "install-tansu: failing build -> non-zero, cache left empty"
+    ok "install-tansu: failing build -> non-zero, cache left empty (but for its lock file)"
+fi
+# d. two installs at once (two checkouts, CI beside a developer): one builds, the other waits
+# for it and prints the same path.
+rm -f "$tansu_root/cargo.log"
+run_tansu_to "$tansu_root/one" KEYGATE_TANSU_CACHE="$tansu_root/cache-two" FAKE_CARGO_SLEEP=2 &
+first=$!
+sleep 0.5
+run_tansu_to "$tansu_root/two" KEYGATE_TANSU_CACHE="$tansu_root/cache-two" FAKE_CARGO_SLEEP=2
+second=$?
+wait "$first"
+first=$?
+want="$tansu_root/cache-two/tansu-9.9.9/bin/tansu"
+builds=$(grep -c "install tansu" "$tansu_root/cargo.log" 2>/dev/null || true)
+waited=$(cat "$tansu_root/one.err" "$tansu_root/two.err" | grep -c "waiting for it" || true)
+if [ "$first$second" = 00 ] && [ "$builds" = 1 ] && [ "$waited" = 1 ] \
+    && [ "$(cat "$tansu_root/one")" = "$want" ] && [ "$(cat "$tansu_root/two")" = "$want" ]; then
+    ok "install-tansu: two at once -> one build, the other waits and uses it"
+else
+    bad "install-tansu: two at once" "exits $first/$second, $builds build(s), $waited waited: $(cat "$tansu_root/one.err" "$tansu_root/two.err")"
 fi
 
-# 5. setup-test-env's output: exactly the four export lines, naming the installed tools.
+# 5. setup-test-env's output: exactly the five export lines, naming the installed tools.
 # (scripts/test.sh ran it just before; with the same cache this is a quick, up-to-date run.)
 if out=$("$here/scripts/setup-test-env.sh" 2> "$tmp/setup.err"); then
     lines=$(printf '%s\n' "$out" | wc -l)
@@ -168,10 +197,11 @@ if out=$("$here/scripts/setup-test-env.sh" 2> "$tmp/setup.err"); then
     modules=$(printf '%s\n' "$out" | sed -n 's/^export KEYGATE_NODE_MODULES=//p')
     redis=$(printf '%s\n' "$out" | sed -n 's/^export KEYGATE_REDIS_SERVER=//p')
     chromium=$(printf '%s\n' "$out" | sed -n 's/^export KEYGATE_CHROMIUM=//p')
-    if [ "$lines" -eq 4 ] && [ -x "$chromium" ] && [ -x "$tools/localstripe" ] && [ -x "$tools/bao" ] && [ -x "$tools/moto_server" ] \
-        && "$tools/python" -c 'import pyarrow, duckdb, stripe' 2>/dev/null && [ -d "$modules/stripe" ] \
+    tansu=$(printf '%s\n' "$out" | sed -n 's/^export KEYGATE_TANSU=//p')
+    if [ "$lines" -eq 5 ] && [ -x "$chromium" ] && [ -x "$tansu" ] && "$tansu" --version >/dev/null 2>&1 && [ -x "$tools/localstripe" ] && [ -x "$tools/bao" ] && [ -x "$tools/moto_server" ] \
+        && "$tools/python" -c 'import pyarrow, duckdb, stripe, confluent_kafka' 2>/dev/null && [ -d "$modules/stripe" ] \
         && "$redis" --version 2>/dev/null | grep -q "Redis server v=[7-9]"; then
-        ok "setup-test-env: four export lines naming installed tools"
+        ok "setup-test-env: five export lines naming installed tools"
     else
         bad "setup-test-env output" "$out"
     fi

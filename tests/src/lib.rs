@@ -6,6 +6,7 @@
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::print_stdout)]
 
 pub mod audit;
+pub mod brokers;
 pub mod fake_stripe;
 pub mod http;
 pub mod keygate;
@@ -15,6 +16,7 @@ pub mod openbao;
 pub mod pki;
 pub mod proxy_setup;
 pub mod redis;
+pub mod webhooks;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;

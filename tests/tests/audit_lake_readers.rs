@@ -388,10 +388,13 @@ async fn a_lake_on_s3_with_the_kek_in_openbao_transit() {
     assert!(files.len() >= 2, "several files on S3");
     assert!(files.iter().all(|o| o.location.as_ref().starts_with("audit/dt=")));
     assert_eq!(decrypt_all(&lake, KekRing::new(vec![kek])).await, 40);
-    let report =
-        verify(&lake, &VerifyOptions { trusted_keys: vec![signing.verifying_key()], since_us: None }, |_, _| {})
-            .await
-            .unwrap();
+    let report = verify(
+        &lake,
+        &VerifyOptions { trusted_keys: vec![signing.verifying_key()], since_us: None, checkpoints: None },
+        |_, _| {},
+    )
+    .await
+    .unwrap();
     assert!(report.findings.is_empty(), "{:#?}", report.findings);
     assert_eq!(report.rows, 40 + 20, "both tables verified");
     // The webhooks table on S3: its own files, read back (Transit-wrapped keys of both key
@@ -457,10 +460,13 @@ async fn rows_written_while_s3_is_down_arrive_when_it_returns() {
     }
     found.sort();
     assert_eq!(found.into_iter().map(|(_, id)| id).collect::<Vec<_>>(), ids, "every row, once, in order");
-    let report =
-        verify(&lake, &VerifyOptions { trusted_keys: vec![signing.verifying_key()], since_us: None }, |_, _| {})
-            .await
-            .unwrap();
+    let report = verify(
+        &lake,
+        &VerifyOptions { trusted_keys: vec![signing.verifying_key()], since_us: None, checkpoints: None },
+        |_, _| {},
+    )
+    .await
+    .unwrap();
     assert!(report.findings.is_empty(), "{:#?}", report.findings);
 }
 

@@ -973,3 +973,125 @@ fn the_webhook_ingress_has_its_own_service_ingress_and_network_policy_rules() {
         assert!(!schema_check(&bad).0, "accepted {bad}");
     }
 }
+
+/// Kafka and SQS webhook destinations (docs/webhooks.md#kafka-and-sqs-destinations): the schema
+/// takes them with their credentials as secret references (a SASL password from a Kubernetes
+/// Secret mounted with extraVolumes, read through `file://`; SQS through the pod's IRSA role),
+/// they reach the rendered configuration as written, and misplaced or literal settings are refused.
+#[test]
+fn broker_destinations_take_credentials_by_reference_and_reach_the_config() {
+    let kafka = json!({
+        "name": "ledger", "kind": "kafka", "concurrency": 1,
+        "kafka": {
+            "brokers": ["kafka-1.kafka.svc:9093"], "topic": "stripe.events",
+            "routes": [{"events": ["invoice.*"], "topic": "stripe.invoices"}],
+            "security_protocol": "sasl_ssl",
+            "sasl": {"mechanism": "SCRAM-SHA-512", "username": "keygate", "password": "file:///etc/keygate/kafka/password"}
+        },
+        "ca_file": "/etc/keygate/kafka/ca.crt"
+    });
+    let sqs = json!({
+        "name": "fulfilment", "kind": "sqs",
+        "sqs": {"queue_url": "https://sqs.eu-west-1.amazonaws.com/123456789012/stripe.fifo", "aws": {"region": "eu-west-1"}}
+    });
+    let with = |destinations: Value| {
+        json!({
+            "webhooks": {"enabled": true},
+            "serviceAccount": {"awsRoleArn": "arn:aws:iam::123456789012:role/keygate-webhooks"},
+            "extraVolumes": [{"name": "kafka-client", "secret": {"secretName": "kafka-keygate"}}],
+            "extraVolumeMounts": [{"name": "kafka-client", "mountPath": "/etc/keygate/kafka", "readOnly": true}],
+            "config": {"webhooks": {"endpoints": [{"name": "payments", "secrets": ["env://WHSEC"], "destinations": destinations}]}}
+        })
+    };
+    let values = with(json!([kafka, sqs]));
+    let (accepted, message) = schema_check(&values);
+    assert!(accepted, "the schema refuses broker destinations:\n{message}");
+    let rendered = render_with(&values);
+    let destinations = &rendered.config()["webhooks"]["endpoints"][0]["destinations"];
+    assert_eq!(destinations[0], kafka);
+    assert_eq!(destinations[1], sqs);
+    assert_eq!(rendered.mount_path("kafka-client"), "/etc/keygate/kafka");
+
+    let mut literal = kafka.clone();
+    literal["kafka"]["sasl"]["password"] = json!("hunter2-literal-password");
+    let mut kafka_with_url = kafka.clone();
+    kafka_with_url["url"] = json!("https://b/h");
+    let mut sqs_typo = sqs.clone();
+    sqs_typo["sqs"]["queue_ur"] = json!("x");
+    for bad in [
+        json!([literal]),
+        json!([kafka_with_url]),
+        json!([{"name": "k", "kind": "kafka"}]),
+        json!([{"name": "n", "kind": "nats", "url": "https://b/h", "secret": "env://B"}]),
+        json!([sqs_typo]),
+        json!([{"name": "h", "url": "https://b/h"}]),
+    ] {
+        assert!(!schema_check(&with(bad.clone())).0, "accepted {bad}");
+    }
+}
+
+/// The PrometheusRule (issue 18; off by default): alerts for keygate's anomaly detectors and for
+/// its own health, each on a metric keygate really exports (the name is looked up where it is
+/// registered), scoped to keygate's job, with the thresholds taken from the values.
+#[test]
+fn the_prometheus_rule_is_off_by_default_and_alerts_on_metrics_keygate_exports() {
+    assert!(render(&value_set("defaults")).all("PrometheusRule").is_empty(), "a PrometheusRule by default");
+    let rendered = render_with(&json!({"metrics": {"prometheusRule": {
+        "enabled": true, "labels": {"release": "kube-prometheus-stack"}, "auditBacklogSegments": 7
+    }}}));
+    let rule = rendered.one("PrometheusRule", RELEASE);
+    assert_eq!(rule["apiVersion"], "monitoring.coreos.com/v1");
+    assert_eq!(rule["metadata"]["labels"]["release"], "kube-prometheus-stack");
+    let rules: Vec<&Value> =
+        rule["spec"]["groups"].as_array().unwrap().iter().flat_map(|g| g["rules"].as_array().unwrap().iter()).collect();
+    let alert = |name: &str| -> &Value {
+        rules.iter().find(|r| r["alert"] == name).unwrap_or_else(|| panic!("no alert {name}: {rules:?}"))
+    };
+    for name in [
+        "KeygateAnomaly",
+        "KeygateAnomalyInputsDropped",
+        "KeygateAuditBacklog",
+        "KeygateAuditLakeLag",
+        "KeygateAuditWalFailures",
+        "KeygateAuditSegmentsSetAside",
+        "KeygateSecretStale",
+        "KeygatePolicyReloadRejected",
+    ] {
+        let expr = alert(name)["expr"].as_str().unwrap();
+        assert!(expr.contains(&format!("job=\"{RELEASE}\"")), "{name} is not scoped to keygate's job: {expr}");
+        assert!(!alert(name)["annotations"]["description"].as_str().unwrap_or("").is_empty(), "{name}");
+    }
+    let anomaly = alert("KeygateAnomaly");
+    assert!(anomaly["expr"].as_str().unwrap().contains("by (namespace, service, detector, severity)"), "{anomaly}");
+    assert_eq!(anomaly["labels"]["severity"], "{{ $labels.severity }}");
+    assert!(alert("KeygateAuditBacklog")["expr"].as_str().unwrap().ends_with("> 7"));
+    assert!(alert("KeygatePolicyReloadRejected")["expr"].as_str().unwrap().contains("reason=\"rejected\""));
+
+    // Every metric named is registered by keygate under that name (counters gain `_total`; the
+    // audit log's are registered under the `keygate_audit` prefix).
+    let root = chart_dir().join("../..");
+    let source = |path: &str| std::fs::read_to_string(root.join(path)).unwrap();
+    let proxy = ["proxy/src/telemetry.rs", "proxy/src/anomalies.rs", "secrets/src/metrics.rs"].map(source).join("\n");
+    let audit = source("auditlog/src/metrics.rs");
+    let exprs: Vec<&str> = rules.iter().map(|r| r["expr"].as_str().unwrap()).collect();
+    let names: std::collections::BTreeSet<&str> = exprs
+        .iter()
+        .flat_map(|e| e.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')))
+        .filter(|w| w.starts_with("keygate_"))
+        .collect();
+    assert!(names.len() >= 8, "{names:?}");
+    for name in names {
+        let base = name.strip_suffix("_total").unwrap_or(name);
+        let found = match base.strip_prefix("keygate_audit_") {
+            Some(short) => audit.contains(&format!("\"{short}\"")),
+            None => proxy.contains(&format!("\"{base}\"")),
+        };
+        assert!(found, "{name} is not a metric keygate registers");
+    }
+    // A custom selector replaces the job matcher; a malformed one is refused by the schema.
+    let custom = render_with(&json!({"metrics": {"prometheusRule": {"enabled": true, "selector": "app=\"keygate\""}}}));
+    let custom = custom.one("PrometheusRule", RELEASE);
+    assert!(custom.to_string().contains("keygate_anomalies_total{app=\\\"keygate\\\"}"), "{custom}");
+    assert!(!schema_check(&json!({"metrics": {"prometheusRule": {"selector": "job=keygate}"}}})).0);
+    assert!(!schema_check(&json!({"metrics": {"prometheusRule": {"bogus": 1}}})).0);
+}

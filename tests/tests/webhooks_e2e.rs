@@ -13,12 +13,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use keygate_tests::keygate::{Keygate, KeygateOptions};
 use keygate_tests::proxy_setup::{CANARY_KEY, allow_all_checkout_policy, audit_yaml};
-use keygate_tests::{ChildGuard, node_modules, tool};
+use keygate_tests::webhooks::{
+    admin, endpoint_url, event, flood_through_kill_rounds, ingress_address, metric, node_send, node_send_env, script,
+    signed, statuses,
+};
+use keygate_tests::{ChildGuard, tool};
 use serde_json::{Value, json};
-
-fn script(name: &str) -> String {
-    format!("{}/{name}", env!("CARGO_MANIFEST_DIR"))
-}
 
 const OLD_SECRET: &str = "whsec_e2e_OLDsigningsecret0000000000";
 const NEW_SECRET: &str = "whsec_e2e_NEWsigningsecret1111111111";
@@ -96,53 +96,6 @@ impl Consumer {
     }
 }
 
-/// Runs the Node sender with `spec`; returns its JSON output.
-fn node_send(spec: &Value) -> Value {
-    node_send_env(spec, &[])
-}
-
-/// [`node_send`] with extra environment variables (`NODE_EXTRA_CA_CERTS` for a TLS ingress).
-fn node_send_env(spec: &Value, env: &[(&str, &Path)]) -> Value {
-    let mut child = Command::new(tool("node"))
-        .arg(script("node/webhook_sender.mjs"))
-        .env("KEYGATE_NODE_MODULES", node_modules())
-        .envs(env.iter().copied())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start node");
-    std::io::Write::write_all(&mut child.stdin.take().unwrap(), spec.to_string().as_bytes()).unwrap();
-    let output = child.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "node sender failed: {}", String::from_utf8_lossy(&output.stderr));
-    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("sender printed no JSON ({e}): {stdout}"))
-}
-
-fn statuses(url: &str, cases: Vec<Value>) -> Vec<(u64, String)> {
-    let out = node_send(&json!({"url": url, "cases": cases}));
-    out["results"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| (r["status"].as_u64().unwrap(), r["body"].as_str().unwrap_or("").to_owned()))
-        .collect()
-}
-
-fn event(id: &str, event_type: &str) -> String {
-    json!({
-        "id": id, "object": "event", "type": event_type, "api_version": "2024-06-20",
-        "created": SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs(), "livemode": false,
-        "data": {"object": {"id": format!("obj_{id}"), "object": "invoice", "amount_due": 1200}},
-        "pending_webhooks": 1, "request": {"id": null, "idempotency_key": null}
-    })
-    .to_string()
-}
-
-fn signed(payload: &str, secret: &str) -> Value {
-    json!({"payload": payload, "secret": secret})
-}
-
 /// Files holding the secrets, and the `webhooks:` section naming them.
 struct Setup {
     dir: tempfile::TempDir,
@@ -215,33 +168,6 @@ impl Setup {
     }
 }
 
-/// The ingress address from keygate's "webhook ingress listening" log line.
-fn ingress_address(keygate: &Keygate) -> SocketAddr {
-    for line in keygate.stderr_text().lines() {
-        let Ok(value) = serde_json::from_str::<Value>(line) else { continue };
-        if value["message"] == "webhook ingress listening"
-            && let Some(address) = value["address"].as_str().and_then(|a| a.parse().ok())
-        {
-            return address;
-        }
-    }
-    panic!("no `webhook ingress listening` line:\n{}", keygate.stderr_text());
-}
-
-fn endpoint_url(address: SocketAddr) -> String {
-    format!("http://{address}/webhooks/stripe/main")
-}
-
-/// One operator request on the admin listener.
-fn admin(keygate: &Keygate, method: &str, path: &str, token: &str, body: &str) -> (u16, Value) {
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    let response = keygate_tests::http::raw(keygate.admin, request.as_bytes()).expect("admin request");
-    (response.status, serde_json::from_str(&response.body).unwrap_or(Value::Null))
-}
-
 /// `keygate webhooks ARGS…` against keygate's admin listener; its JSON answer.
 fn cli(keygate: &Keygate, args: &[&str]) -> Value {
     let output = Command::new(keygate_tests::keygate::keygate_bin())
@@ -253,14 +179,6 @@ fn cli(keygate: &Keygate, args: &[&str]) -> Value {
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "keygate webhooks {args:?}: {}", String::from_utf8_lossy(&output.stderr));
     serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
-}
-
-fn metric(metrics: &str, name: &str, labels: &[&str]) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| l.starts_with(name) && labels.iter().all(|label| l.contains(label)))
-        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
-        .sum()
 }
 
 fn assert_no_secret_in(what: &str, text: &str) {
@@ -757,27 +675,14 @@ fn kill_9_at_random_moments_loses_no_acknowledged_event() {
     let (keygate, _) = setup.start(&config);
     let url = format!("http://{ingress}/webhooks/stripe/main");
     let count = 400;
-    let sender = std::thread::spawn(move || {
-        node_send(&json!({"url": url, "flood": {
-            "count": count, "secret": NEW_SECRET, "concurrency": 16, "deadline_ms": 40000,
-            "prefix": "evt_crash_", "types": ["invoice.paid", "charge.succeeded"]
-        }}))
-    });
     let mut keygate = Some(keygate);
-    let mut seed: u64 = u64::from(std::process::id()) ^ 0x9e37_79b9_7f4a_7c15;
-    let mut rounds = 0;
-    while !sender.is_finished() && rounds < 6 {
-        seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
-        std::thread::sleep(Duration::from_millis(150 + (seed >> 33) % 500));
+    let (out, rounds) = flood_through_kill_rounds(url, count, NEW_SECRET, 6, || {
         if let Some(running) = keygate.take() {
             running.signal("KILL");
             let _ = running.wait_exit(Duration::from_secs(10));
         }
-        rounds += 1;
         keygate = Some(setup.start(&config).0);
-    }
-    let out = sender.join().unwrap();
-    assert!(rounds >= 3, "keygate was killed only {rounds} times");
+    });
     let acked: Vec<String> = out["acked"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_owned()).collect();
     assert_eq!(out["unacked"].as_array().map(Vec::len), Some(0), "the sender gave up on some: {out}");
     assert_eq!(acked.len(), count);

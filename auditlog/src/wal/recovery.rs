@@ -14,6 +14,7 @@ use std::time::SystemTime;
 use crate::crypto::{DataKey, KeyEncryptionKey, intent_aad};
 use crate::error::AuditError;
 use crate::row::{PayloadDoc, unknown_outcome};
+use crate::table::Table;
 use crate::wal::segment::{ChainPos, SegmentHeader, WalIntent, list_segments, read_segment};
 use crate::wal::state::{ChainHead, read_chain_head};
 use crate::wal::writer::{Prepared, SealedSegment, StartPoint};
@@ -43,9 +44,8 @@ pub async fn recover(
     zstd_level: i32,
 ) -> Result<Recovery, AuditError> {
     let mut headers: Vec<(SegmentHeader, PathBuf)> = Vec::new();
-    let mut last_state: Option<(u64, [u8; 32])> = None;
-    // The same for the `webhooks` chain.
-    let mut last_webhooks: Option<ChainPos> = None;
+    // Where each table's chain stands after the last segment read (by `Table::index`).
+    let mut last: Option<[ChainPos; Table::COUNT]> = None;
     let mut bytes_on_disk = 0u64;
     let mut truncated = Vec::new();
     let mut max_segno = None;
@@ -87,40 +87,32 @@ pub async fn recover(
                 completions.push((id, idx, row.seq));
             }
         }
+        last = Some(Table::ALL.map(|t| contents.chain_end(t)));
         for intent in contents.intents {
             intents.insert(intent.columns.event_id, (idx, intent));
         }
-        last_state = Some(match contents.rows.last() {
-            Some(r) => (r.seq + 1, r.hash),
-            None => (contents.header.first_seq, contents.header.prev_hash),
-        });
-        last_webhooks = Some(match contents.webhook_rows.last() {
-            Some(r) => ChainPos { next_seq: r.seq + 1, head: r.hash },
-            None => contents.header.webhooks_start,
-        });
         headers.push((contents.header, path));
     }
 
     // A segment's rows are valid below the next segment's first seq.
     let mut sealed = Vec::with_capacity(headers.len());
     for (i, (h, path)) in headers.iter().enumerate() {
-        let (upto, webhooks_upto) = match headers.get(i + 1) {
-            Some((next, _)) => (next.first_seq, next.webhooks_start.next_seq),
-            None => (
-                last_state.map_or(h.first_seq, |(next_seq, _)| next_seq),
-                last_webhooks.map_or(h.webhooks_start.next_seq, |p| p.next_seq),
-            ),
+        let upto = match headers.get(i + 1) {
+            Some((next, _)) => next.chain_starts().map(|c| c.next_seq),
+            None => last.unwrap_or_else(|| h.chain_starts()).map(|c| c.next_seq),
         };
         sealed.push(SealedSegment {
             segno: h.segno,
             path: path.clone(),
-            upto_seq: upto,
-            webhooks_upto_seq: webhooks_upto,
+            upto,
             sealed_at_us: crate::row::micros(SystemTime::now()),
         });
     }
-    let completed: HashSet<uuid::Uuid> =
-        completions.into_iter().filter(|(_, idx, seq)| *seq < sealed[*idx].upto_seq).map(|(id, _, _)| id).collect();
+    let completed: HashSet<uuid::Uuid> = completions
+        .into_iter()
+        .filter(|(_, idx, seq)| *seq < sealed[*idx].upto[Table::Audit.index()])
+        .map(|(id, _, _)| id)
+        .collect();
 
     let mut keys: HashMap<usize, Result<DataKey, String>> = HashMap::new();
     let mut unknown_rows = Vec::new();
@@ -161,18 +153,13 @@ pub async fn recover(
         unknown_rows.push((id, Prepared { columns: unknown_outcome(intent.columns, SystemTime::now()), compressed }));
     }
 
-    let start = match last_state {
-        Some((next_seq, head)) => Some(StartPoint {
-            next_segno: max_segno.map_or(1, |s| s + 1),
-            next_seq,
-            head,
-            webhooks: last_webhooks.unwrap_or_default(),
-        }),
-        None => read_chain_head(dir)?.map(|ChainHead { writer_id: stored, next_seq, head, next_segno, webhooks }| {
-            if stored != writer_id {
-                tracing::warn!(stored = %stored, writer_id = %writer_id, "chain-head.json names another writer; ignoring it");
+    let start = match last {
+        Some(chains) => Some(StartPoint { next_segno: max_segno.map_or(1, |s| s + 1), chains }),
+        None => read_chain_head(dir)?.map(|head: ChainHead| {
+            if head.writer_id != writer_id {
+                tracing::warn!(stored = %head.writer_id, writer_id = %writer_id, "chain-head.json names another writer; ignoring it");
             }
-            StartPoint { next_segno: next_segno.max(max_segno.map_or(1, |s| s + 1)), next_seq, head, webhooks }
+            StartPoint { next_segno: head.next_segno.max(max_segno.map_or(1, |s| s + 1)), chains: head.chains() }
         }),
     };
     Ok(Recovery { start, sealed, unknown_rows, bytes_on_disk, truncated, max_segno })

@@ -9,6 +9,9 @@
 //! * A webhook row frame is a `webhooks` lake row. It has its own `seq` and chain: the header
 //!   also names where that chain continues (`webhooks_start`; segments written before the table
 //!   existed lack it and continue from seq 1).
+//! * An anomaly row frame is an `anomalies` lake row, with its own `seq` and chain in the same
+//!   way (`anomalies_start`; segments written before that table, whose header names only the
+//!   `audit` and `webhooks` chains, continue it from seq 1).
 //!
 //! Invariant: a segment's rows are valid only below the `first_seq` of the next segment. A segment
 //! is abandoned after a failed write or fsync, and the next one restarts from the last durable
@@ -19,6 +22,7 @@ use std::path::{Path, PathBuf};
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
+use crate::anomaly::AnomalyColumns;
 use crate::error::AuditError;
 use crate::row::RowColumns;
 use crate::table::{Table, TableRow};
@@ -29,6 +33,7 @@ pub const KIND_HEADER: u8 = 1;
 pub const KIND_ROW: u8 = 2;
 pub const KIND_INTENT: u8 = 3;
 pub const KIND_WEBHOOK_ROW: u8 = 4;
+pub const KIND_ANOMALY_ROW: u8 = 5;
 
 /// Where a table's chain continues: the next `seq` and the hash it links to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,6 +55,7 @@ pub fn row_kind(table: Table) -> u8 {
     match table {
         Table::Audit => KIND_ROW,
         Table::Webhooks => KIND_WEBHOOK_ROW,
+        Table::Anomalies => KIND_ANOMALY_ROW,
     }
 }
 
@@ -69,6 +75,38 @@ pub struct SegmentHeader {
     /// Where the `webhooks` chain continues in this segment.
     #[serde(default)]
     pub webhooks_start: ChainPos,
+    /// Where the `anomalies` chain continues in this segment (absent from segments written
+    /// before the table existed: seq 1).
+    #[serde(default)]
+    pub anomalies_start: ChainPos,
+}
+
+impl SegmentHeader {
+    /// Where `table`'s chain continues in this segment.
+    pub fn chain_start(&self, table: Table) -> ChainPos {
+        match table {
+            Table::Audit => ChainPos { next_seq: self.first_seq, head: self.prev_hash },
+            Table::Webhooks => self.webhooks_start,
+            Table::Anomalies => self.anomalies_start,
+        }
+    }
+
+    /// Every table's chain start, by [`Table::index`].
+    pub fn chain_starts(&self) -> [ChainPos; Table::COUNT] {
+        Table::ALL.map(|t| self.chain_start(t))
+    }
+
+    /// Sets every table's chain start from `starts` (by [`Table::index`]).
+    pub fn set_chain_starts(&mut self, starts: [ChainPos; Table::COUNT]) {
+        for t in Table::ALL {
+            let p = starts[t.index()];
+            match t {
+                Table::Audit => (self.first_seq, self.prev_hash) = (p.next_seq, p.head),
+                Table::Webhooks => self.webhooks_start = p,
+                Table::Anomalies => self.anomalies_start = p,
+            }
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -183,12 +221,48 @@ pub struct SegmentContents {
     pub intents: Vec<WalIntent>,
     /// `webhooks` rows, in `seq` order.
     pub webhook_rows: Vec<WalRow<WebhookColumns>>,
+    /// `anomalies` rows, in `seq` order.
+    pub anomaly_rows: Vec<WalRow<AnomalyColumns>>,
     /// Bytes of good frames from the start.
     pub valid_len: u64,
     /// Length of the file.
     pub file_len: u64,
     /// Why reading stopped early, if it did.
     pub torn: Option<String>,
+}
+
+impl SegmentContents {
+    /// `(seq, hash)` of `table`'s last row in the segment, if it has any.
+    pub fn last_row(&self, table: Table) -> Option<(u64, [u8; 32])> {
+        match table {
+            Table::Audit => self.rows.last().map(|r| (r.seq, r.hash)),
+            Table::Webhooks => self.webhook_rows.last().map(|r| (r.seq, r.hash)),
+            Table::Anomalies => self.anomaly_rows.last().map(|r| (r.seq, r.hash)),
+        }
+    }
+
+    /// Where `table`'s chain continues after this segment's rows.
+    pub fn chain_end(&self, table: Table) -> ChainPos {
+        match self.last_row(table) {
+            Some((seq, hash)) => ChainPos { next_seq: seq + 1, head: hash },
+            None => self.header.chain_start(table),
+        }
+    }
+}
+
+fn decode_row<C: TableRow>(data: &[u8], out: &mut Vec<WalRow<C>>) -> Option<()> {
+    let (meta, payload) = split_meta(data)?;
+    let m: RowMeta<C> = serde_json::from_slice(meta).ok()?;
+    out.push(WalRow {
+        seq: m.seq,
+        prev_hash: m.prev_hash,
+        hash: m.hash,
+        logged_at_us: m.logged_at_us,
+        intent: m.intent,
+        columns: m.columns,
+        payload: payload.to_vec(),
+    });
+    Some(())
 }
 
 /// Reads and decodes a segment. `Ok(None)` when the file has no valid header (a segment whose
@@ -210,36 +284,15 @@ pub fn decode_segment(bytes: &[u8]) -> Option<SegmentContents> {
     let mut rows = Vec::new();
     let mut intents = Vec::new();
     let mut webhook_rows = Vec::new();
+    let mut anomaly_rows = Vec::new();
     let mut valid_len = dec.valid_len();
     let mut torn = None;
     for frame in dec.by_ref() {
         let parsed = match frame.kind {
-            KIND_ROW => split_meta(frame.data).and_then(|(meta, payload)| {
-                let m: RowMeta<RowColumns> = serde_json::from_slice(meta).ok()?;
-                rows.push(WalRow {
-                    seq: m.seq,
-                    prev_hash: m.prev_hash,
-                    hash: m.hash,
-                    logged_at_us: m.logged_at_us,
-                    intent: m.intent,
-                    columns: m.columns,
-                    payload: payload.to_vec(),
-                });
-                Some(())
-            }),
-            KIND_WEBHOOK_ROW => split_meta(frame.data).and_then(|(meta, payload)| {
-                let m: RowMeta<WebhookColumns> = serde_json::from_slice(meta).ok()?;
-                webhook_rows.push(WalRow {
-                    seq: m.seq,
-                    prev_hash: m.prev_hash,
-                    hash: m.hash,
-                    logged_at_us: m.logged_at_us,
-                    intent: None,
-                    columns: m.columns,
-                    payload: payload.to_vec(),
-                });
-                Some(())
-            }),
+            KIND_ROW => decode_row::<RowColumns>(frame.data, &mut rows),
+            // (Only `audit` rows complete intents: the others are written with none.)
+            KIND_WEBHOOK_ROW => decode_row::<WebhookColumns>(frame.data, &mut webhook_rows),
+            KIND_ANOMALY_ROW => decode_row::<AnomalyColumns>(frame.data, &mut anomaly_rows),
             KIND_INTENT => split_meta(frame.data).and_then(|(meta, payload)| {
                 let m: IntentMeta = serde_json::from_slice(meta).ok()?;
                 intents.push(WalIntent { logged_at_us: m.logged_at_us, columns: m.columns, payload: payload.to_vec() });
@@ -263,6 +316,7 @@ pub fn decode_segment(bytes: &[u8]) -> Option<SegmentContents> {
         rows,
         intents,
         webhook_rows,
+        anomaly_rows,
         valid_len: valid_len as u64,
         file_len: bytes.len() as u64,
         torn,
@@ -353,6 +407,30 @@ mod tests {
     }
 
     #[test]
+    fn segments_and_chain_heads_written_before_the_anomalies_table_still_read() {
+        // The header of the version with two tables: `audit`'s chain and `webhooks_start`.
+        let old = br#"{"version":1,"writer_id":"w","segno":3,"first_seq":41,"prev_hash":"1111111111111111111111111111111111111111111111111111111111111111","kek_id":"local:x","wrapped_key":"AQID","created_at_us":5,"webhooks_start":{"next_seq":7,"head":"3333333333333333333333333333333333333333333333333333333333333333"}}"#;
+        let mut out = Vec::new();
+        encode_frame(KIND_HEADER, &[old], &mut out).unwrap();
+        let read = decode_segment(&out).unwrap();
+        let webhooks = ChainPos { next_seq: 7, head: [0x33; 32] };
+        assert_eq!(
+            read.header.chain_starts(),
+            [ChainPos { next_seq: 41, head: [0x11; 32] }, webhooks, ChainPos::default()]
+        );
+        assert!(read.anomaly_rows.is_empty() && read.torn.is_none());
+        assert_eq!(read.chain_end(Table::Anomalies), ChainPos::default());
+        let head: crate::wal::state::ChainHead = serde_json::from_slice(
+            br#"{"writer_id":"w","next_seq":9,"head":"2222222222222222222222222222222222222222222222222222222222222222","next_segno":4,"webhooks":{"next_seq":7,"head":"3333333333333333333333333333333333333333333333333333333333333333"}}"#,
+        )
+        .unwrap();
+        assert_eq!(head.chains(), [ChainPos { next_seq: 9, head: [0x22; 32] }, webhooks, ChainPos::default()]);
+        // And what this version writes reads back the same.
+        let again = crate::wal::state::ChainHead::new("w".into(), 4, head.chains());
+        assert_eq!(again, head);
+    }
+
+    #[test]
     fn a_record_larger_than_a_frame_is_refused_whole_and_a_fitting_one_reads_back() {
         let row = |payload: Vec<u8>| WalRow {
             seq: 7,
@@ -375,6 +453,7 @@ mod tests {
                 wrapped_key: vec![1, 2, 3],
                 created_at_us: 0,
                 webhooks_start: ChainPos::default(),
+                anomalies_start: ChainPos::default(),
             },
             &mut out,
         )

@@ -12,10 +12,11 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::AuditError;
-use crate::wal::segment::hex_32;
+use crate::wal::segment::{ChainPos, hex_32};
 
 /// Where the next segment continues the chains (`audit`'s at the top level, for files written
-/// before the `webhooks` table existed).
+/// before the `webhooks` table existed; each later table under its own key, absent from older
+/// files).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ChainHead {
     pub writer_id: String,
@@ -26,6 +27,23 @@ pub struct ChainHead {
     /// Where the `webhooks` chain continues (absent in older files: it starts at seq 1).
     #[serde(default)]
     pub webhooks: crate::wal::segment::ChainPos,
+    /// Where the `anomalies` chain continues (absent in older files: it starts at seq 1).
+    #[serde(default)]
+    pub anomalies: crate::wal::segment::ChainPos,
+}
+
+impl ChainHead {
+    /// The head of `writer_id` whose next segment is `next_segno`, with every table's chain
+    /// position (by [`crate::Table::index`]).
+    pub fn new(writer_id: String, next_segno: u64, chains: [ChainPos; crate::Table::COUNT]) -> ChainHead {
+        let [audit, webhooks, anomalies] = chains;
+        ChainHead { writer_id, next_seq: audit.next_seq, head: audit.head, next_segno, webhooks, anomalies }
+    }
+
+    /// Every table's chain position, by [`crate::Table::index`].
+    pub fn chains(&self) -> [ChainPos; crate::Table::COUNT] {
+        [ChainPos { next_seq: self.next_seq, head: self.head }, self.webhooks, self.anomalies]
+    }
 }
 
 const LOCK: &str = "LOCK";

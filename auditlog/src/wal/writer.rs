@@ -22,16 +22,18 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{mpsc, oneshot};
 
+use crate::anomaly::PreparedAnomaly;
 use crate::config::{Durability, RollConfig};
-use crate::crypto::{DataKey, KeyEncryptionKey, intent_aad, row_aad, webhook_row_aad};
+use crate::crypto::{DataKey, KeyEncryptionKey, intent_aad};
 use crate::error::AuditError;
 use crate::metrics::Metrics;
-use crate::row::{RowColumns, micros, row_hash, unknown_outcome};
+use crate::row::{RowColumns, micros, unknown_outcome};
+use crate::table::{Table, TableRow};
 use crate::wal::faults::{Fault, WalFaults};
 use crate::wal::segment::{
     ChainPos, SegmentHeader, WalIntent, WalRow, encode_header, encode_intent, encode_row, segment_path,
 };
-use crate::webhook::{PreparedWebhook, webhook_row_hash};
+use crate::webhook::PreparedWebhook;
 
 /// A redacted, compressed record waiting to be sealed and appended.
 #[derive(Debug, Clone)]
@@ -60,6 +62,11 @@ pub enum Command {
         sync: bool,
         ack: Option<Ack>,
     },
+    /// An `anomalies` row; durable as `audit.durability` says.
+    AnomalyRow {
+        prepared: PreparedAnomaly,
+        ack: Option<Ack>,
+    },
     Shutdown {
         ack: Ack,
     },
@@ -70,11 +77,9 @@ pub enum Command {
 pub struct SealedSegment {
     pub segno: u64,
     pub path: PathBuf,
-    /// Rows with `seq >= upto_seq` are superseded (written after the last durable point of an
-    /// abandoned segment) and are not shipped.
-    pub upto_seq: u64,
-    /// The same bound for the segment's `webhooks` rows.
-    pub webhooks_upto_seq: u64,
+    /// Per table ([`Table::index`]): rows with `seq >= upto[table]` are superseded (written after
+    /// the last durable point of an abandoned segment) and are not shipped.
+    pub upto: [u64; Table::COUNT],
     /// When it was handed to the shipper (µs since the epoch), for the lake lag.
     pub sealed_at_us: i64,
 }
@@ -149,10 +154,8 @@ impl Shared {
 #[derive(Debug, Clone)]
 pub struct StartPoint {
     pub next_segno: u64,
-    pub next_seq: u64,
-    pub head: [u8; 32],
-    /// Where the `webhooks` chain continues.
-    pub webhooks: ChainPos,
+    /// Where each table's chain continues ([`Table::index`]).
+    pub chains: [ChainPos; Table::COUNT],
 }
 
 /// Writer settings.
@@ -168,9 +171,8 @@ struct Active {
     file: File,
     path: PathBuf,
     segno: u64,
-    first_seq: u64,
-    /// First `seq` of the segment's `webhooks` rows (their file's first seq, in their AAD).
-    webhooks_first_seq: u64,
+    /// Per table: the first `seq` of the segment's rows (their file's first seq, in their AAD).
+    first_seqs: [u64; Table::COUNT],
     key: DataKey,
     bytes: u64,
     first_row: Option<(Instant, i64)>,
@@ -189,13 +191,10 @@ pub struct Writer {
     shipper: mpsc::UnboundedSender<SealedSegment>,
     active: Option<Active>,
     next_segno: u64,
-    next_seq: u64,
-    head: [u8; 32],
-    durable_seq: u64,
-    durable_head: [u8; 32],
-    /// The `webhooks` chain: where it continues, and where it stood at the last fsync.
-    webhooks: ChainPos,
-    webhooks_durable: ChainPos,
+    /// Per table ([`Table::index`]): where its chain continues, and where it stood at the last
+    /// fsync.
+    chains: [ChainPos; Table::COUNT],
+    durable: [ChainPos; Table::COUNT],
     open_intents: HashMap<uuid::Uuid, Prepared>,
     /// Intents whose completing rows are written but not yet fsynced: they stay in
     /// `open_intents` (and are carried into the next segment if this one is abandoned) until the
@@ -246,12 +245,8 @@ impl Writer {
             shipper,
             active: None,
             next_segno: start.next_segno,
-            next_seq: start.next_seq,
-            head: start.head,
-            durable_seq: start.next_seq,
-            durable_head: start.head,
-            webhooks: start.webhooks,
-            webhooks_durable: start.webhooks,
+            chains: start.chains,
+            durable: start.chains,
             open_intents: HashMap::new(),
             undurable_completions: Vec::new(),
             quota_exempt: false,
@@ -368,11 +363,14 @@ impl Writer {
             match cmd {
                 Command::Row { ack: Some(ack), .. }
                 | Command::WebhookRow { ack: Some(ack), .. }
+                | Command::AnomalyRow { ack: Some(ack), .. }
                 | Command::Intent { ack, .. }
                 | Command::Shutdown { ack } => {
                     let _ = ack.send(Err(e));
                 }
-                Command::Row { ack: None, .. } | Command::WebhookRow { ack: None, .. } => {}
+                Command::Row { ack: None, .. }
+                | Command::WebhookRow { ack: None, .. }
+                | Command::AnomalyRow { ack: None, .. } => {}
             }
         }
     }
@@ -394,7 +392,7 @@ impl Writer {
         let mut new_intents = Vec::new();
         let mut completed = Vec::new();
         let mut rows = 0u64;
-        let mut webhook_rows = 0u64;
+        let mut table_rows = [0u64; Table::COUNT];
         let now = SystemTime::now();
         let logged_at_us = micros(now);
         let used = self.shared.bytes_on_disk.load(Ordering::SeqCst);
@@ -408,26 +406,18 @@ impl Writer {
                         }
                         continue;
                     }
-                    let aad = row_aad(&self.cfg.writer_id, active.first_seq, &prepared.columns.event_id);
-                    let res = active.key.seal(&aad, &prepared.compressed).and_then(|payload| {
-                        let seq = self.next_seq;
-                        let hash = row_hash(&self.head, &self.cfg.writer_id, seq, &prepared.columns, &payload);
-                        let row = WalRow {
-                            seq,
-                            prev_hash: self.head,
-                            hash,
-                            logged_at_us,
-                            intent,
-                            columns: prepared.columns,
-                            payload,
-                        };
-                        encode_row(&row, &mut buf)?;
-                        self.next_seq += 1;
-                        self.head = hash;
-                        Ok(())
-                    });
+                    let res = append_row(
+                        active,
+                        &self.cfg.writer_id,
+                        &mut self.chains,
+                        prepared.columns,
+                        Some(&prepared.compressed),
+                        (logged_at_us, intent),
+                        &mut buf,
+                    );
                     if res.is_ok() {
                         rows += 1;
+                        table_rows[Table::Audit.index()] += 1;
                         if let Some(id) = intent {
                             completed.push(id);
                         }
@@ -445,39 +435,45 @@ impl Writer {
                         }
                         continue;
                     }
-                    let aad =
-                        webhook_row_aad(&self.cfg.writer_id, active.webhooks_first_seq, &prepared.columns.event_id);
-                    let sealed = match &prepared.compressed {
-                        Some(compressed) => active.key.seal(&aad, compressed),
-                        None => Ok(Vec::new()),
-                    };
-                    let res = sealed.and_then(|payload| {
-                        let chain = &mut self.webhooks;
-                        let hash = webhook_row_hash(
-                            &chain.head,
-                            &self.cfg.writer_id,
-                            chain.next_seq,
-                            &prepared.columns,
-                            &payload,
-                        );
-                        let row = WalRow {
-                            seq: chain.next_seq,
-                            prev_hash: chain.head,
-                            hash,
-                            logged_at_us,
-                            intent: None,
-                            columns: prepared.columns,
-                            payload,
-                        };
-                        encode_row(&row, &mut buf)?;
-                        chain.next_seq += 1;
-                        chain.head = hash;
-                        Ok(())
-                    });
+                    let res = append_row(
+                        active,
+                        &self.cfg.writer_id,
+                        &mut self.chains,
+                        prepared.columns,
+                        prepared.compressed.as_deref(),
+                        (logged_at_us, None),
+                        &mut buf,
+                    );
                     if res.is_ok() {
                         rows += 1;
-                        webhook_rows += 1;
+                        table_rows[Table::Webhooks.index()] += 1;
                         if ack.is_some() && (sync || self.cfg.durability == Durability::Sync) {
+                            need_sync = true;
+                        }
+                    }
+                    (ack, res)
+                }
+                Command::AnomalyRow { prepared, ack } => {
+                    if !self.quota_exempt && used + buf.len() as u64 > self.shared.quota {
+                        self.shared.metrics.quota_exceeded.inc();
+                        if let Some(ack) = ack {
+                            let _ = ack.send(Err(AuditError::QuotaExceeded { used, quota: self.shared.quota }));
+                        }
+                        continue;
+                    }
+                    let res = append_row(
+                        active,
+                        &self.cfg.writer_id,
+                        &mut self.chains,
+                        prepared.columns,
+                        Some(&prepared.compressed),
+                        (logged_at_us, None),
+                        &mut buf,
+                    );
+                    if res.is_ok() {
+                        rows += 1;
+                        table_rows[Table::Anomalies.index()] += 1;
+                        if ack.is_some() && self.cfg.durability == Durability::Sync {
                             need_sync = true;
                         }
                     }
@@ -538,8 +534,9 @@ impl Writer {
         }
         active.rows += rows;
         self.shared.add_bytes(buf.len() as u64);
-        self.shared.metrics.records.inc_by(rows - webhook_rows);
-        self.shared.metrics.webhook_records.inc_by(webhook_rows);
+        for t in Table::ALL {
+            self.shared.metrics.records_of(t).inc_by(table_rows[t.index()]);
+        }
         self.shared.metrics.intents.inc_by(new_intents.len() as u64);
         let sync_due = need_sync
             || (self.cfg.durability == Durability::Async
@@ -582,9 +579,7 @@ impl Writer {
             Ok(()) => {
                 active.dirty = false;
                 active.last_sync = Instant::now();
-                self.durable_seq = self.next_seq;
-                self.durable_head = self.head;
-                self.webhooks_durable = self.webhooks;
+                self.durable = self.chains;
                 for id in self.undurable_completions.drain(..) {
                     self.open_intents.remove(&id);
                 }
@@ -605,16 +600,13 @@ impl Writer {
         tracing::error!(error = %err, "audit WAL segment abandoned; refusing records until a new segment can be written");
         // Everything after the last successful fsync is treated as never written: the intents
         // those rows completed are open again, and are carried into the next segment.
-        self.next_seq = self.durable_seq;
-        self.head = self.durable_head;
-        self.webhooks = self.webhooks_durable;
+        self.chains = self.durable;
         self.undurable_completions.clear();
         if let Some(active) = self.active.take() {
             self.pending_seal.push(SealedSegment {
                 segno: active.segno,
                 path: active.path,
-                upto_seq: self.durable_seq,
-                webhooks_upto_seq: self.webhooks_durable.next_seq,
+                upto: self.durable.map(|c| c.next_seq),
                 sealed_at_us: micros(SystemTime::now()),
             });
         }
@@ -625,8 +617,7 @@ impl Writer {
         let sealed = SealedSegment {
             segno: segment.segno,
             path: segment.path,
-            upto_seq: self.next_seq,
-            webhooks_upto_seq: self.webhooks.next_seq,
+            upto: self.chains.map(|c| c.next_seq),
             sealed_at_us: micros(SystemTime::now()),
         };
         self.hand_to_shipper(sealed);
@@ -726,17 +717,19 @@ impl Writer {
         let segno = self.next_segno;
         let path = segment_path(&self.shared.dir, segno);
         let (mut key, wrapped) = self.take_next_key(key_wait)?;
-        let header = SegmentHeader {
+        let mut header = SegmentHeader {
             version: 1,
             writer_id: self.cfg.writer_id.clone(),
             segno,
-            first_seq: self.next_seq,
-            prev_hash: self.head,
+            first_seq: 0,
+            prev_hash: [0; 32],
             kek_id: self.kek.key_id(),
             wrapped_key: wrapped,
             created_at_us: micros(SystemTime::now()),
-            webhooks_start: self.webhooks,
+            webhooks_start: ChainPos::default(),
+            anomalies_start: ChainPos::default(),
         };
+        header.set_chain_starts(self.chains);
         let mut buf = Vec::new();
         encode_header(&header, &mut buf)?;
         let logged_at_us = micros(SystemTime::now());
@@ -769,8 +762,7 @@ impl Writer {
             file,
             path,
             segno,
-            first_seq: header.first_seq,
-            webhooks_first_seq: header.webhooks_start.next_seq,
+            first_seqs: header.chain_starts().map(|c| c.next_seq),
             key,
             bytes: buf.len() as u64,
             first_row: None,
@@ -872,6 +864,34 @@ impl Writer {
             None => Ok(()),
         }
     }
+}
+
+/// Seals `compressed` (`None`: the row has no payload, stored empty) under the active segment's
+/// key with the row's associated data, links the row into its table's chain (in `chains`, by
+/// [`Table::index`]) and appends its frame to `buf`. The chain moves only when the frame is
+/// encoded.
+fn append_row<C: TableRow>(
+    active: &mut Active,
+    writer_id: &str,
+    chains: &mut [ChainPos; Table::COUNT],
+    columns: C,
+    compressed: Option<&[u8]>,
+    (logged_at_us, intent): (i64, Option<uuid::Uuid>),
+    buf: &mut Vec<u8>,
+) -> Result<(), AuditError> {
+    let i = C::TABLE.index();
+    let aad = C::aad(writer_id, active.first_seqs[i], &columns.event_id());
+    let payload = match compressed {
+        Some(c) => active.key.seal(&aad, c)?,
+        None => Vec::new(),
+    };
+    let chain = &mut chains[i];
+    let hash = C::chain_hash(&chain.head, writer_id, chain.next_seq, &columns, &payload);
+    let row = WalRow { seq: chain.next_seq, prev_hash: chain.head, hash, logged_at_us, intent, columns, payload };
+    encode_row(&row, buf)?;
+    chain.next_seq += 1;
+    chain.head = hash;
+    Ok(())
 }
 
 /// What went wrong, without the "WAL cannot be written" frame that [`AuditError::WalUnavailable`]

@@ -3,6 +3,7 @@
 //! the ingress address from keygate's log, operator requests on the admin listener, metrics.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -18,9 +19,15 @@ pub fn script(name: &str) -> String {
 
 /// Runs the Node sender with `spec`; returns its JSON output.
 pub fn node_send(spec: &Value) -> Value {
+    node_send_env(spec, &[])
+}
+
+/// [`node_send`] with extra environment variables (`NODE_EXTRA_CA_CERTS` for a TLS ingress).
+pub fn node_send_env(spec: &Value, env: &[(&str, &Path)]) -> Value {
     let mut child = Command::new(tool("node"))
         .arg(script("node/webhook_sender.mjs"))
         .env("KEYGATE_NODE_MODULES", node_modules())
+        .envs(env.iter().copied())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -95,4 +102,36 @@ pub fn metric(metrics: &str, name: &str, labels: &[&str]) -> f64 {
         .filter(|l| l.starts_with(name) && labels.iter().all(|label| l.contains(label)))
         .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
         .sum()
+}
+
+/// Floods `url` with `count` events signed with `secret` (`evt_crash_<n>`, invoices and charges
+/// alternately) from the Node sender, while calling `kill_and_restart` at pseudo-random moments
+/// (150–650 ms apart) until the sender is done or `max_rounds` kills happened. Returns the sender's
+/// report (its `acked` event ids; every one of them must then be delivered) and the number of
+/// kills, which must be at least 3 for the test to mean anything.
+pub fn flood_through_kill_rounds(
+    url: String,
+    count: usize,
+    secret: &str,
+    max_rounds: u32,
+    mut kill_and_restart: impl FnMut(),
+) -> (Value, u32) {
+    let secret = secret.to_owned();
+    let sender = std::thread::spawn(move || {
+        node_send(&json!({"url": url, "flood": {
+            "count": count, "secret": secret, "concurrency": 16, "deadline_ms": 40000,
+            "prefix": "evt_crash_", "types": ["invoice.paid", "charge.succeeded"]
+        }}))
+    });
+    let mut seed: u64 = u64::from(std::process::id()) ^ 0x9e37_79b9_7f4a_7c15;
+    let mut rounds = 0;
+    while !sender.is_finished() && rounds < max_rounds {
+        seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        std::thread::sleep(std::time::Duration::from_millis(150 + (seed >> 33) % 500));
+        kill_and_restart();
+        rounds += 1;
+    }
+    let out = sender.join().expect("the Node sender thread");
+    assert!(rounds >= 3, "keygate was killed only {rounds} times");
+    (out, rounds)
 }

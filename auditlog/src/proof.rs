@@ -26,6 +26,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use serde::{Deserialize, Serialize};
 
+use crate::anomaly::AnomalyColumns;
 use crate::checkpoint::{SignedCheckpoint, newest_in_range};
 use crate::crypto::VerifyingKey;
 use crate::error::AuditError;
@@ -134,6 +135,7 @@ pub fn check(text: &str, keys: &[VerifyingKey]) -> Result<Checked, AuditError> {
     match table {
         Table::Audit => check_as::<RowColumns>(&proof, keys),
         Table::Webhooks => check_as::<WebhookColumns>(&proof, keys),
+        Table::Anomalies => check_as::<AnomalyColumns>(&proof, keys),
     }
 }
 
@@ -239,6 +241,7 @@ pub async fn writer_leaves(lake: &Lake, table: Table, writer_id: &str) -> Result
     Ok(match table {
         Table::Audit => scan::<RowColumns>(lake, writer_id, |_| false).await?.0,
         Table::Webhooks => scan::<WebhookColumns>(lake, writer_id, |_| false).await?.0,
+        Table::Anomalies => scan::<AnomalyColumns>(lake, writer_id, |_| false).await?.0,
     })
 }
 
@@ -268,7 +271,9 @@ pub struct ProveRequest {
 /// the event has no row, several rows (say which with `table`/`seq`), no checkpoint covers it,
 /// or the lake disagrees with the checkpoint.
 pub async fn prove(lake: &Lake, checkpoints: Option<&Lake>, req: &ProveRequest) -> Result<String, AuditError> {
-    let mut found: Vec<(Table, String, Vec<Hash>, u64, Vec<u8>)> = Vec::new();
+    // (table, writer, the writer's leaves, the row's leaf index, the row's JSON)
+    type Found = (Table, String, Vec<Hash>, u64, Vec<u8>);
+    let mut found: Vec<Found> = Vec::new();
     for table in Table::ALL {
         if req.table.is_some_and(|t| t != table) {
             continue;
@@ -286,6 +291,13 @@ pub async fn prove(lake: &Lake, checkpoints: Option<&Lake>, req: &ProveRequest) 
                 Table::Webhooks => {
                     let (leaves, picked) =
                         scan::<WebhookColumns>(lake, &writer, |r| want(r.columns.event_id(), r.seq)).await?;
+                    for (i, r) in picked {
+                        found.push((table, writer.clone(), leaves.clone(), i, row_json(&r)?));
+                    }
+                }
+                Table::Anomalies => {
+                    let (leaves, picked) =
+                        scan::<AnomalyColumns>(lake, &writer, |r| want(r.columns.event_id(), r.seq)).await?;
                     for (i, r) in picked {
                         found.push((table, writer.clone(), leaves.clone(), i, row_json(&r)?));
                     }

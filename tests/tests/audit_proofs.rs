@@ -76,7 +76,7 @@ fn writer_config(dir: &Path, upstream: &str, policies: &Path, writer: &str) -> S
     // audit_yaml creates the shared keys; each instance gets its own WAL and writer id.
     let _ = audit_yaml(dir, "");
     format!(
-        "listen:\n  address: 127.0.0.1:0\nadmin:\n  address: 127.0.0.1:0\nupstreams:\n  api: {upstream}\npolicies:\n  dir: {}\nlog:\n  level: warn\n\
+        "listen:\n  address: 127.0.0.1:0\nadmin:\n  address: 127.0.0.1:0\nupstreams:\n  api: {upstream}\npolicies:\n  dir: {}\nlog:\n  level: warn,keygate=info\n\
          audit:\n  lake: {}\n  wal_dir: {}\n  kek: file://{}\n  signing_key: file://{}\n  writer_id: {writer}\n  roll:\n    max_bytes: 4096\n  checkpoints:\n    log_name: keygate.test/e2e\n    publish: {}\n    interval: 1s\n",
         policies.display(),
         dir.join("lake").display(),
@@ -208,4 +208,30 @@ async fn every_row_of_two_writers_proves_offline_and_python_agrees() {
         .output()
         .unwrap();
     assert!(!py.status.success(), "python accepted a changed proof");
+
+    // An insider deletes writer-b's newest file with its manifest and the lake's own checkpoint
+    // of it: the lake alone verifies clean, the published checkpoints name what is gone.
+    let lake_dir = dir.path().join("lake");
+    let mut manifests: Vec<_> =
+        std::fs::read_dir(lake_dir.join("manifests/writer-b")).unwrap().map(|e| e.unwrap().path()).collect();
+    manifests.sort();
+    assert!(manifests.len() >= 2, "several files per writer: {manifests:?}");
+    let newest = manifests.last().unwrap();
+    let m = keygate_auditlog::manifest::Manifest::parse(&std::fs::read(newest).unwrap()).unwrap();
+    let size = m.body.tree.as_ref().unwrap().size;
+    let checkpoint = format!("checkpoints/audit/writer-b/{size:020}");
+    std::fs::remove_file(lake_dir.join(&m.body.file)).unwrap();
+    std::fs::remove_file(newest).unwrap();
+    std::fs::remove_file(lake_dir.join(&checkpoint)).unwrap();
+    let (code, out, err) = auditlog(&["verify", "--lake", &lake, "--public-key", &public_text], &[]);
+    assert_eq!(code, 0, "the lake alone shows no trace: {out}{err}");
+    let (code, out, err) =
+        auditlog(&["verify", "--lake", &lake, "--public-key", &public_text, "--checkpoints", &published], &[]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        out.lines().any(|l| l.starts_with("MISSING")
+            && l.contains(&checkpoint)
+            && l.contains(&format!("(seq {})", m.body.first_seq))),
+        "names the published checkpoint that proves the rows existed: {out}"
+    );
 }

@@ -9,7 +9,10 @@
 //! - a log line (target `keygate::anomaly`; `warn` for an alert, `info` for a shadow record),
 //! - `keygate_anomalies_total` and `keygate_anomalies_active` (`service`, `detector`,
 //!   `severity`) for alerts, `keygate_anomalies_shadow_total` for what shadow-mode detectors
-//!   would have raised.
+//!   would have raised,
+//! - and, when the audit log is on, a row of the lake's `anomalies` table (alerts and shadow
+//!   records alike, told apart by its `mode` column), written by a recorder task of its own
+//!   through [`keygate_auditlog::AuditLog::record_anomaly`].
 //!
 //! Invariants:
 //! - a request never waits for detection: [`Anomalies::offer`] is a `try_send`; a full (or
@@ -20,7 +23,11 @@
 //! - the state file is written atomically ([`keygate_detectors::EngineState::save`]); a file that
 //!   exists but cannot be read stops keygate at start with a message saying to move it aside,
 //!   rather than silently forgetting every baseline;
-//! - shadow mode changes only how an alert is reported, never what is learned.
+//! - shadow mode changes only how an alert is reported, never what is learned;
+//! - recording in the lake never holds up detection (nor, a fortiori, a request): the detector
+//!   task hands each alert to the recorder through a bounded queue with `try_send`; an alert the
+//!   queue has no room for, or that the audit log refuses, is logged (its detector and service,
+//!   never a secret) and counted in `keygate_anomaly_record_failures_total`.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -29,6 +36,7 @@ use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant, SystemTime};
 
 use futures::future::BoxFuture;
+use keygate_auditlog::AuditLog;
 use keygate_detectors::input::UNAUTHENTICATED;
 use keygate_detectors::{
     Alert, AnomaliesConfig, DetectorError, Engine, EngineState, Input, Mode, RequestInput, WebhookInput, refusal_of,
@@ -75,6 +83,8 @@ pub struct AnomalyMetrics {
     pub dropped: Counter<u64, AtomicU64>,
     /// Failed saves of the state file.
     pub save_failures: Counter<u64, AtomicU64>,
+    /// Alerts and shadow records that could not be recorded in the lake's `anomalies` table.
+    pub record_failures: Counter<u64, AtomicU64>,
 }
 
 impl AnomalyMetrics {
@@ -106,6 +116,11 @@ impl AnomalyMetrics {
             "Failed saves of the anomaly detectors' learned state",
             metrics.save_failures.clone(),
         );
+        registry.register(
+            "keygate_anomaly_record_failures",
+            "Anomaly alerts and shadow records that could not be recorded in the audit lake's anomalies table",
+            metrics.record_failures.clone(),
+        );
         Arc::new(metrics)
     }
 }
@@ -117,16 +132,27 @@ pub struct Anomalies {
     metrics: Arc<AnomalyMetrics>,
     stop: watch::Sender<bool>,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The task recording alerts in the lake (when the audit log is on).
+    recorder: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
+
+/// Alerts waiting for the recorder task: room for bursts (a tick closing many hours at once);
+/// beyond it an alert is not recorded in the lake (logged and counted).
+const RECORD_QUEUE: usize = 1024;
 
 fn now_us() -> i64 {
     keygate_auditlog::row::micros(SystemTime::now())
 }
 
 impl Anomalies {
-    /// Loads the saved state (if any) and starts the detector task. `config` has been validated
-    /// with the rest of the configuration.
-    pub fn start(config: AnomaliesConfig, registry: &mut Registry) -> Result<Arc<Anomalies>, DetectorError> {
+    /// Loads the saved state (if any) and starts the detector task, and, when `audit` is
+    /// enabled, the task that records each alert and shadow record in its `anomalies` table.
+    /// `config` has been validated with the rest of the configuration.
+    pub fn start(
+        config: AnomaliesConfig,
+        registry: &mut Registry,
+        audit: AuditLog,
+    ) -> Result<Arc<Anomalies>, DetectorError> {
         let state = match &config.live.state_file {
             Some(path) => EngineState::load(path)?,
             None => None,
@@ -142,15 +168,22 @@ impl Anomalies {
         let metrics = AnomalyMetrics::register(registry);
         let (tx, rx) = mpsc::channel(config.live.queue);
         let (stop, stop_rx) = watch::channel(false);
+        let (record_tx, recorder) = if audit.is_enabled() {
+            let (record_tx, record_rx) = mpsc::channel(RECORD_QUEUE);
+            (Some(record_tx), Some(tokio::spawn(record(audit, record_rx, metrics.clone()))))
+        } else {
+            (None, None)
+        };
         let worker = Worker {
             engine,
             metrics: metrics.clone(),
             state_file: config.live.state_file.clone(),
             active_for: config.live.active_for,
             active: VecDeque::new(),
+            record_tx,
         };
         let task = tokio::spawn(worker.run(rx, stop_rx, config.live.tick, config.live.save_interval));
-        Ok(Arc::new(Anomalies { tx, metrics, stop, task: Mutex::new(Some(task)) }))
+        Ok(Arc::new(Anomalies { tx, metrics, stop, task: Mutex::new(Some(task)), recorder: Mutex::new(recorder) }))
     }
 
     /// Offers one input; never waits. A full queue drops it and counts it.
@@ -165,10 +198,17 @@ impl Anomalies {
         self.offer(request_input(ctx, status));
     }
 
-    /// Stops the task after it has fed what is queued, and saves the state a last time.
+    /// Stops the task after it has fed what is queued, and saves the state a last time; then
+    /// waits for the recorder to hand the last alerts to the audit log (call before the audit
+    /// log's own shutdown, which commits them).
     pub async fn shutdown(&self) {
         let _ = self.stop.send(true);
         if let Some(task) = self.task.lock().await.take() {
+            let _ = task.await;
+        }
+        // The worker is gone, and with it the recorder's sender: the recorder ends after what
+        // is queued.
+        if let Some(task) = self.recorder.lock().await.take() {
             let _ = task.await;
         }
     }
@@ -233,6 +273,25 @@ impl EventJournal for FeedingJournal {
     }
 }
 
+/// The recorder task: each alert of the queue becomes a row of the lake's `anomalies` table,
+/// one after the other (under `durability: sync` each waits for its fsync here, never in the
+/// detector task). Ends when the detector task drops its sender.
+async fn record(audit: AuditLog, mut rx: mpsc::Receiver<Alert>, metrics: Arc<AnomalyMetrics>) {
+    while let Some(alert) = rx.recv().await {
+        if let Err(error) = audit.record_anomaly(&alert).await {
+            metrics.record_failures.inc();
+            tracing::error!(
+                target: "keygate::anomaly",
+                detector = alert.detector.as_str(),
+                service = %alert.service,
+                mode = %alert.mode,
+                error = %error,
+                "could not record the anomaly in the audit lake (it is logged and counted here)"
+            );
+        }
+    }
+}
+
 struct Worker {
     engine: Engine,
     metrics: Arc<AnomalyMetrics>,
@@ -240,6 +299,8 @@ struct Worker {
     active_for: Duration,
     /// Alerts counted in the `active` gauge, oldest first.
     active: VecDeque<(Instant, AlertLabels)>,
+    /// The recorder task's queue (`None`: the audit log is off).
+    record_tx: Option<mpsc::Sender<Alert>>,
 }
 
 impl Worker {
@@ -270,7 +331,8 @@ impl Worker {
                     self.expire();
                 }
                 _ = saver.tick() => self.save().await,
-                _ = stop.wait_for(|stop| *stop) => {
+                // The guard `wait_for` returns must not live across the awaits below.
+                () = async { drop(stop.wait_for(|stop| *stop).await) } => {
                     // What is queued was offered before the stop: feed it, then stop.
                     while let Ok(input) = rx.try_recv() {
                         let alerts = self.engine.observe(&input);
@@ -284,48 +346,64 @@ impl Worker {
     }
 
     fn raise(&mut self, alerts: Vec<Alert>) {
+        // One log line per alert, the same fields at either level (a tracing level is a constant
+        // of the call site, hence a macro rather than a variable).
+        macro_rules! anomaly_line {
+            ($level:expr, $alert:expr, $mode:expr, $cited:expr, $message:expr) => {
+                tracing::event!(
+                    target: "keygate::anomaly",
+                    $level,
+                    detector = $alert.detector.as_str(),
+                    service = %$alert.service,
+                    subject = %$alert.subject,
+                    severity = %$alert.severity,
+                    mode = $mode,
+                    expected = %$alert.expected,
+                    observed = %$alert.observed,
+                    score = $alert.score,
+                    window_start_us = $alert.window_start_us,
+                    window_end_us = $alert.window_end_us,
+                    event_ids = %$cited,
+                    $message
+                )
+            };
+        }
         for alert in alerts {
             let labels = AlertLabels::of(&alert);
             let cited = alert.event_ids.join(",");
             match alert.mode {
                 Mode::Alert => {
-                    tracing::warn!(
-                        target: "keygate::anomaly",
-                        detector = alert.detector.as_str(),
-                        service = %alert.service,
-                        subject = %alert.subject,
-                        severity = %alert.severity,
-                        mode = "alert",
-                        expected = %alert.expected,
-                        observed = %alert.observed,
-                        score = alert.score,
-                        window_start_us = alert.window_start_us,
-                        window_end_us = alert.window_end_us,
-                        event_ids = %cited,
-                        "anomaly"
-                    );
+                    anomaly_line!(tracing::Level::WARN, alert, "alert", cited, "anomaly");
                     self.metrics.alerts.get_or_create(&labels).inc();
                     self.metrics.active.get_or_create(&labels).inc();
                     self.active.push_back((Instant::now(), labels));
                 }
                 Mode::Shadow => {
-                    tracing::info!(
-                        target: "keygate::anomaly",
-                        detector = alert.detector.as_str(),
-                        service = %alert.service,
-                        subject = %alert.subject,
-                        severity = %alert.severity,
-                        mode = "shadow",
-                        expected = %alert.expected,
-                        observed = %alert.observed,
-                        score = alert.score,
-                        window_start_us = alert.window_start_us,
-                        window_end_us = alert.window_end_us,
-                        event_ids = %cited,
+                    anomaly_line!(
+                        tracing::Level::INFO,
+                        alert,
+                        "shadow",
+                        cited,
                         "anomaly (shadow mode: recorded, not raised)"
                     );
                     self.metrics.shadow.get_or_create(&labels).inc();
                 }
+            }
+            if let Some(tx) = &self.record_tx
+                && let Err(error) = tx.try_send(alert)
+            {
+                self.metrics.record_failures.inc();
+                let (alert, why) = match error {
+                    mpsc::error::TrySendError::Full(a) => (a, "the recorder's queue is full"),
+                    mpsc::error::TrySendError::Closed(a) => (a, "the recorder has stopped"),
+                };
+                tracing::error!(
+                    target: "keygate::anomaly",
+                    detector = alert.detector.as_str(),
+                    service = %alert.service,
+                    mode = %alert.mode,
+                    "could not record the anomaly in the audit lake: {why} (it is logged and counted here)"
+                );
             }
         }
     }
@@ -384,7 +462,7 @@ mod tests {
         let mut registry = Registry::default();
         let mut config = AnomaliesConfig::default();
         config.live.queue = 1;
-        let anomalies = Anomalies::start(config, &mut registry).unwrap_or_else(|e| panic!("{e}"));
+        let anomalies = Anomalies::start(config, &mut registry, AuditLog::disabled()).unwrap_or_else(|e| panic!("{e}"));
         // The task cannot run in between on this current-thread runtime: the second offer
         // finds the queue full.
         let started = Instant::now();

@@ -191,13 +191,23 @@ pub struct Publisher {
     pub publish: Option<Lake>,
     /// Longest time between re-writes of the newest checkpoints while idle.
     pub interval: Duration,
+    /// Longest one store operation may take (`audit.lake_timeout`): a hanging publish store must
+    /// not hold up the shipper.
+    pub timeout: Duration,
     /// The newest checkpoints.
     pub latest: Latest,
+    /// Signed after a commit, not yet stored ([`Publisher::flush`]).
+    pending: Arc<Mutex<Vec<(Table, String, SignedCheckpoint)>>>,
 }
 
 impl Publisher {
     /// From `audit.checkpoints` (already validated) for the lake at `lake`.
-    pub fn open(config: &CheckpointsConfig, lake: &str, multipart_threshold: u64) -> Result<Publisher, AuditError> {
+    pub fn open(
+        config: &CheckpointsConfig,
+        lake: &str,
+        multipart_threshold: u64,
+        timeout: Duration,
+    ) -> Result<Publisher, AuditError> {
         let publish = match &config.publish {
             Some(p) => Some(Lake::open(p, &config.publish_s3, multipart_threshold)?),
             None => None,
@@ -206,16 +216,31 @@ impl Publisher {
             log_name: config.log_name_for(lake),
             publish,
             interval: config.interval,
+            timeout,
             latest: Latest::default(),
+            pending: Arc::default(),
         })
     }
 
     /// Signs the checkpoint of `writer_id`'s tree in `table` at `size` with `root`, remembers it
-    /// as the newest, and writes it to the lake and the publish store (see [`Publisher::store`]).
-    pub async fn commit(&self, lake: &Lake, key: &SigningKey, table: Table, writer_id: &str, size: u64, root: Hash) {
+    /// as the newest and queues it for [`Publisher::flush`] (which the shipper calls once the
+    /// file's commit is done, outside the commit's own time limit).
+    pub fn committed(&self, key: &SigningKey, table: Table, writer_id: &str, size: u64, root: Hash) {
         let cp = Checkpoint { origin: origin(&self.log_name, table, writer_id), size, root }.sign(key);
         self.remember(table, writer_id, cp.clone());
-        self.store(lake, table, writer_id, &cp).await;
+        if let Ok(mut p) = self.pending.lock() {
+            p.push((table, writer_id.to_owned(), cp));
+        }
+    }
+
+    /// Stores every queued checkpoint in the lake and the publish store (see
+    /// [`Publisher::store`]). One that fails is not queued again: the idle
+    /// [`Publisher::republish`] retries the newest of each writer.
+    pub async fn flush(&self, lake: &Lake) {
+        let queued = self.pending.lock().map(|mut p| std::mem::take(&mut *p)).unwrap_or_default();
+        for (table, writer, cp) in queued {
+            self.store(lake, table, &writer, &cp).await;
+        }
     }
 
     /// Remembers `cp` as the newest of its writer unless a larger one is known.
@@ -245,17 +270,24 @@ impl Publisher {
         let path = checkpoint_path(table, writer_id, cp.checkpoint.size);
         let text = Bytes::from(cp.to_text());
         for (place, store) in std::iter::once(("lake", lake)).chain(self.publish.iter().map(|p| ("publish store", p))) {
-            match store.put_create(&path, text.clone()).await {
-                Ok(Put::Created) => {}
-                Ok(Put::AlreadyExists) => match store.get(&path).await {
-                    Ok(Some(existing)) if existing == text => {}
-                    Ok(_) => {
-                        tracing::error!(%path, store = %store.display, "a different checkpoint of this size is already stored: the writer's history was rewritten (fork); left as it is for auditlog verify --checkpoints")
+            let put = tokio::time::timeout(self.timeout, store.put_create(&path, text.clone())).await;
+            match put {
+                Ok(Ok(Put::Created)) => {}
+                Ok(Ok(Put::AlreadyExists)) => match tokio::time::timeout(self.timeout, store.get(&path)).await {
+                    Ok(Ok(Some(existing))) if existing == text => {}
+                    Ok(Ok(_)) => {
+                        tracing::error!(%path, %place, "a different checkpoint of this size is already stored: the writer's history was rewritten (fork); left as it is for auditlog verify --checkpoints")
                     }
-                    Err(e) => tracing::warn!(%path, error = %e, "cannot read back an existing checkpoint"),
+                    Ok(Err(e)) => tracing::warn!(%path, %place, error = %e, "cannot read back an existing checkpoint"),
+                    Err(_) => {
+                        tracing::warn!(%path, %place, "no answer within audit.lake_timeout reading back a checkpoint")
+                    }
                 },
-                Err(e) => {
+                Ok(Err(e)) => {
                     tracing::warn!(%path, %place, error = %e, "could not store the checkpoint; retried every audit.checkpoints.interval")
+                }
+                Err(_) => {
+                    tracing::warn!(%path, %place, "no answer within audit.lake_timeout storing the checkpoint; retried every audit.checkpoints.interval")
                 }
             }
         }
@@ -299,12 +331,12 @@ pub async fn newest_in_range(
     Ok(None)
 }
 
-/// Every checkpoint of `store` (a lake or a publish store) by table and writer, in size order:
-/// `(path, parsed or why not)`.
-pub async fn list_checkpoints(
-    store: &Lake,
-) -> Result<BTreeMap<(Table, String), Vec<(String, Result<SignedCheckpoint, String>)>>, AuditError> {
-    let mut out: BTreeMap<(Table, String), Vec<(String, Result<SignedCheckpoint, String>)>> = BTreeMap::new();
+/// A store's checkpoints by (table, writer), each list in size order: `(path, parsed or why not)`.
+pub type CheckpointList = BTreeMap<(Table, String), Vec<(String, Result<SignedCheckpoint, String>)>>;
+
+/// Every checkpoint of `store` (a lake or a publish store) by table and writer, in size order.
+pub async fn list_checkpoints(store: &Lake) -> Result<CheckpointList, AuditError> {
+    let mut out = CheckpointList::new();
     for o in store.list("checkpoints/").await? {
         let p = o.location.to_string();
         let parts: Vec<&str> = p.split('/').collect();

@@ -107,12 +107,23 @@ async fn every_row_of_two_writers_proves_and_any_changed_byte_fails() {
         p.extra[i] ^= 0x01;
         assert!(check(&p.to_text(), &keys).is_err(), "row byte {i} flipped and it still checks");
     }
-    // A checkpoint of another size (re-signed, valid) does not fit the path.
-    let mut p = proof.clone();
-    let cp = &p.checkpoint.checkpoint;
-    let bigger = keygate_auditlog::checkpoint::Checkpoint { size: cp.size + 1, ..cp.clone() }.sign(&env.signing);
-    p.checkpoint = SignedCheckpoint::parse(&bigger.to_text()).unwrap();
-    assert!(check(&p.to_text(), &keys).is_err());
+    // The writer's other published checkpoints (validly signed, other sizes) do not fit the path:
+    // a path leads to the root of the tree it was computed in.
+    let others: Vec<SignedCheckpoint> = sorted_files(&published(&env).join("checkpoints/audit/writer-a"))
+        .iter()
+        .map(|f| SignedCheckpoint::parse(&std::fs::read_to_string(f).unwrap()).unwrap())
+        .filter(|cp| cp.checkpoint.size != proof.checkpoint.checkpoint.size)
+        .collect();
+    assert!(others.len() >= 2, "several checkpoints of writer-a were published");
+    for cp in others {
+        let mut p = proof.clone();
+        p.checkpoint = cp;
+        assert!(
+            check(&p.to_text(), &keys).is_err(),
+            "a proof checks against checkpoint {}",
+            p.checkpoint.checkpoint.size
+        );
+    }
 }
 
 #[tokio::test]

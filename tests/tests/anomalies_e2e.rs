@@ -11,6 +11,10 @@
 //! restart keeps the baselines (the same anomaly is flagged again, which needs the 200 learned
 //! amounts); a restart with the amount detector in shadow mode raises nothing for it but logs
 //! and counts what it would have raised (`keygate_anomalies_shadow_total`).
+//!
+//! The audit log is on: each alert and each shadow record is also a row of the lake's
+//! `anomalies` table (issue 18, point 4), read back with `auditlog query`, DuckDB and pyarrow,
+//! citing event ids that are rows of the `audit` table; `auditlog verify` passes over the lake.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 use std::net::SocketAddr;
@@ -18,6 +22,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use keygate_detectors::simulate::{self, HistoryConfig};
 use keygate_detectors::{AnomaliesConfig, Engine, EngineState};
+use keygate_tests::audit::{auditlog, query_lake};
 use keygate_tests::fake_stripe::{Behavior, FakeStripe};
 use keygate_tests::http::request;
 use keygate_tests::keygate::{Keygate, KeygateOptions};
@@ -84,6 +89,21 @@ fn anomaly_lines(keygate: &Keygate) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// The `anomalies` rows of the lake (request-rate silences left out, as in [`anomaly_lines`]),
+/// oldest first.
+fn lake_anomalies(lake: &std::path::Path) -> Vec<serde_json::Value> {
+    query_lake(
+        lake,
+        "SELECT event_id, service, detector, subject, severity, mode, cited_event_ids FROM anomalies
+         WHERE detector <> 'request_rate' ORDER BY raised_at",
+    )
+}
+
+/// The cited ids of a row of [`lake_anomalies`].
+fn cited(row: &serde_json::Value) -> Vec<String> {
+    row["cited_event_ids"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_owned()).collect()
+}
+
 /// SIGTERM (keygate saves its state while draining), wait for the exit, start again.
 fn restart(setup: ProxySetup, config: &str) -> ProxySetup {
     let ProxySetup { dir, keygate, token, token_hash } = setup;
@@ -116,6 +136,7 @@ async fn live_traffic_raises_alerts_in_metrics_and_log_and_baselines_survive_a_r
     let state_text = state.display().to_string();
     let mut options = SetupOptions::new(&fake.url());
     options.extra_config = anomalies_yaml("alert").replace("STATE", &state_text);
+    options.audit = true;
     let mut setup = tokio::task::spawn_blocking(move || ProxySetup::start(options)).await.unwrap();
     let config = std::fs::read_to_string(setup.dir.path().join("keygate.yaml")).unwrap();
 
@@ -173,6 +194,48 @@ async fn live_traffic_raises_alerts_in_metrics_and_log_and_baselines_survive_a_r
     .await
     .unwrap();
     assert!(std::fs::metadata(&state).unwrap().modified().unwrap() > before, "the state file was saved");
+    // The drain committed the WAL: the three alerts are rows of the lake's `anomalies` table,
+    // each citing the request behind it, which is a row of the `audit` table.
+    let lake = setup.dir.path().join("lake");
+    let rows = tokio::task::spawn_blocking({
+        let lake = lake.clone();
+        move || lake_anomalies(&lake)
+    })
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    let amount_row = rows.iter().find(|r| r["detector"] == "amount").unwrap();
+    assert_eq!(
+        (&amount_row["service"], &amount_row["severity"], &amount_row["mode"]),
+        (&serde_json::json!("checkout"), &serde_json::json!("critical"), &serde_json::json!("alert")),
+        "{amount_row}"
+    );
+    assert_eq!(cited(amount_row), vec![big.clone()]);
+    assert!(amount_row["subject"].as_str().unwrap().contains("usd"), "{amount_row}");
+    let chf_row = rows.iter().find(|r| r["detector"] == "first_seen" && r["subject"].as_str().unwrap().contains("chf"));
+    assert_eq!(cited(chf_row.unwrap()), vec![chf.clone()]);
+    let mode_row = rows.iter().find(|r| r["subject"].as_str().unwrap().starts_with("key_mode")).unwrap();
+    assert_eq!((cited(mode_row), &mode_row["mode"]), (vec![first.clone()], &serde_json::json!("alert")));
+    // The join of docs/anomalies.md: each alert to the audit rows it cites.
+    let joined = tokio::task::spawn_blocking({
+        let lake = lake.clone();
+        move || {
+            query_lake(
+                &lake,
+                "SELECT n.detector, n.subject, a.event_id, a.amount, a.currency FROM anomalies n
+                 JOIN audit a ON array_has(n.cited_event_ids, a.event_id)
+                 WHERE n.detector <> 'request_rate' ORDER BY n.raised_at",
+            )
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(joined.len(), 3, "every cited event id is an audit row: {joined:?}");
+    let big_row = joined.iter().find(|r| r["detector"] == "amount").unwrap();
+    assert_eq!(
+        (&big_row["event_id"], &big_row["amount"]),
+        (&serde_json::json!(big.as_str()), &serde_json::json!(675_000))
+    );
     let saved = EngineState::load(&state).unwrap().unwrap();
     assert!(saved.now_us > 0);
     let (addr, token) = (setup.keygate.proxy, setup.token.clone());
@@ -200,4 +263,59 @@ async fn live_traffic_raises_alerts_in_metrics_and_log_and_baselines_survive_a_r
     assert_eq!(lines[0]["level"], "INFO");
     assert_eq!(lines[0]["event_ids"], shadowed.as_str());
     setup.assert_no_secret_leaked();
+
+    // In the lake: the shadow record is a row with mode = 'shadow' (and no new alert row of the
+    // amount detector); read the same way with DuckDB and pyarrow; the lake verifies.
+    let ProxySetup { dir, keygate, .. } = setup;
+    keygate.signal("TERM");
+    assert_eq!(keygate.wait_exit(Duration::from_secs(20)), Some(0));
+    let rows = tokio::task::spawn_blocking({
+        let lake = lake.clone();
+        move || lake_anomalies(&lake)
+    })
+    .await
+    .unwrap();
+    let amount: Vec<_> = rows.iter().filter(|r| r["detector"] == "amount").collect();
+    let modes: Vec<&str> = amount.iter().map(|r| r["mode"].as_str().unwrap()).collect();
+    assert_eq!(modes, ["alert", "alert", "shadow"], "{amount:?}");
+    assert_eq!(cited(amount[1]), vec![again.clone()]);
+    assert_eq!(cited(amount[2]), vec![shadowed.clone()]);
+    assert_eq!(amount[2]["severity"], "critical");
+    assert_eq!(rows.iter().filter(|r| r["mode"] == "shadow").count(), 1, "{rows:?}");
+    let read = std::process::Command::new(keygate_tests::tool("python"))
+        .arg(format!("{}/python/anomalies_read_lake.py", env!("CARGO_MANIFEST_DIR")))
+        .arg(&lake)
+        .output()
+        .unwrap();
+    assert!(
+        read.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&read.stdout),
+        String::from_utf8_lossy(&read.stderr)
+    );
+    let read: serde_json::Value = serde_json::from_slice(&read.stdout).unwrap();
+    let pyarrow: Vec<_> =
+        read["pyarrow"].as_array().unwrap().iter().filter(|r| r["detector"] != "request_rate").collect();
+    assert_eq!(pyarrow.len(), rows.len(), "{read}");
+    let shadow_row = pyarrow.iter().find(|r| r["mode"] == "shadow").unwrap();
+    assert_eq!(
+        (&shadow_row["service"], &shadow_row["cited_event_ids"]),
+        (&serde_json::json!("checkout"), &serde_json::json!([shadowed.as_str()]))
+    );
+    let join = read["duckdb_join"].as_array().unwrap();
+    let found = |id: &str, mode: &str| {
+        join.iter().any(|j| j["event_id"] == id && j["mode"] == mode && j["detector"] == "amount")
+    };
+    assert!(found(&big, "alert") && found(&again, "alert") && found(&shadowed, "shadow"), "{read}");
+    let (code, out, err) = auditlog(
+        &[
+            "verify",
+            "--lake",
+            &lake.display().to_string(),
+            "--signing-key",
+            &format!("file://{}", dir.path().join("audit-signing-key").display()),
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "the lake of all three tables verifies: {out}{err}");
 }

@@ -1,0 +1,93 @@
+//! Writes a generated multi-week history (keygate-detectors' `simulate`: three services, daily and
+//! weekly seasonality, several currencies, connected accounts, webhook events, planted anomalies)
+//! into a lake through keygate's own audit writer, for measuring `auditlog anomalies` over a
+//! lake (docs/benchmarks.md, issue 18):
+//!
+//! ```text
+//! cargo run --release -p keygate-auditlog --example history_lake -- DIR [SCALE]
+//! target/release/auditlog anomalies --lake DIR/lake --since <printed> --format jsonl
+//! ```
+//!
+//! SCALE (default 1.0) multiplies the generator's traffic. The lake's key-encryption key and
+//! signing key are random and thrown away: `auditlog anomalies` reads plaintext columns only.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout, clippy::print_stderr)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use keygate_auditlog::webhook::{WebhookKind, WebhookRecord};
+use keygate_auditlog::{AuditConfig, AuditLog, Durability, Exchange, LocalKek, Outcome, RollConfig, SigningKey};
+use keygate_detectors::Input;
+use keygate_detectors::simulate::{self, HistoryConfig};
+
+fn at(us: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_micros(u64::try_from(us).expect("a time after 1970"))
+}
+
+#[tokio::main]
+async fn main() {
+    let mut args = std::env::args().skip(1);
+    let dir = std::path::PathBuf::from(args.next().expect("usage: history_lake DIR [SCALE]"));
+    let scale: f64 = args.next().map_or(1.0, |s| s.parse().expect("SCALE is a number"));
+    let now_us = i64::try_from(SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_micros()).unwrap();
+    let hour = 3_600_000_000;
+    // Five whole weeks ending at the last full hour, as auditlog/tests/anomalies_lake.rs.
+    let start_us = (now_us / hour) * hour - 5 * 168 * hour;
+    let history = simulate::generate(&HistoryConfig { start_us, scale, ..HistoryConfig::default() });
+    let cfg = AuditConfig {
+        wal_dir: dir.join("wal"),
+        lake: dir.join("lake").display().to_string(),
+        kek: "env://UNUSED".into(),
+        signing_key: "env://UNUSED".into(),
+        durability: Durability::Async,
+        roll: RollConfig { max_bytes: 64 * 1024 * 1024, max_age: Duration::from_secs(3600) },
+        ..AuditConfig::default()
+    };
+    let kek = Arc::new(LocalKek::from_text(&hex::encode(rand::random::<[u8; 32]>())).unwrap());
+    let log = AuditLog::open(&cfg, kek, SigningKey::generate()).await.unwrap();
+    let started = Instant::now();
+    let (mut requests, mut events) = (0_u64, 0_u64);
+    for input in &history.inputs {
+        match input {
+            Input::Request(r) => {
+                let op = r.operation.clone().unwrap_or_default();
+                let (method, path) = op.split_once(' ').unwrap_or(("POST", "/v1/x"));
+                let mut ex = Exchange::new(r.event_id.parse().unwrap(), method, path);
+                ex.received_at = at(r.at_us - 2000);
+                ex.completed_at = at(r.at_us);
+                ex.service = Some(r.service.clone());
+                ex.peer = "127.0.0.1:5555".into();
+                ex.operation = r.operation.clone();
+                ex.stripe_account = r.stripe_account.clone();
+                ex.livemode = r.livemode;
+                ex.status = r.status;
+                ex.amount = r.amount;
+                ex.currency = r.currency.clone();
+                if let Some(code) = &r.refusal {
+                    ex.decision = "deny".into();
+                    ex.reason = Some(code.clone());
+                    ex.outcome = Outcome::Rejected;
+                }
+                log.record(ex, None).await.unwrap();
+                requests += 1;
+            }
+            Input::Webhook(w) => {
+                let mut rec = WebhookRecord::new(WebhookKind::Received, &w.service);
+                rec.received_at = at(w.at_us);
+                rec.stripe_event_id = Some(w.event_id.clone());
+                rec.event_type = Some(w.event_type.clone());
+                rec.livemode = w.livemode;
+                rec.status = Some(200);
+                log.record_webhook(rec).await.unwrap();
+                events += 1;
+            }
+        }
+    }
+    log.shutdown().await.unwrap();
+    eprintln!(
+        "history_lake: {requests} request rows and {events} webhook events in {:.1} s; lake {}",
+        started.elapsed().as_secs_f64(),
+        dir.join("lake").display()
+    );
+    println!("{}", humantime::format_rfc3339_seconds(at(start_us)));
+}
