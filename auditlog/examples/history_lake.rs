@@ -15,8 +15,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use keygate_auditlog::webhook::{WebhookKind, WebhookRecord};
-use keygate_auditlog::{AuditConfig, AuditLog, Durability, Exchange, LocalKek, Outcome, RollConfig, SigningKey};
+use keygate_auditlog::{AuditConfig, AuditLog, Durability, LocalKek, RollConfig, SigningKey};
 use keygate_detectors::Input;
 use keygate_detectors::simulate::{self, HistoryConfig};
 
@@ -48,39 +47,10 @@ async fn main() {
     let started = Instant::now();
     let (mut requests, mut events) = (0_u64, 0_u64);
     for input in &history.inputs {
+        keygate_auditlog::anomaly::record_detector_input(&log, input).await.unwrap();
         match input {
-            Input::Request(r) => {
-                let op = r.operation.clone().unwrap_or_default();
-                let (method, path) = op.split_once(' ').unwrap_or(("POST", "/v1/x"));
-                let mut ex = Exchange::new(r.event_id.parse().unwrap(), method, path);
-                ex.received_at = at(r.at_us - 2000);
-                ex.completed_at = at(r.at_us);
-                ex.service = Some(r.service.clone());
-                ex.peer = "127.0.0.1:5555".into();
-                ex.operation = r.operation.clone();
-                ex.stripe_account = r.stripe_account.clone();
-                ex.livemode = r.livemode;
-                ex.status = r.status;
-                ex.amount = r.amount;
-                ex.currency = r.currency.clone();
-                if let Some(code) = &r.refusal {
-                    ex.decision = "deny".into();
-                    ex.reason = Some(code.clone());
-                    ex.outcome = Outcome::Rejected;
-                }
-                log.record(ex, None).await.unwrap();
-                requests += 1;
-            }
-            Input::Webhook(w) => {
-                let mut rec = WebhookRecord::new(WebhookKind::Received, &w.service);
-                rec.received_at = at(w.at_us);
-                rec.stripe_event_id = Some(w.event_id.clone());
-                rec.event_type = Some(w.event_type.clone());
-                rec.livemode = w.livemode;
-                rec.status = Some(200);
-                log.record_webhook(rec).await.unwrap();
-                events += 1;
-            }
+            Input::Request(_) => requests += 1,
+            Input::Webhook(_) => events += 1,
         }
     }
     log.shutdown().await.unwrap();

@@ -80,6 +80,51 @@ fn finite(v: f64) -> Option<f64> {
     v.is_finite().then_some(v)
 }
 
+/// Writes one detector input as the row it stands for: a request as an `audit` row with the
+/// columns `auditlog anomalies` reads back (time, service, operation, account, key mode, status,
+/// amount, currency; a refusal as a `deny` with its reason), a webhook event as a `received` row
+/// of `webhooks`. The inverse of the batch detectors' reading of the lake, for generated
+/// histories (keygate-detectors' `simulate`): the tests and the benchmark's example lake.
+pub async fn record_detector_input(log: &crate::AuditLog, input: &keygate_detectors::Input) -> Result<(), AuditError> {
+    let at = |us: i64| std::time::UNIX_EPOCH + std::time::Duration::from_micros(u64::try_from(us).unwrap_or(0));
+    match input {
+        keygate_detectors::Input::Request(r) => {
+            let op = r.operation.clone().unwrap_or_default();
+            let (method, path) = op.split_once(' ').unwrap_or(("POST", "/v1/x"));
+            let id = r
+                .event_id
+                .parse()
+                .map_err(|e| AuditError::Config(format!("a generated input's event id is not a UUID: {e}")))?;
+            let mut ex = crate::Exchange::new(id, method, path);
+            ex.received_at = at(r.at_us - 2000);
+            ex.completed_at = at(r.at_us);
+            ex.service = Some(r.service.clone());
+            ex.peer = "127.0.0.1:5555".into();
+            ex.operation = r.operation.clone();
+            ex.stripe_account = r.stripe_account.clone();
+            ex.livemode = r.livemode;
+            ex.status = r.status;
+            ex.amount = r.amount;
+            ex.currency = r.currency.clone();
+            if let Some(code) = &r.refusal {
+                ex.decision = "deny".into();
+                ex.reason = Some(code.clone());
+                ex.outcome = crate::Outcome::Rejected;
+            }
+            log.record(ex, None).await
+        }
+        keygate_detectors::Input::Webhook(w) => {
+            let mut rec = crate::webhook::WebhookRecord::new(crate::webhook::WebhookKind::Received, &w.service);
+            rec.received_at = at(w.at_us);
+            rec.stripe_event_id = Some(w.event_id.clone());
+            rec.event_type = Some(w.event_type.clone());
+            rec.livemode = w.livemode;
+            rec.status = Some(200);
+            log.record_webhook(rec).await
+        }
+    }
+}
+
 #[cfg(test)]
 thread_local! {
     /// Makes redaction panic on this thread, to test the fallback.

@@ -588,6 +588,7 @@ fn print_batches(batches: &[RecordBatch], format: Format) -> Result<(), CliError
             out_line(&table.to_string())
         }
         Format::Csv => {
+            let batches = lists_as_text(&batches)?;
             let mut buf = Vec::new();
             {
                 let mut w = arrow::csv::WriterBuilder::new().with_header(true).build(&mut buf);
@@ -609,6 +610,39 @@ fn print_batches(batches: &[RecordBatch], format: Format) -> Result<(), CliError
             if text.trim().is_empty() { Ok(()) } else { out_line(text.trim_end()) }
         }
     }
+}
+
+/// CSV has no lists: a list column (`anomalies.cited_event_ids`) is written as its text,
+/// `[id1, id2]`, in one cell.
+fn lists_as_text(batches: &[RecordBatch]) -> Result<Vec<RecordBatch>, CliError> {
+    let err = |e: arrow::error::ArrowError| CliError::Usage(format!("cannot format the result: {e}"));
+    batches
+        .iter()
+        .map(|b| {
+            let mut fields = Vec::new();
+            let mut cols: Vec<ArrayRef> = Vec::new();
+            for (f, c) in b.schema().fields().iter().zip(b.columns()) {
+                if matches!(f.data_type(), DataType::List(_) | DataType::LargeList(_)) {
+                    let text: StringArray = (0..c.len())
+                        .map(|row| {
+                            if c.is_null(row) {
+                                Ok(None)
+                            } else {
+                                arrow::util::display::array_value_to_string(c, row).map(Some)
+                            }
+                        })
+                        .collect::<Result<_, _>>()
+                        .map_err(err)?;
+                    fields.push(Arc::new(Field::new(f.name(), DataType::Utf8, true)));
+                    cols.push(Arc::new(text));
+                } else {
+                    fields.push(f.clone());
+                    cols.push(c.clone());
+                }
+            }
+            RecordBatch::try_new(Arc::new(Schema::new(fields)), cols).map_err(err)
+        })
+        .collect()
 }
 
 /// One row as a JSON object (binary columns in hex).

@@ -11,10 +11,9 @@ use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::*;
-use keygate_auditlog::webhook::{WebhookKind, WebhookRecord};
-use keygate_auditlog::{AuditConfig, Durability, Exchange, Outcome};
+use keygate_auditlog::{AuditConfig, Durability};
 use keygate_detectors::simulate::{self, HistoryConfig};
-use keygate_detectors::{Alert, EngineState, Input};
+use keygate_detectors::{Alert, EngineState};
 
 fn at(us: i64) -> SystemTime {
     UNIX_EPOCH + Duration::from_micros(u64::try_from(us).unwrap())
@@ -143,38 +142,7 @@ async fn anomalies_over_the_lake_find_every_planted_one_and_stay_quiet_otherwise
     };
     let log = env.open_cfg(&cfg).await;
     for input in &history.inputs {
-        match input {
-            Input::Request(r) => {
-                let op = r.operation.clone().unwrap_or_default();
-                let (method, path) = op.split_once(' ').unwrap_or(("POST", "/v1/x"));
-                let mut ex = Exchange::new(r.event_id.parse().unwrap(), method, path);
-                ex.received_at = at(r.at_us - 2000);
-                ex.completed_at = at(r.at_us);
-                ex.service = Some(r.service.clone());
-                ex.peer = "127.0.0.1:5555".into();
-                ex.operation = r.operation.clone();
-                ex.stripe_account = r.stripe_account.clone();
-                ex.livemode = r.livemode;
-                ex.status = r.status;
-                ex.amount = r.amount;
-                ex.currency = r.currency.clone();
-                if let Some(code) = &r.refusal {
-                    ex.decision = "deny".into();
-                    ex.reason = Some(code.clone());
-                    ex.outcome = Outcome::Rejected;
-                }
-                log.record(ex, None).await.unwrap();
-            }
-            Input::Webhook(w) => {
-                let mut rec = WebhookRecord::new(WebhookKind::Received, &w.service);
-                rec.received_at = at(w.at_us);
-                rec.stripe_event_id = Some(w.event_id.clone());
-                rec.event_type = Some(w.event_type.clone());
-                rec.livemode = w.livemode;
-                rec.status = Some(200);
-                log.record_webhook(rec).await.unwrap();
-            }
-        }
+        keygate_auditlog::anomaly::record_detector_input(&log, input).await.unwrap();
     }
     log.shutdown().await.unwrap();
 

@@ -57,6 +57,20 @@ pub struct Config {
     /// Live anomaly detection (see docs/anomalies.md); off when absent.
     #[serde(default)]
     pub anomalies: Option<keygate_detectors::AnomaliesConfig>,
+    /// Where anomaly alerts are delivered besides the log, the metrics and the lake (see
+    /// docs/anomalies.md); nowhere when absent.
+    #[serde(default)]
+    pub alerts: AlertsConfig,
+}
+
+/// `alerts`: webhook-style destinations of the anomaly alerts (not of shadow records).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct AlertsConfig {
+    /// The `kind: http | kafka | sqs` destinations of docs/webhooks.md, with the same keys; each
+    /// alert is one event of type `keygate.anomaly.<detector>`, filtered by a destination's
+    /// `events` like a Stripe event.
+    #[serde(default)]
+    pub destinations: Vec<keygate_webhooks::DestinationConfig>,
 }
 
 /// `reconcile`: `keygate reconcile --apply` run by keygate itself, every `interval`, over the
@@ -424,7 +438,7 @@ fn render_problems(source: &str, problems: &[String]) -> String {
 
 /// The top-level sections; a `KEYGATE_…` variable whose first segment is not one of these is
 /// not configuration (tools use the prefix too) and is left alone.
-const SECTIONS: [&str; 12] = [
+const SECTIONS: [&str; 13] = [
     "listen",
     "admin",
     "upstreams",
@@ -437,6 +451,7 @@ const SECTIONS: [&str; 12] = [
     "webhooks",
     "reconcile",
     "anomalies",
+    "alerts",
 ];
 
 /// Reads the YAML file (if any), applies `KEYGATE_…` overrides from `env`, and validates.
@@ -688,6 +703,21 @@ fn validate(config: &Config, from_file: bool) -> Vec<String> {
     if let Some(Err(error)) = config.anomalies.as_ref().map(keygate_detectors::AnomaliesConfig::validate) {
         problems.push(error.to_string());
     }
+    let mut alert_destinations = std::collections::BTreeSet::new();
+    for (index, destination) in config.alerts.destinations.iter().enumerate() {
+        let key = format!("alerts.destinations[{index}]");
+        problems.extend(destination.validate(&key));
+        if !alert_destinations.insert(destination.name.as_str()) {
+            problems.push(format!("`{key}.name`: destination `{}` is configured twice", destination.name));
+        }
+    }
+    if !config.alerts.destinations.is_empty() && config.anomalies.is_none() {
+        problems.push(
+            "`alerts.destinations` delivers anomaly alerts, but anomaly detection is off: add an `anomalies` section \
+             (see docs/anomalies.md) or remove `alerts`"
+                .into(),
+        );
+    }
     // Without a file (the quick start) keygate generates the audit keys itself.
     if from_file && let Err(error) = config.audit.validate() {
         problems.push(format!("`audit`: {error}"));
@@ -851,6 +881,32 @@ mod tests {
         ] {
             assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
         }
+    }
+
+    #[test]
+    fn alert_destinations_are_checked_like_webhook_destinations_and_need_anomalies() {
+        let error = load_text(
+            "policies:\n  dir: POLICIES\nalerts:\n  destinations:\n    - name: pager\n      url: ftp://alerts\n      secret: env://ALERTS\n    - name: pager\n      kind: kafka\n      url: https://x\n",
+            &[],
+        )
+        .err()
+        .unwrap_or_else(|| panic!("accepted"));
+        let text = error.to_string();
+        for expected in [
+            "`alerts.destinations[0].url`",
+            "`alerts.destinations[1].name`: destination `pager` is configured twice",
+            "`alerts.destinations[1].url` is a setting of `kind: http` destinations",
+            "`alerts.destinations` delivers anomaly alerts, but anomaly detection is off",
+        ] {
+            assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
+        }
+        let config = load_text(
+            "policies:\n  dir: POLICIES\nanomalies: {}\nalerts:\n  destinations:\n    - name: pager\n      url: https://alerts.example/keygate\n      secret: env://ALERTS\n      events: [keygate.anomaly.amount]\n",
+            &[],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(config.alerts.destinations[0].name, "pager");
+        assert!(config.alerts.destinations[0].filters()[0].matches("keygate.anomaly.amount"));
     }
 
     #[test]

@@ -75,10 +75,16 @@ pub async fn build_gateway(config: Config, policies: PolicySet) -> Result<Arc<Ga
     };
     audit.register_metrics(&mut registry);
     let limits = Arc::new(crate::limiting::Limits::open(&config.limit_store, &secrets, &mut registry).await?);
+    let alert_destinations = config
+        .alerts
+        .destinations
+        .iter()
+        .map(|d| crate::anomalies::AlertDestination::build(d, secrets.clone()))
+        .collect::<Result<Vec<_>, _>>()?;
     let anomalies = config
         .anomalies
         .clone()
-        .map(|c| crate::anomalies::Anomalies::start(c, &mut registry, audit.clone()))
+        .map(|c| crate::anomalies::Anomalies::start(c, &mut registry, audit.clone(), alert_destinations))
         .transpose()?;
     let webhooks = match &config.webhooks {
         Some(section) => {

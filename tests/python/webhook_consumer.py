@@ -5,7 +5,8 @@
 Usage: python webhook_consumer.py SECRET OUT_FILE
 Prints the port it listens on (127.0.0.1, chosen by the OS) as its first line. Each verified
 delivery is appended to OUT_FILE as one JSON line {"event_id", "stripe_event_id", "type",
-"attempt"} and answered 200; a delivery that fails verification is recorded as {"error": ...}
+"attempt"} (for a keygate anomaly alert also the alert's "alert_id", "service", "mode", "subject"
+and "cited" event ids) and answered 200; a delivery that fails verification is recorded as {"error": ...}
 and answered 400. While the file OUT_FILE + ".down" exists, every delivery is answered 503 and
 not recorded (the consumer is "down").
 """
@@ -48,14 +49,23 @@ class Handler(BaseHTTPRequestHandler):
             record({"error": type(error).__name__})
             self.answer(400)
             return
-        record(
-            {
-                "event_id": self.headers.get("keygate-event-id"),
-                "stripe_event_id": stripe_id,
-                "type": event_type,
-                "attempt": self.headers.get("keygate-delivery-attempt"),
-            }
-        )
+        line = {
+            "event_id": self.headers.get("keygate-event-id"),
+            "stripe_event_id": stripe_id,
+            "type": event_type,
+            "attempt": self.headers.get("keygate-delivery-attempt"),
+        }
+        if event_type.startswith("keygate.anomaly."):
+            # keygate's anomaly alerts: the alert is the event's object.
+            alert = event["data"]["object"]
+            line.update(
+                alert_id=alert["id"],
+                service=alert["service"],
+                mode=alert["mode"],
+                subject=alert["subject"],
+                cited=list(alert["event_ids"]),
+            )
+        record(line)
         self.answer(200)
 
     def answer(self, status: int) -> None:

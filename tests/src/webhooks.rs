@@ -1,16 +1,19 @@
 //! Helpers of the webhook end-to-end tests (tests/tests/webhooks_e2e.rs and webhooks_brokers.rs):
 //! events signed with the official Stripe Node SDK's test helper (tests/node/webhook_sender.mjs),
-//! the ingress address from keygate's log, operator requests on the admin listener, metrics.
+//! the ingress address from keygate's log, operator requests on the admin listener, metrics, and
+//! a [`Consumer`] verifying deliveries with the official Python SDK.
 
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 
 use crate::keygate::Keygate;
-use crate::{node_modules, tool};
+use crate::{ChildGuard, node_modules, tool};
 
 /// A file of this crate (`tests/…`), by its path relative to the crate.
 pub fn script(name: &str) -> String {
@@ -134,4 +137,71 @@ pub fn flood_through_kill_rounds(
     let out = sender.join().expect("the Node sender thread");
     assert!(rounds >= 3, "keygate was killed only {rounds} times");
     (out, rounds)
+}
+
+/// A webhook consumer written as a user would: the official Python SDK's `construct_event`.
+#[derive(Debug)]
+pub struct Consumer {
+    _child: ChildGuard,
+    port: u16,
+    out: PathBuf,
+}
+
+impl Consumer {
+    pub fn start(dir: &Path, name: &str, secret: &str) -> Consumer {
+        let out = dir.join(format!("{name}.jsonl"));
+        let mut child = Command::new(tool("python"))
+            .arg(script("python/webhook_consumer.py"))
+            .arg(secret)
+            .arg(&out)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start the Python webhook consumer");
+        let stdout = child.stdout.take().expect("consumer stdout");
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).expect("consumer port");
+        let port = line.trim().parse().unwrap_or_else(|_| panic!("consumer printed no port: {line:?}"));
+        Consumer { _child: ChildGuard::from_child(name, child), port, out }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/stripe/webhooks", self.port)
+    }
+
+    /// Every line the consumer recorded (verified deliveries, and verification failures).
+    pub fn lines(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.out)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    pub fn stripe_ids(&self) -> Vec<String> {
+        self.lines().iter().filter_map(|l| l["stripe_event_id"].as_str().map(str::to_owned)).collect()
+    }
+
+    pub fn set_down(&self, down: bool) {
+        let flag = PathBuf::from(format!("{}.down", self.out.display()));
+        if down {
+            std::fs::write(flag, "").unwrap();
+        } else {
+            let _ = std::fs::remove_file(flag);
+        }
+    }
+
+    /// Waits until the consumer holds every id in `ids`.
+    pub fn wait_for(&self, ids: &[&str], timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let got: HashSet<String> = self.stripe_ids().into_iter().collect();
+            let missing: Vec<&&str> = ids.iter().filter(|id| !got.contains(**id)).collect();
+            if missing.is_empty() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "not delivered within {timeout:?}: {missing:?}; got {got:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 }

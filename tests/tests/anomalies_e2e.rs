@@ -15,6 +15,13 @@
 //! The audit log is on: each alert and each shadow record is also a row of the lake's
 //! `anomalies` table (issue 18, point 4), read back with `auditlog query`, DuckDB and pyarrow,
 //! citing event ids that are rows of the `audit` table; `auditlog verify` passes over the lake.
+//!
+//! Alerts are also delivered to a webhook-style destination (`alerts.destinations`, issue 18,
+//! point 4): a consumer written with the official Python SDK verifies each with
+//! `stripe.Webhook.construct_event` and the destination's secret; each delivered alert names its
+//! lake row (`keygate-event-id` = the event's id = the `anomalies` row's `event_id`) and cites the
+//! same requests; shadow records and event types outside the destination's `events` are not
+//! delivered.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 use std::net::SocketAddr;
@@ -27,9 +34,30 @@ use keygate_tests::fake_stripe::{Behavior, FakeStripe};
 use keygate_tests::http::request;
 use keygate_tests::keygate::{Keygate, KeygateOptions};
 use keygate_tests::proxy_setup::{CANARY_KEY, ProxySetup, SetupOptions};
+use keygate_tests::webhooks::Consumer;
 
 /// The stated bound: an alert raised by a request shows in `/metrics` and the log within this.
 const ALERT_WITHIN: Duration = Duration::from_secs(5);
+/// The alert destination's signing secret.
+const ALERTS_SECRET: &str = "whsec_e2e_ALERTSdestination55555555";
+
+/// The `alerts:` section: one HTTP destination taking the amount and first-sighting alerts (not
+/// the request-rate silences this test's sparse traffic rightly raises).
+fn alerts_yaml(consumer: &Consumer, secret_file: &std::path::Path) -> String {
+    format!(
+        "alerts:\n  destinations:\n    - name: pager\n      url: {}\n      secret: \"file://{}\"\n      events: [keygate.anomaly.amount, keygate.anomaly.first_seen]\n      timeout: 2s\n      initial_backoff: 100ms\n      max_backoff: 400ms\n",
+        consumer.url(),
+        secret_file.display()
+    )
+}
+
+/// The alerts the consumer verified (its JSON lines: type, ids, service, mode, subject, cited
+/// event ids), in arrival order; panics on a delivery that failed verification.
+fn delivered_alerts(consumer: &Consumer) -> Vec<serde_json::Value> {
+    let lines = consumer.lines();
+    assert!(lines.iter().all(|l| l.get("error").is_none()), "a delivery failed verification: {lines:?}");
+    lines
+}
 
 fn anomalies_yaml(amount_mode: &str) -> String {
     format!(
@@ -134,8 +162,12 @@ async fn live_traffic_raises_alerts_in_metrics_and_log_and_baselines_survive_a_r
     .unwrap();
     let before = std::fs::metadata(&state).unwrap().modified().unwrap();
     let state_text = state.display().to_string();
+    let consumer = Consumer::start(state_dir.path(), "alerts", ALERTS_SECRET);
+    let secret_file = state_dir.path().join("alerts-secret");
+    std::fs::write(&secret_file, ALERTS_SECRET).unwrap();
     let mut options = SetupOptions::new(&fake.url());
-    options.extra_config = anomalies_yaml("alert").replace("STATE", &state_text);
+    options.extra_config =
+        anomalies_yaml("alert").replace("STATE", &state_text) + &alerts_yaml(&consumer, &secret_file);
     options.audit = true;
     let mut setup = tokio::task::spawn_blocking(move || ProxySetup::start(options)).await.unwrap();
     let config = std::fs::read_to_string(setup.dir.path().join("keygate.yaml")).unwrap();
@@ -184,6 +216,30 @@ async fn live_traffic_raises_alerts_in_metrics_and_log_and_baselines_survive_a_r
     // Only these three: the usual amounts raised nothing.
     assert_eq!(lines.len(), 3, "{lines:?}");
     setup.assert_no_secret_leaked();
+    // The three alerts reach the destination, verified with the Stripe SDK, each citing its
+    // request.
+    wait_for("the alerts at the destination", || delivered_alerts(&consumer).len() >= 3);
+    let delivered = delivered_alerts(&consumer);
+    assert_eq!(delivered.len(), 3, "{delivered:?}");
+    let delivered_of = |event_type: &str, cited: &str| {
+        delivered
+            .iter()
+            .find(|d| d["type"] == event_type && d["cited"] == serde_json::json!([cited]))
+            .unwrap_or_else(|| panic!("no {event_type} alert citing {cited}: {delivered:?}"))
+            .clone()
+    };
+    let big_delivered = delivered_of("keygate.anomaly.amount", &big);
+    delivered_of("keygate.anomaly.first_seen", &chf);
+    delivered_of("keygate.anomaly.first_seen", &first);
+    for d in &delivered {
+        assert_eq!(
+            (&d["service"], &d["mode"], &d["attempt"]),
+            (&serde_json::json!("checkout"), &serde_json::json!("alert"), &serde_json::json!("1")),
+            "{d}"
+        );
+        assert_eq!(d["event_id"], d["stripe_event_id"], "{d}");
+        assert_eq!(d["event_id"], d["alert_id"], "{d}");
+    }
 
     // The state is saved in the background and at shutdown; a restart keeps the baselines: the
     // same anomaly is flagged again, which needs the learned amounts.
@@ -211,6 +267,13 @@ async fn live_traffic_raises_alerts_in_metrics_and_log_and_baselines_survive_a_r
         "{amount_row}"
     );
     assert_eq!(cited(amount_row), vec![big.clone()]);
+    // The delivered alert names its row.
+    assert_eq!(amount_row["event_id"], big_delivered["event_id"], "{amount_row} {big_delivered}");
+    let mut row_ids: Vec<&str> = rows.iter().map(|r| r["event_id"].as_str().unwrap()).collect();
+    let mut delivered_ids: Vec<&str> = delivered.iter().map(|d| d["event_id"].as_str().unwrap()).collect();
+    row_ids.sort_unstable();
+    delivered_ids.sort_unstable();
+    assert_eq!(row_ids, delivered_ids, "each delivered alert is a row of the lake's anomalies table");
     assert!(amount_row["subject"].as_str().unwrap().contains("usd"), "{amount_row}");
     let chf_row = rows.iter().find(|r| r["detector"] == "first_seen" && r["subject"].as_str().unwrap().contains("chf"));
     assert_eq!(cited(chf_row.unwrap()), vec![chf.clone()]);
@@ -269,6 +332,17 @@ async fn live_traffic_raises_alerts_in_metrics_and_log_and_baselines_survive_a_r
     let ProxySetup { dir, keygate, .. } = setup;
     keygate.signal("TERM");
     assert_eq!(keygate.wait_exit(Duration::from_secs(20)), Some(0));
+    // keygate has stopped, after its deliveries: the alert after the restart was delivered, the
+    // shadow record was not.
+    let delivered = delivered_alerts(&consumer);
+    let types: Vec<&str> = delivered.iter().map(|d| d["type"].as_str().unwrap()).collect();
+    assert_eq!(delivered.len(), 4, "{delivered:?}");
+    assert_eq!(delivered[3]["cited"], serde_json::json!([again.as_str()]), "{delivered:?}");
+    assert!(types.iter().all(|t| *t != "keygate.anomaly.request_rate"), "outside the destination's events: {types:?}");
+    assert!(
+        delivered.iter().all(|d| d["mode"] == "alert" && d["cited"] != serde_json::json!([shadowed.as_str()])),
+        "{delivered:?}"
+    );
     let rows = tokio::task::spawn_blocking({
         let lake = lake.clone();
         move || lake_anomalies(&lake)
@@ -318,4 +392,28 @@ async fn live_traffic_raises_alerts_in_metrics_and_log_and_baselines_survive_a_r
         &[],
     );
     assert_eq!(code, 0, "the lake of all three tables verifies: {out}{err}");
+    // CSV has no lists: the cited ids are one cell.
+    let (code, out, err) = auditlog(
+        &[
+            "query",
+            "--lake",
+            &lake.display().to_string(),
+            "--format",
+            "csv",
+            "SELECT mode, cited_event_ids FROM anomalies WHERE detector = 'amount' ORDER BY raised_at",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    let csv: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        csv,
+        [
+            "mode,cited_event_ids".to_owned(),
+            format!("alert,[{big}]"),
+            format!("alert,[{again}]"),
+            format!("shadow,[{shadowed}]")
+        ],
+        "{out}"
+    );
 }

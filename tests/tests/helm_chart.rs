@@ -977,7 +977,8 @@ fn the_webhook_ingress_has_its_own_service_ingress_and_network_policy_rules() {
 /// Kafka and SQS webhook destinations (docs/webhooks.md#kafka-and-sqs-destinations): the schema
 /// takes them with their credentials as secret references (a SASL password from a Kubernetes
 /// Secret mounted with extraVolumes, read through `file://`; SQS through the pod's IRSA role),
-/// they reach the rendered configuration as written, and misplaced or literal settings are refused.
+/// they reach the rendered configuration as written, and misplaced or literal settings are refused;
+/// anomaly alert destinations (`config.alerts.destinations`) follow the same schema.
 #[test]
 fn broker_destinations_take_credentials_by_reference_and_reach_the_config() {
     let kafka = json!({
@@ -1018,6 +1019,14 @@ fn broker_destinations_take_credentials_by_reference_and_reach_the_config() {
     kafka_with_url["url"] = json!("https://b/h");
     let mut sqs_typo = sqs.clone();
     sqs_typo["sqs"]["queue_ur"] = json!("x");
+    // Anomaly alert destinations (`config.alerts.destinations`) are the same schema.
+    let alerts = |destination: &Value| json!({"config": {"anomalies": {}, "alerts": {"destinations": [destination]}}});
+    let (accepted, message) = schema_check(&alerts(&kafka));
+    assert!(accepted, "the schema refuses a Kafka alert destination:\n{message}");
+    let rendered = render_with(&alerts(&sqs));
+    assert_eq!(rendered.config()["alerts"]["destinations"][0], sqs);
+    assert_eq!(rendered.config()["anomalies"], json!({}), "an empty anomalies section turns detection on");
+    assert!(!schema_check(&alerts(&literal)).0, "accepted a literal SASL password in an alert destination");
     for bad in [
         json!([literal]),
         json!([kafka_with_url]),

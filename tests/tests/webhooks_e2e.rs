@@ -5,19 +5,17 @@
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::print_stdout)]
 
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use keygate_tests::keygate::{Keygate, KeygateOptions};
 use keygate_tests::proxy_setup::{CANARY_KEY, allow_all_checkout_policy, audit_yaml};
 use keygate_tests::webhooks::{
-    admin, endpoint_url, event, flood_through_kill_rounds, ingress_address, metric, node_send, node_send_env, script,
+    Consumer, admin, endpoint_url, event, flood_through_kill_rounds, ingress_address, metric, node_send, node_send_env,
     signed, statuses,
 };
-use keygate_tests::{ChildGuard, tool};
 use serde_json::{Value, json};
 
 const OLD_SECRET: &str = "whsec_e2e_OLDsigningsecret0000000000";
@@ -29,72 +27,6 @@ const ADMIN_TOKEN: &str = "kg_admin_e2e_token_44444444444444444444";
 const MAX_CONNECTIONS: u64 = 64;
 const MAX_HEADER_BYTES: u64 = 16_384;
 const MAX_BODY_BYTES: u64 = 65_536;
-
-/// A webhook consumer written as a user would: the official Python SDK's `construct_event`.
-struct Consumer {
-    _child: ChildGuard,
-    port: u16,
-    out: PathBuf,
-}
-
-impl Consumer {
-    fn start(dir: &Path, name: &str, secret: &str) -> Consumer {
-        let out = dir.join(format!("{name}.jsonl"));
-        let mut child = Command::new(tool("python"))
-            .arg(script("python/webhook_consumer.py"))
-            .arg(secret)
-            .arg(&out)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start the Python webhook consumer");
-        let stdout = child.stdout.take().expect("consumer stdout");
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).expect("consumer port");
-        let port = line.trim().parse().unwrap_or_else(|_| panic!("consumer printed no port: {line:?}"));
-        Consumer { _child: ChildGuard::from_child(name, child), port, out }
-    }
-
-    fn url(&self) -> String {
-        format!("http://127.0.0.1:{}/stripe/webhooks", self.port)
-    }
-
-    /// Every line the consumer recorded (verified deliveries, and verification failures).
-    fn lines(&self) -> Vec<Value> {
-        std::fs::read_to_string(&self.out)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
-    }
-
-    fn stripe_ids(&self) -> Vec<String> {
-        self.lines().iter().filter_map(|l| l["stripe_event_id"].as_str().map(str::to_owned)).collect()
-    }
-
-    fn set_down(&self, down: bool) {
-        let flag = PathBuf::from(format!("{}.down", self.out.display()));
-        if down {
-            std::fs::write(flag, "").unwrap();
-        } else {
-            let _ = std::fs::remove_file(flag);
-        }
-    }
-
-    /// Waits until the consumer holds every id in `ids`.
-    fn wait_for(&self, ids: &[&str], timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let got: HashSet<String> = self.stripe_ids().into_iter().collect();
-            let missing: Vec<&&str> = ids.iter().filter(|id| !got.contains(**id)).collect();
-            if missing.is_empty() {
-                return;
-            }
-            assert!(Instant::now() < deadline, "not delivered within {timeout:?}: {missing:?}; got {got:?}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
 
 /// Files holding the secrets, and the `webhooks:` section naming them.
 struct Setup {

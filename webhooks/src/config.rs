@@ -486,7 +486,9 @@ impl WebhooksConfig {
 }
 
 impl DestinationConfig {
-    fn validate(&self, key: &str) -> Vec<String> {
+    /// Every problem of this destination's settings, one line each, keys written under `key`
+    /// (`webhooks.endpoints[0].destinations[1]`, `alerts.destinations[0]`).
+    pub fn validate(&self, key: &str) -> Vec<String> {
         let mut problems = Vec::new();
         if !valid_name(&self.name) {
             problems.push(format!("`{key}.name` must be 1 to 64 of a-z, 0-9, `_` and `-`"));

@@ -51,12 +51,13 @@ use tokio::sync::{Semaphore, mpsc, watch};
 
 pub use config::{DestinationConfig, EndpointConfig, EventFilter, WebhooksConfig};
 pub use destination::{Delivery, Destination, HttpDestination, KafkaDestination, Outcome, SqsDestination};
+pub use dispatcher::RetryPolicy;
 pub use error::WebhookError;
 pub use ingress::BeforeJournal;
 pub use journal::{EventJournal, JournalError, LogJournal, StoredWebhook, WebhookFilter, WebhookKind, WebhookRecord};
 pub use metrics::Metrics;
 
-use crate::dispatcher::{DispatcherParts, RetryPolicy};
+use crate::dispatcher::DispatcherParts;
 use crate::ingress::{Endpoint, Ingress};
 use crate::store::{Requeue, Store};
 

@@ -357,6 +357,20 @@ impl Writer {
         self.maybe_roll();
     }
 
+    /// Refuses a row of new traffic while the WAL holds its quota (owed rows, `exempt`, are
+    /// written whatever it says): counts it and answers its sender. `pending` is what this batch
+    /// has encoded so far. Associated, not a method: the caller holds the active segment mutably.
+    fn refuse_over_quota(shared: &Shared, exempt: bool, used: u64, pending: usize, ack: &mut Option<Ack>) -> bool {
+        if exempt || used + pending as u64 <= shared.quota {
+            return false;
+        }
+        shared.metrics.quota_exceeded.inc();
+        if let Some(ack) = ack.take() {
+            let _ = ack.send(Err(AuditError::QuotaExceeded { used, quota: shared.quota }));
+        }
+        true
+    }
+
     fn fail_all(cmds: Vec<Command>, err: &AuditError, shared: &Shared) {
         for cmd in cmds {
             let e = clone_unavailable(err, shared);
@@ -398,12 +412,8 @@ impl Writer {
         let used = self.shared.bytes_on_disk.load(Ordering::SeqCst);
         for cmd in cmds {
             let (ack, frame_result) = match cmd {
-                Command::Row { prepared, intent, ack } => {
-                    if !self.quota_exempt && used + buf.len() as u64 > self.shared.quota {
-                        self.shared.metrics.quota_exceeded.inc();
-                        if let Some(ack) = ack {
-                            let _ = ack.send(Err(AuditError::QuotaExceeded { used, quota: self.shared.quota }));
-                        }
+                Command::Row { prepared, intent, mut ack } => {
+                    if Self::refuse_over_quota(&self.shared, self.quota_exempt, used, buf.len(), &mut ack) {
                         continue;
                     }
                     let res = append_row(
@@ -427,12 +437,8 @@ impl Writer {
                     }
                     (ack, res)
                 }
-                Command::WebhookRow { prepared, sync, ack } => {
-                    if !self.quota_exempt && used + buf.len() as u64 > self.shared.quota {
-                        self.shared.metrics.quota_exceeded.inc();
-                        if let Some(ack) = ack {
-                            let _ = ack.send(Err(AuditError::QuotaExceeded { used, quota: self.shared.quota }));
-                        }
+                Command::WebhookRow { prepared, sync, mut ack } => {
+                    if Self::refuse_over_quota(&self.shared, self.quota_exempt, used, buf.len(), &mut ack) {
                         continue;
                     }
                     let res = append_row(
@@ -453,12 +459,8 @@ impl Writer {
                     }
                     (ack, res)
                 }
-                Command::AnomalyRow { prepared, ack } => {
-                    if !self.quota_exempt && used + buf.len() as u64 > self.shared.quota {
-                        self.shared.metrics.quota_exceeded.inc();
-                        if let Some(ack) = ack {
-                            let _ = ack.send(Err(AuditError::QuotaExceeded { used, quota: self.shared.quota }));
-                        }
+                Command::AnomalyRow { prepared, mut ack } => {
+                    if Self::refuse_over_quota(&self.shared, self.quota_exempt, used, buf.len(), &mut ack) {
                         continue;
                     }
                     let res = append_row(

@@ -166,6 +166,12 @@ app.kubernetes.io/part-of: keygate
 {{- $_ := set $webhooks "state_dir" (include "keygate.paths.webhookStateDir" .) }}
 {{- $_ := set $cfg "webhooks" $webhooks }}
 {{- end }}
+{{- /* Passed as written (an empty `anomalies: {}` turns detection on with every default). */}}
+{{- range $key := list "reconcile" "anomalies" "alerts" }}
+{{- if hasKey $v.config $key }}
+{{- $_ := set $cfg $key (index $v.config $key) }}
+{{- end }}
+{{- end }}
 {{- toYaml $cfg }}
 {{- end }}
 
