@@ -106,20 +106,21 @@ impl Engine {
     }
 
     /// Feeds one input; returns the alerts it raised (in `alert` and `shadow` mode alike).
+    /// The input's time is clamped to what the detectors can count, and the texts a caller
+    /// chose (`currency`, `stripe_account`) that are not of their field's shape become
+    /// [`crate::input::INVALID`] ([`crate::input::normalized`]): alerts quote these values, so
+    /// nothing else (a card number, a key sent as a header) can reach an alert, a log line or a
+    /// state file through them.
     pub fn observe(&mut self, input: &Input) -> Vec<Alert> {
         let mut out = Vec::new();
         let at = clamp_time(input.at_us());
-        let clamped;
-        let input = if at == input.at_us() {
-            input
-        } else {
-            let mut copy = input.clone();
-            match &mut copy {
-                Input::Request(r) => r.at_us = at,
-                Input::Webhook(w) => w.at_us = at,
+        let cleaned;
+        let input = match crate::input::normalized(input, at) {
+            None => input,
+            Some(copy) => {
+                cleaned = copy;
+                &cleaned
             }
-            clamped = copy;
-            &clamped
         };
         self.tick(at.max(self.now_us), &mut out);
         for d in self.detectors() {

@@ -41,6 +41,62 @@ impl RequestInput {
     }
 }
 
+/// What a caller-chosen text becomes when it is not of its field's shape: `currency` must be three
+/// ASCII letters (kept lower-cased), `stripe_account` `acct_` and 1 to 64 ASCII letters and digits.
+pub const INVALID: &str = "(invalid)";
+
+/// Whether `currency` is an ISO code's shape: three ASCII letters.
+pub fn is_currency(currency: &str) -> bool {
+    currency.len() == 3 && currency.bytes().all(|b| b.is_ascii_alphabetic())
+}
+
+/// Whether `account` is a Stripe account id's shape: `acct_` and 1 to 64 ASCII letters and digits.
+pub fn is_account(account: &str) -> bool {
+    account
+        .strip_prefix("acct_")
+        .is_some_and(|id| (1..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric()))
+}
+
+/// The input as the detectors see it, when that differs from `input`: its time `at_us`, an
+/// upper-case currency lower-cased, and a `currency` or `stripe_account` not of its shape
+/// ([`is_currency`], [`is_account`]) replaced with [`INVALID`]. `None` when nothing changes (the
+/// usual case, so no copy is made).
+pub fn normalized(input: &Input, at_us: i64) -> Option<Input> {
+    let clean_currency = |c: &Option<String>| match c {
+        Some(c) if !is_currency(c) => Some(Some(INVALID.to_owned())),
+        Some(c) if c.bytes().any(|b| b.is_ascii_uppercase()) => Some(Some(c.to_ascii_lowercase())),
+        _ => None,
+    };
+    let clean_account = |a: &Option<String>| match a {
+        Some(a) if !is_account(a) => Some(Some(INVALID.to_owned())),
+        _ => None,
+    };
+    match input {
+        Input::Request(r) => {
+            let currency = clean_currency(&r.currency);
+            let account = clean_account(&r.stripe_account);
+            if at_us == r.at_us && currency.is_none() && account.is_none() {
+                return None;
+            }
+            let mut copy = r.clone();
+            copy.at_us = at_us;
+            if let Some(currency) = currency {
+                copy.currency = currency;
+            }
+            if let Some(account) = account {
+                copy.stripe_account = account;
+            }
+            Some(Input::Request(copy))
+        }
+        Input::Webhook(w) if w.at_us != at_us => {
+            let mut copy = w.clone();
+            copy.at_us = at_us;
+            Some(Input::Webhook(copy))
+        }
+        Input::Webhook(_) => None,
+    }
+}
+
 /// Derives [`RequestInput::refusal`] from an audit row's `decision`, `outcome`, `rule` and
 /// `reason` columns: a row is keygate's refusal when it was rejected before Stripe answered
 /// (`outcome = rejected`) or denied by policy (`decision = deny`). The code is the reason when it
@@ -106,6 +162,53 @@ impl Input {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn request(i: u32, currency: &str, account: Option<&str>) -> Input {
+        Input::Request(RequestInput {
+            event_id: format!("e{i}"),
+            at_us: 1_764_650_000_000_000 + i64::from(i) * 1_000_000,
+            service: "checkout".into(),
+            operation: Some("POST /v1/charges".into()),
+            status: 200,
+            refusal: None,
+            upstream_error: false,
+            amount: Some(1000),
+            currency: Some(currency.into()),
+            stripe_account: account.map(str::to_owned),
+            livemode: Some(false),
+        })
+    }
+
+    #[test]
+    fn caller_chosen_texts_not_of_their_shape_never_reach_an_alert() {
+        let mut config = crate::AnomaliesConfig::default();
+        config.first_seen.learn_for = std::time::Duration::ZERO;
+        let mut engine = crate::Engine::new(&config);
+        let card = "4242424242424242";
+        let key = "sk_live_51CANARYcanary0000000000";
+        let mut alerts = Vec::new();
+        alerts.extend(engine.observe(&request(1, "usd", Some("acct_1AbC"))));
+        alerts.extend(engine.observe(&request(2, key, Some(card))));
+        alerts.extend(engine.observe(&request(3, "EUR", Some(&format!("acct_{card} {key}")))));
+        let text = serde_json::to_string(&alerts).unwrap_or_else(|e| panic!("{e}"));
+        assert!(!text.contains(card) && !text.contains("CANARY"), "{text}");
+        let subjects: Vec<&str> = alerts.iter().map(|a| a.subject.as_str()).collect();
+        for expected in [
+            "connected_account acct_1AbC",
+            "currency usd",
+            "connected_account (invalid)",
+            "currency (invalid)",
+            "currency eur",
+        ] {
+            assert!(subjects.contains(&expected), "{expected} not in {subjects:?}");
+        }
+        let state = serde_json::to_string(&engine.state()).unwrap_or_else(|e| panic!("{e}"));
+        assert!(!state.contains(card) && !state.contains("CANARY"), "the learned state holds only the shapes");
+        assert!(
+            normalized(&request(4, "usd", Some("acct_1AbC")), 1_764_650_004_000_000).is_none(),
+            "no copy when clean"
+        );
+    }
 
     #[test]
     fn refusals_are_keygates_rejections_and_denials() {
