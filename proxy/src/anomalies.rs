@@ -33,8 +33,9 @@
 //!   queue has no room for, or that the audit log refuses, is logged (its detector and service,
 //!   never a secret) and counted in `keygate_anomaly_record_failures_total`;
 //! - delivering never holds up recording: each destination has a task of its own that takes
-//!   alerts with `try_send` and holds at most [`DELIVERY_HELD`] of them (queued, in flight or
-//!   waiting to retry); beyond that an alert is dropped for that destination and counted. A
+//!   alerts with `try_send` (through a queue of [`HANDOFF_QUEUE`]) and holds at most
+//!   [`DELIVERY_HELD`] of them in flight or waiting to retry; beyond that an alert is dropped
+//!   for that destination and counted. A
 //!   failed attempt is retried with the destination's back-off until its `retry_for`; delivery
 //!   is held in memory only (the lake row is the durable record): what is still undelivered
 //!   when keygate stops, after one more destination `timeout`, is given up, logged and counted
@@ -121,9 +122,7 @@ impl AnomalyMetrics {
             .get_or_create(&DeliveryLabels { destination: destination.to_owned(), outcome: outcome.to_owned() })
             .inc();
     }
-}
 
-impl AnomalyMetrics {
     /// Creates the metrics and registers them under the `keygate_` prefix.
     pub fn register(registry: &mut Registry) -> Arc<AnomalyMetrics> {
         let metrics = AnomalyMetrics::default();
@@ -206,9 +205,13 @@ impl AlertDestination {
     }
 }
 
-/// Most alerts one destination holds (queued, in flight, waiting to retry); beyond, an alert is
-/// dropped for that destination and counted.
+/// Most alerts one destination holds in flight or waiting to retry; beyond, an alert is dropped
+/// for that destination and counted.
 pub const DELIVERY_HELD: usize = 1024;
+
+/// The queue from the recorder to a destination's task, which empties it at once (each alert
+/// becomes a task of its own): it fills only while that task is starved.
+const HANDOFF_QUEUE: usize = 64;
 
 /// Alerts waiting for the recorder task: room for bursts (a tick closing many hours at once);
 /// beyond it an alert is not recorded in the lake (logged and counted).
@@ -246,7 +249,7 @@ impl Anomalies {
         let mut deliverers = Vec::new();
         let mut handoffs = Vec::new();
         for destination in destinations {
-            let (tx, rx) = mpsc::channel(DELIVERY_HELD);
+            let (tx, rx) = mpsc::channel(HANDOFF_QUEUE);
             handoffs.push(Handoff {
                 filters: destination.filters.clone(),
                 name: destination.destination.name().to_owned(),
@@ -433,7 +436,7 @@ async fn record(audit: AuditLog, mut rx: mpsc::Receiver<Alert>, metrics: Arc<Ano
                     destination = %handoff.name,
                     detector = alert.detector.as_str(),
                     service = %alert.service,
-                    "alert not delivered: the destination holds {DELIVERY_HELD} alerts already (it is logged, counted and in the lake)"
+                    "alert not delivered: the destination's queue is full (the alert's log line and lake row stay)"
                 );
             }
         }
@@ -474,7 +477,7 @@ async fn deliver_alerts(destination: AlertDestination, mut rx: mpsc::Receiver<De
         while held.try_join_next().is_some() {}
         if held.len() >= DELIVERY_HELD {
             metrics.delivery(&name, "dropped");
-            tracing::error!(target: "keygate::anomaly", destination = %name, "alert not delivered: the destination holds {DELIVERY_HELD} alerts already");
+            tracing::error!(target: "keygate::anomaly", destination = %name, "alert not delivered: the destination holds {DELIVERY_HELD} alerts already (the alert's log line and lake row stay)");
             continue;
         }
         held.spawn(deliver_one(destination.clone(), policy, delivery, metrics.clone(), slots.clone()));
@@ -486,7 +489,7 @@ async fn deliver_alerts(destination: AlertDestination, mut rx: mpsc::Receiver<De
         for _ in 0..left {
             metrics.delivery(&name, "failed");
         }
-        tracing::error!(target: "keygate::anomaly", destination = %name, undelivered = left, "keygate is stopping: alerts not yet delivered are given up (they are in the lake)");
+        tracing::error!(target: "keygate::anomaly", destination = %name, undelivered = left, "keygate is stopping: alerts not yet delivered are given up (their log lines and lake rows stay)");
     }
 }
 
@@ -527,7 +530,7 @@ async fn deliver_one(
                 event_type = %delivery.event_type,
                 attempts = delivery.attempt,
                 reason = %reason,
-                "alert not delivered: given up (it is in the lake)"
+                "alert not delivered: given up (its log line and lake row stay)"
             );
             return;
         }
