@@ -542,41 +542,56 @@ fn out_line(s: &str) -> Result<(), CliError> {
     }
 }
 
-/// Binary columns as text: hashes in hex; the payload as `<N bytes>` in tables and base64 otherwise.
-fn printable(batches: &[RecordBatch], table: bool) -> Result<Vec<RecordBatch>, CliError> {
+/// The batches with the columns `text` turns into strings replaced by them (`text` returns
+/// `None` for a column it keeps as it is).
+fn with_text_columns(
+    batches: &[RecordBatch],
+    text: impl Fn(&Field, &ArrayRef) -> Result<Option<StringArray>, CliError>,
+) -> Result<Vec<RecordBatch>, CliError> {
     batches
         .iter()
         .map(|b| {
             let mut fields = Vec::new();
             let mut cols: Vec<ArrayRef> = Vec::new();
             for (f, c) in b.schema().fields().iter().zip(b.columns()) {
-                if let Some(bin) = c.as_any().downcast_ref::<BinaryArray>() {
-                    let text: StringArray = (0..bin.len())
-                        .map(|i| {
-                            (!bin.is_null(i)).then(|| {
-                                let v = bin.value(i);
-                                if f.name() == "payload" {
-                                    if table {
-                                        format!("<{} bytes>", v.len())
-                                    } else {
-                                        base64::engine::general_purpose::STANDARD.encode(v)
-                                    }
-                                } else {
-                                    hex::encode(v)
-                                }
-                            })
-                        })
-                        .collect();
-                    fields.push(Arc::new(Field::new(f.name(), DataType::Utf8, true)));
-                    cols.push(Arc::new(text));
-                } else {
-                    fields.push(f.clone());
-                    cols.push(c.clone());
+                match text(f, c)? {
+                    Some(strings) => {
+                        fields.push(Arc::new(Field::new(f.name(), DataType::Utf8, true)));
+                        cols.push(Arc::new(strings));
+                    }
+                    None => {
+                        fields.push(f.clone());
+                        cols.push(c.clone());
+                    }
                 }
             }
             RecordBatch::try_new(Arc::new(Schema::new(fields)), cols).map_err(|e| CliError::Usage(e.to_string()))
         })
         .collect()
+}
+
+/// Binary columns as text: hashes in hex; the payload as `<N bytes>` in tables and base64 otherwise.
+fn printable(batches: &[RecordBatch], table: bool) -> Result<Vec<RecordBatch>, CliError> {
+    with_text_columns(batches, |f, c| {
+        Ok(c.as_any().downcast_ref::<BinaryArray>().map(|bin| {
+            (0..bin.len())
+                .map(|i| {
+                    (!bin.is_null(i)).then(|| {
+                        let v = bin.value(i);
+                        if f.name() == "payload" {
+                            if table {
+                                format!("<{} bytes>", v.len())
+                            } else {
+                                base64::engine::general_purpose::STANDARD.encode(v)
+                            }
+                        } else {
+                            hex::encode(v)
+                        }
+                    })
+                })
+                .collect()
+        }))
+    })
 }
 
 fn print_batches(batches: &[RecordBatch], format: Format) -> Result<(), CliError> {
@@ -615,34 +630,24 @@ fn print_batches(batches: &[RecordBatch], format: Format) -> Result<(), CliError
 /// CSV has no lists: a list column (`anomalies.cited_event_ids`) is written as its text,
 /// `[id1, id2]`, in one cell.
 fn lists_as_text(batches: &[RecordBatch]) -> Result<Vec<RecordBatch>, CliError> {
-    let err = |e: arrow::error::ArrowError| CliError::Usage(format!("cannot format the result: {e}"));
-    batches
-        .iter()
-        .map(|b| {
-            let mut fields = Vec::new();
-            let mut cols: Vec<ArrayRef> = Vec::new();
-            for (f, c) in b.schema().fields().iter().zip(b.columns()) {
-                if matches!(f.data_type(), DataType::List(_) | DataType::LargeList(_)) {
-                    let text: StringArray = (0..c.len())
-                        .map(|row| {
-                            if c.is_null(row) {
-                                Ok(None)
-                            } else {
-                                arrow::util::display::array_value_to_string(c, row).map(Some)
-                            }
-                        })
-                        .collect::<Result<_, _>>()
-                        .map_err(err)?;
-                    fields.push(Arc::new(Field::new(f.name(), DataType::Utf8, true)));
-                    cols.push(Arc::new(text));
-                } else {
-                    fields.push(f.clone());
-                    cols.push(c.clone());
-                }
-            }
-            RecordBatch::try_new(Arc::new(Schema::new(fields)), cols).map_err(err)
-        })
-        .collect()
+    with_text_columns(batches, |f, c| {
+        if !matches!(f.data_type(), DataType::List(_) | DataType::LargeList(_)) {
+            return Ok(None);
+        }
+        (0..c.len())
+            .map(
+                |row| {
+                    if c.is_null(row) {
+                        Ok(None)
+                    } else {
+                        arrow::util::display::array_value_to_string(c, row).map(Some)
+                    }
+                },
+            )
+            .collect::<Result<StringArray, _>>()
+            .map(Some)
+            .map_err(|e| CliError::Usage(format!("cannot format the result: {e}")))
+    })
 }
 
 /// One row as a JSON object (binary columns in hex).
