@@ -28,6 +28,21 @@ const MAX_CONNECTIONS: u64 = 64;
 const MAX_HEADER_BYTES: u64 = 16_384;
 const MAX_BODY_BYTES: u64 = 65_536;
 
+/// Waits until keygate has appended no webhook row to its audit WAL for half a second.
+fn wait_until_the_wal_is_quiet(keygate: &Keygate) {
+    let rows = || metric(&keygate.metrics(), "keygate_audit_webhook_records_total", &[]);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let (mut seen, mut since) = (rows(), Instant::now());
+    while since.elapsed() < Duration::from_millis(500) {
+        assert!(Instant::now() < deadline, "keygate kept writing webhook rows to its WAL for 15 s");
+        std::thread::sleep(Duration::from_millis(50));
+        let now = rows();
+        if now != seen {
+            (seen, since) = (now, Instant::now());
+        }
+    }
+}
+
 /// Files holding the secrets, and the `webhooks:` section naming them.
 struct Setup {
     dir: tempfile::TempDir,
@@ -538,6 +553,10 @@ fn down_destinations_catch_up_dead_letters_are_redriven_and_ranges_replayed() {
 
     // The audit WAL fails the write of an event's `received` record: Stripe gets 503 (not a 2xx)
     // and /readyz says why; Stripe's retry is acknowledged once the record is durable.
+    // The fault arms the WAL's *next* write: first let the replays' delivery records land, so
+    // that the next write is the event's own `received` record (else one of those would take
+    // the fault and the event would be stored: a 200, seen once in CI).
+    wait_until_the_wal_is_quiet(&keygate);
     let faulty = event("evt_e2e_wal_fault", "invoice.paid");
     let fault = json!({"payload": faulty, "secret": NEW_SECRET, "headers": {"x-keygate-test-wal-fault": "write"}});
     let results = statuses(&url, vec![fault]);
