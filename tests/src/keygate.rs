@@ -103,6 +103,14 @@ impl Keygate {
         self.child.id()
     }
 
+    /// `kill -9`, then reaps the process. Only then is every thread gone, and with them its file
+    /// locks (the WAL folder's): a thread-group leader shows as a zombie while its other threads
+    /// may still be exiting, so a zombie is not yet free of its locks (a restart right after
+    /// failed once in CI with "WAL folder … is in use by another keygate process").
+    pub fn kill_and_reap(&mut self) {
+        self.child.kill();
+    }
+
     /// Sends a signal (`TERM`, `INT`, `HUP`, `KILL`) to keygate.
     pub fn signal(&self, name: &str) {
         let status = Command::new("kill").arg(format!("-{name}")).arg(self.pid().to_string()).status().expect("kill");

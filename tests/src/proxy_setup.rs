@@ -110,16 +110,7 @@ impl ProxySetup {
     /// Kills keygate with SIGKILL (no drain, no shutdown code) and starts it again from the same
     /// folder, configuration and environment, as a crashed pod's restart would.
     pub fn kill_and_restart(&mut self, env: &[(String, String)]) {
-        self.keygate.signal("KILL");
-        // Dead once it is a zombie (this process has not reaped it yet): its file locks are gone.
-        let pid = self.keygate.pid();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .is_ok_and(|stat| stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')))
-        {
-            assert!(std::time::Instant::now() < deadline, "keygate did not die of SIGKILL");
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
+        self.keygate.kill_and_reap();
         let config = std::fs::read_to_string(self.dir.path().join("keygate.yaml")).expect("read keygate.yaml");
         let mut all = vec![("KG_E2E_STRIPE_KEY".to_owned(), CANARY_KEY.to_owned())];
         all.extend(env.iter().cloned());

@@ -1025,7 +1025,11 @@ fn broker_destinations_take_credentials_by_reference_and_reach_the_config() {
     assert!(accepted, "the schema refuses a Kafka alert destination:\n{message}");
     let rendered = render_with(&alerts(&sqs));
     assert_eq!(rendered.config()["alerts"]["destinations"][0], sqs);
-    assert_eq!(rendered.config()["anomalies"], json!({}), "an empty anomalies section turns detection on");
+    assert_eq!(
+        rendered.config()["anomalies"],
+        json!({"live": {"state_file": "/var/lib/keygate/anomalies-state.json"}}),
+        "an empty anomalies section turns detection on, its learned state on the data volume"
+    );
     assert!(!schema_check(&alerts(&literal)).0, "accepted a literal SASL password in an alert destination");
     for bad in [
         json!([literal]),

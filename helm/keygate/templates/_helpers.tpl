@@ -167,10 +167,20 @@ app.kubernetes.io/part-of: keygate
 {{- $_ := set $cfg "webhooks" $webhooks }}
 {{- end }}
 {{- /* Passed as written (an empty `anomalies: {}` turns detection on with every default). */}}
-{{- range $key := list "reconcile" "anomalies" "alerts" }}
+{{- range $key := list "reconcile" "alerts" }}
 {{- if hasKey $v.config $key }}
 {{- $_ := set $cfg $key (index $v.config $key) }}
 {{- end }}
+{{- end }}
+{{- /* The detectors' learned state goes to the data volume (the root filesystem is read-only). */}}
+{{- if hasKey $v.config "anomalies" }}
+{{- $anomalies := deepCopy (index $v.config "anomalies" | default dict) }}
+{{- $live := $anomalies.live | default dict }}
+{{- if not (hasKey $live "state_file") }}
+{{- $_ := set $live "state_file" (printf "%s/anomalies-state.json" (include "keygate.paths.dataDir" .)) }}
+{{- end }}
+{{- $_ := set $anomalies "live" $live }}
+{{- $_ := set $cfg "anomalies" $anomalies }}
 {{- end }}
 {{- toYaml $cfg }}
 {{- end }}
