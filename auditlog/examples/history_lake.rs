@@ -29,9 +29,8 @@ async fn main() {
     let dir = std::path::PathBuf::from(args.next().expect("usage: history_lake DIR [SCALE]"));
     let scale: f64 = args.next().map_or(1.0, |s| s.parse().expect("SCALE is a number"));
     let now_us = i64::try_from(SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_micros()).unwrap();
-    let hour = 3_600_000_000;
-    // Five whole weeks ending at the last full hour, as auditlog/tests/anomalies_lake.rs.
-    let start_us = (now_us / hour) * hour - 5 * 168 * hour;
+    // Five whole weeks ending at the last Monday 00:00 UTC, as auditlog/tests/anomalies_lake.rs.
+    let start_us = simulate::start_before_last_monday(now_us, 5);
     let history = simulate::generate(&HistoryConfig { start_us, scale, ..HistoryConfig::default() });
     let cfg = AuditConfig {
         wal_dir: dir.join("wal"),

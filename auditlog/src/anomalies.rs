@@ -32,6 +32,8 @@ pub enum AnomalyFormat {
 #[derive(Debug)]
 pub struct Options {
     pub since_us: i64,
+    /// The end of the window (exclusive; `None`: now).
+    pub until_us: Option<i64>,
     pub services: Vec<String>,
     pub format: AnomalyFormat,
     pub save_state: Option<PathBuf>,
@@ -175,9 +177,10 @@ async fn read(
     Ok(inputs)
 }
 
-/// Runs the detectors over the lake from `since_us` to now and prints their alerts.
+/// Runs the detectors over the lake from `since_us` to `until_us` (or now) and prints their
+/// alerts.
 pub async fn run(lake: &Lake, config: &AnomaliesConfig, opts: &Options) -> Result<(), CliError> {
-    let now_us = keygate_auditlog::row::micros(std::time::SystemTime::now());
+    let end_us = opts.until_us.unwrap_or_else(|| keygate_auditlog::row::micros(std::time::SystemTime::now()));
     let day = quote(&date_of(opts.since_us));
     let services = if opts.services.is_empty() {
         String::new()
@@ -187,13 +190,15 @@ pub async fn run(lake: &Lake, config: &AnomaliesConfig, opts: &Options) -> Resul
     let requests = format!(
         "SELECT event_id, CAST(completed_at AS BIGINT) AS at_us, service, operation, CAST(status AS BIGINT) AS status, \
          decision, outcome, rule, reason, amount, currency, stripe_account, livemode FROM audit \
-         WHERE dt >= {day} AND CAST(completed_at AS BIGINT) >= {since}{filter} ORDER BY at_us, event_id",
+         WHERE dt >= {day} AND CAST(completed_at AS BIGINT) >= {since} AND CAST(completed_at AS BIGINT) < {end_us}{filter} \
+         ORDER BY at_us, event_id",
         since = opts.since_us,
         filter = services.replace("{col}", "service"),
     );
     let webhooks = format!(
         "SELECT event_id, stripe_event_id, CAST(received_at AS BIGINT) AS at_us, endpoint, event_type, livemode FROM webhooks \
-         WHERE dt >= {day} AND kind = 'received' AND CAST(received_at AS BIGINT) >= {since}{filter} ORDER BY at_us, event_id",
+         WHERE dt >= {day} AND kind = 'received' AND CAST(received_at AS BIGINT) >= {since} \
+         AND CAST(received_at AS BIGINT) < {end_us}{filter} ORDER BY at_us, event_id",
         since = opts.since_us,
         filter = services.replace("{col}", "endpoint"),
     );
@@ -209,14 +214,15 @@ pub async fn run(lake: &Lake, config: &AnomaliesConfig, opts: &Options) -> Resul
     for input in &inputs {
         alerts.extend(engine.observe(input));
     }
-    alerts.extend(engine.advance(now_us));
+    alerts.extend(engine.advance(end_us));
     let shadow = alerts.iter().filter(|a| a.mode == Mode::Shadow).count();
     let dropped = engine.dropped_inputs();
     let summary = format!(
-        "{} alert(s) ({shadow} in shadow mode{}) over {rows} request row(s) and {events} webhook event(s) since {}{}",
+        "{} alert(s) ({shadow} in shadow mode{}) over {rows} request row(s) and {events} webhook event(s) since {}{}{}",
         alerts.len() - shadow,
         if opts.include_shadow || shadow == 0 { "" } else { ", not shown: pass --include-shadow" },
         rfc3339(opts.since_us),
+        opts.until_us.map(|u| format!(" until {}", rfc3339(u))).unwrap_or_default(),
         if dropped > 0 { format!("; {dropped} input(s) past max_series ignored") } else { String::new() }
     );
     if opts.format == AnomalyFormat::Html {

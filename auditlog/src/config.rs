@@ -159,7 +159,8 @@ pub struct AuditConfig {
     /// This instance's writer id (its own hash chain). Default: hostname plus a random suffix,
     /// generated once and kept in the WAL folder.
     pub writer_id: Option<String>,
-    /// Lake files larger than this are uploaded in parts. Default 32 MiB.
+    /// Lake files larger than this are uploaded in parts as they are written (smaller ones are
+    /// held in memory until they are put in one request). Default 8 MiB.
     pub multipart_threshold_bytes: u64,
     /// First delay between retries when the lake is unreachable. Default 500ms.
     #[serde(with = "humantime_serde")]
@@ -209,7 +210,7 @@ impl Default for AuditConfig {
             kek: String::new(),
             signing_key: String::new(),
             writer_id: None,
-            multipart_threshold_bytes: 32 * 1024 * 1024,
+            multipart_threshold_bytes: 8 * 1024 * 1024,
             retry_initial_backoff: Duration::from_millis(500),
             retry_max_backoff: Duration::from_secs(30),
             shutdown_timeout: Duration::from_secs(30),

@@ -18,6 +18,8 @@ use futures::TryStreamExt;
 use object_store::path::Path as ObjPath;
 use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, WriteMultipart};
 
+use sha2::{Digest, Sha256};
+
 use crate::config::S3Config;
 use crate::error::AuditError;
 use crate::table::Table;
@@ -170,34 +172,21 @@ impl Lake {
 
     /// Creates `path` with `bytes`; never overwrites.
     pub async fn put_create(&self, path: &ObjPath, bytes: Bytes) -> Result<Put, AuditError> {
-        if (bytes.len() as u64) <= self.multipart_threshold {
-            let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
-            return match self.store.put_opts(path, PutPayload::from(bytes), opts).await {
-                Ok(_) => Ok(Put::Created),
-                Err(object_store::Error::AlreadyExists { .. }) => Ok(Put::AlreadyExists),
-                Err(e) => Err(AuditError::lake("put", path, e)),
-            };
-        }
-        // Large file: parts go to a staging object, then a create-only copy puts it in place.
-        let staging = ObjPath::from(format!(
-            "_staging/{}.{}",
-            path.filename().unwrap_or("file"),
-            hex::encode(rand::random::<[u8; 8]>())
-        ));
-        let upload =
-            self.store.put_multipart(&staging).await.map_err(|e| AuditError::lake("start upload", &staging, e))?;
-        let mut w = WriteMultipart::new_with_chunk_size(upload, 8 * 1024 * 1024);
-        w.put(bytes);
-        w.finish().await.map_err(|e| AuditError::lake("upload", &staging, e))?;
-        let result = self.store.copy_if_not_exists(&staging, path).await;
-        let _ = self.store.delete(&staging).await;
-        match result {
-            Ok(()) => Ok(Put::Created),
-            Err(object_store::Error::AlreadyExists { .. }) => Ok(Put::AlreadyExists),
-            Err(e) => Err(AuditError::lake("copy into place", path, e)),
-        }
+        let mut file = self.create_file(path);
+        file.write(bytes).await?;
+        Ok(file.finish().await?.put)
     }
 
+    /// Starts a file at `path` written as it is produced (see [`LakeFile`]); never overwrites.
+    pub fn create_file(&self, path: &ObjPath) -> LakeFile<'_> {
+        LakeFile {
+            lake: self,
+            path: path.clone(),
+            sha256: Sha256::new(),
+            len: 0,
+            state: FileState::Buffered(Vec::new()),
+        }
+    }
     /// The object's bytes, or `None` when it does not exist.
     pub async fn get(&self, path: &ObjPath) -> Result<Option<Bytes>, AuditError> {
         match self.store.get(path).await {
@@ -219,6 +208,123 @@ impl Lake {
     /// Deletes an object (tests and tooling only; keygate never deletes lake objects).
     pub async fn delete(&self, path: &ObjPath) -> Result<(), AuditError> {
         self.store.delete(path).await.map_err(|e| AuditError::lake("delete", path, e))
+    }
+}
+
+/// How many parts of a large file are in flight at once (each holds [`PART_BYTES`]).
+pub const PARTS_IN_FLIGHT: usize = 2;
+
+/// The size of a large file's parts (S3 takes at least 5 MiB but for the last).
+pub const PART_BYTES: usize = 5 * 1024 * 1024;
+
+/// A lake file being written (issue 21: the shipper streams a segment's row groups into it).
+/// A file up to the lake's `multipart_threshold_bytes` is held in memory and created in one
+/// create-only put when it is finished; once it grows past that, what it holds goes out as the
+/// first parts of a multipart upload to a staging object under `_staging/`, every later write
+/// as more parts ([`PARTS_IN_FLIGHT`] of [`PART_BYTES`] at most in flight: a write waits for
+/// room), and [`LakeFile::finish`] copies the staging object into place create-only. So the
+/// memory a file takes is at most the threshold, or [`PARTS_IN_FLIGHT`] + 1 parts.
+///
+/// Dropped unfinished, nothing appears at `path`; an unfinished upload to `_staging/` may
+/// remain, as when the process dies there (docs/audit-lake.md: a lifecycle rule on the prefix).
+pub struct LakeFile<'a> {
+    lake: &'a Lake,
+    path: ObjPath,
+    sha256: Sha256,
+    len: u64,
+    state: FileState,
+}
+
+enum FileState {
+    Buffered(Vec<Bytes>),
+    Uploading { staging: ObjPath, upload: WriteMultipart },
+}
+
+impl std::fmt::Debug for LakeFile<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LakeFile").field("path", &self.path).field("len", &self.len).finish_non_exhaustive()
+    }
+}
+
+/// A finished [`LakeFile`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Written {
+    /// Whether the file was created, or one already existed at its path (left as it was).
+    pub put: Put,
+    /// Hex SHA-256 and length of what was written (not of an existing file).
+    pub sha256: String,
+    pub len: u64,
+}
+
+impl LakeFile<'_> {
+    /// Appends `bytes` to the file.
+    pub async fn write(&mut self, bytes: impl Into<Bytes>) -> Result<(), AuditError> {
+        let bytes: Bytes = bytes.into();
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        self.sha256.update(&bytes);
+        self.len += bytes.len() as u64;
+        match &mut self.state {
+            FileState::Buffered(chunks) => {
+                chunks.push(bytes);
+                if self.len > self.lake.multipart_threshold {
+                    let chunks = std::mem::take(chunks);
+                    let staging = ObjPath::from(format!(
+                        "_staging/{}.{}",
+                        self.path.filename().unwrap_or("file"),
+                        hex::encode(rand::random::<[u8; 8]>())
+                    ));
+                    let upload = self
+                        .lake
+                        .store
+                        .put_multipart(&staging)
+                        .await
+                        .map_err(|e| AuditError::lake("start upload", &staging, e))?;
+                    let mut upload = WriteMultipart::new_with_chunk_size(upload, PART_BYTES);
+                    for chunk in chunks {
+                        upload.put(chunk);
+                        upload
+                            .wait_for_capacity(PARTS_IN_FLIGHT)
+                            .await
+                            .map_err(|e| AuditError::lake("upload", &staging, e))?;
+                    }
+                    self.state = FileState::Uploading { staging, upload };
+                }
+            }
+            FileState::Uploading { staging, upload } => {
+                upload.put(bytes);
+                upload.wait_for_capacity(PARTS_IN_FLIGHT).await.map_err(|e| AuditError::lake("upload", staging, e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates the file (create-only: an existing object at its path is left as it was and
+    /// reported).
+    pub async fn finish(self) -> Result<Written, AuditError> {
+        let path = &self.path;
+        let put = match self.state {
+            FileState::Buffered(chunks) => {
+                let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
+                match self.lake.store.put_opts(path, chunks.into_iter().collect::<PutPayload>(), opts).await {
+                    Ok(_) => Put::Created,
+                    Err(object_store::Error::AlreadyExists { .. }) => Put::AlreadyExists,
+                    Err(e) => return Err(AuditError::lake("put", path, e)),
+                }
+            }
+            FileState::Uploading { staging, upload } => {
+                upload.finish().await.map_err(|e| AuditError::lake("upload", &staging, e))?;
+                let result = self.lake.store.copy_if_not_exists(&staging, path).await;
+                let _ = self.lake.store.delete(&staging).await;
+                match result {
+                    Ok(()) => Put::Created,
+                    Err(object_store::Error::AlreadyExists { .. }) => Put::AlreadyExists,
+                    Err(e) => return Err(AuditError::lake("copy into place", path, e)),
+                }
+            }
+        };
+        Ok(Written { put, sha256: hex::encode(self.sha256.finalize()), len: self.len })
     }
 }
 

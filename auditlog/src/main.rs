@@ -126,6 +126,10 @@ enum Cmd {
         /// Rows completed at or after this time: RFC 3339, a date, or a duration before now.
         #[arg(long, default_value = "30d")]
         since: String,
+        /// Rows completed before this time (same forms as --since; default now): the detectors
+        /// judge the hours up to it, so a report of a past window ends where the window does.
+        #[arg(long)]
+        until: Option<String>,
         /// Only these services (repeatable; webhook events by endpoint name).
         #[arg(long = "service")]
         services: Vec<String>,
@@ -308,10 +312,19 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
             print_batches(&batches, *format)?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Anomalies { since, services, format, include_shadow, save_state } => {
+        Cmd::Anomalies { since, until, services, format, include_shadow, save_state } => {
             let config = anomalies::config_from(cli.config.as_deref())?;
+            let since_us = parse_time("--since", since)?;
+            let until_us = until.as_deref().map(|u| parse_time("--until", u)).transpose()?;
+            if until_us.is_some_and(|u| u <= since_us) {
+                return Err(CliError::Usage(format!(
+                    "--until {} is not after --since {since}",
+                    until.as_deref().unwrap_or_default()
+                )));
+            }
             let opts = anomalies::Options {
-                since_us: parse_since(since)?,
+                since_us,
+                until_us,
                 services: services.clone(),
                 format: *format,
                 save_state: save_state.clone(),
@@ -517,6 +530,11 @@ fn spinner(msg: &'static str) -> ProgressBar {
 }
 
 fn parse_since(text: &str) -> Result<i64, CliError> {
+    parse_time("--since", text)
+}
+
+/// A time given to `flag`: RFC 3339, a date (its midnight UTC), or a duration before now.
+fn parse_time(flag: &str, text: &str) -> Result<i64, CliError> {
     let t = text.trim();
     let at = if let Ok(ts) = humantime::parse_rfc3339_weak(t) {
         ts
@@ -526,7 +544,7 @@ fn parse_since(text: &str) -> Result<i64, CliError> {
         SystemTime::now() - d
     } else {
         return Err(CliError::Usage(format!(
-            "--since {t}: give an RFC 3339 time (2026-11-29T10:00:00Z), a date (2026-11-29) or a duration (24h)"
+            "{flag} {t}: give an RFC 3339 time (2026-11-29T10:00:00Z), a date (2026-11-29) or a duration (24h)"
         )));
     };
     Ok(keygate_auditlog::row::micros(at))

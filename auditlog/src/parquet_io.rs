@@ -230,19 +230,63 @@ pub fn to_batch(rows: &[ChainedRow]) -> Result<RecordBatch, AuditError> {
 
 /// Encodes a lake file of `C`'s table (`meta.table` must be that table).
 pub fn encode<C: TableRow>(rows: &[ChainedRow<C>], meta: &FileMeta) -> Result<Vec<u8>, AuditError> {
-    let pq = |e: parquet::errors::ParquetError| AuditError::Parquet {
-        what: "encoding a lake file".into(),
-        reason: e.to_string(),
-    };
-    if meta.table != C::TABLE {
-        return Err(AuditError::corrupt("lake file", format!("{} rows in a {} file", C::TABLE, meta.table)));
-    }
-    let batch = C::to_batch(rows)?;
-    let mut out = Vec::with_capacity(rows.iter().map(|r| r.payload.len() + 256).sum());
-    let mut w = ArrowWriter::try_new(&mut out, C::TABLE.schema(), Some(props(meta))).map_err(pq)?;
-    w.write(&batch).map_err(pq)?;
-    w.close().map_err(pq)?;
+    let mut encoder = FileEncoder::<C>::new(meta)?;
+    let mut out = encoder.write_group(rows.to_vec())?;
+    out.extend(encoder.finish()?);
     Ok(out)
+}
+
+fn encode_error(e: parquet::errors::ParquetError) -> AuditError {
+    AuditError::Parquet { what: "encoding a lake file".into(), reason: e.to_string() }
+}
+
+/// A lake file encoded a row group at a time (issue 21): [`FileEncoder::write_group`] returns
+/// the bytes the group added to the file, for the caller to upload, so that memory holds one
+/// group rather than the file. The concatenation of what `write_group` and `finish` return is
+/// the file [`encode`] writes for the same rows, but for where its row groups end; readers see
+/// the same rows either way.
+pub struct FileEncoder<C> {
+    writer: ArrowWriter<Vec<u8>>,
+    _rows: std::marker::PhantomData<C>,
+}
+
+impl<C: TableRow> std::fmt::Debug for FileEncoder<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileEncoder").field("table", &C::TABLE).finish_non_exhaustive()
+    }
+}
+
+impl<C: TableRow> FileEncoder<C> {
+    /// Starts the file of `meta` (whose `last_seq` must already be the file's last row's).
+    pub fn new(meta: &FileMeta) -> Result<Self, AuditError> {
+        if meta.table != C::TABLE {
+            return Err(AuditError::corrupt("lake file", format!("{} rows in a {} file", C::TABLE, meta.table)));
+        }
+        let writer = ArrowWriter::try_new(Vec::new(), C::TABLE.schema(), Some(props(meta))).map_err(encode_error)?;
+        Ok(FileEncoder { writer, _rows: std::marker::PhantomData })
+    }
+
+    /// Encodes `rows` as the next row group (more than one past 128 Ki rows); returns the bytes
+    /// of the file written since the last call. The rows are dropped as soon as they are Arrow
+    /// arrays, so that at most two copies of the group are in memory at once.
+    pub fn write_group(&mut self, rows: Vec<ChainedRow<C>>) -> Result<Vec<u8>, AuditError> {
+        let batch = C::to_batch(&rows)?;
+        drop(rows);
+        self.writer.write(&batch).map_err(encode_error)?;
+        drop(batch);
+        self.writer.flush().map_err(encode_error)?;
+        // The writer keeps its own count of bytes written (offsets in the footer come from it),
+        // and its buffer flushes into this vector in order, so taking what is there is safe.
+        let mut bytes = std::mem::take(self.writer.inner_mut());
+        // The vector grew by doubling: what it holds goes on to the upload, its spare half not.
+        bytes.shrink_to_fit();
+        Ok(bytes)
+    }
+
+    /// Writes the footer; returns the file's remaining bytes.
+    pub fn finish(self) -> Result<Vec<u8>, AuditError> {
+        self.writer.into_inner().map_err(encode_error)
+    }
 }
 
 /// Reads the key-value metadata of a lake file.
@@ -457,5 +501,69 @@ mod tests {
         let back = from_batch(&old).unwrap();
         assert!(back.iter().all(|r| r.columns.reconciles.is_none()));
         assert_eq!(back[1], rows[1]);
+    }
+
+    fn meta(first_seq: u64, last_seq: u64) -> FileMeta {
+        FileMeta {
+            table: Table::Audit,
+            writer_id: "w".into(),
+            first_seq,
+            last_seq,
+            kek_id: "local:test".into(),
+            wrapped_key: vec![7; 40],
+            chain_head_in: [0; 32],
+        }
+    }
+
+    fn rows(n: u64) -> Vec<ChainedRow> {
+        (1..=n)
+            .map(|seq| {
+                let mut r = row(None);
+                r.seq = seq;
+                r.columns.event_id = uuid::Uuid::from_u128(u128::from(seq));
+                r.payload = vec![u8::try_from(seq % 251).unwrap(); 3000];
+                r
+            })
+            .collect()
+    }
+
+    /// The previous version's encoder (before issue 21), kept here as the reference: the whole
+    /// file in one `write` and `close`.
+    fn previous_encode(rows: &[ChainedRow], meta: &FileMeta) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut w = ArrowWriter::try_new(&mut out, Table::Audit.schema(), Some(props(meta))).unwrap();
+        w.write(&to_batch(rows).unwrap()).unwrap();
+        w.close().unwrap();
+        out
+    }
+
+    #[test]
+    fn one_group_files_are_byte_for_byte_what_the_previous_version_wrote() {
+        let rows = rows(20);
+        let meta = meta(1, 20);
+        assert_eq!(encode(&rows, &meta).unwrap(), previous_encode(&rows, &meta));
+    }
+
+    #[test]
+    fn a_file_streamed_in_row_groups_reads_back_the_same_rows_and_metadata() {
+        let rows = rows(50);
+        let meta = meta(1, 50);
+        let mut encoder = FileEncoder::<RowColumns>::new(&meta).unwrap();
+        let mut file = Vec::new();
+        for group in rows.chunks(7) {
+            file.extend(encoder.write_group(group.to_vec()).unwrap());
+        }
+        file.extend(encoder.finish().unwrap());
+        let bytes = Bytes::from(file);
+        let reader = ParquetRecordBatchReaderBuilder::try_new(bytes.clone()).unwrap();
+        assert_eq!(reader.metadata().num_row_groups(), 8, "50 rows in groups of 7");
+        let (back_meta, back) = decode(bytes.clone()).unwrap();
+        assert_eq!(back, rows);
+        assert_eq!(back_meta, meta);
+        // The same rows as the previous version's single group, whatever the grouping.
+        let (_, previous) = decode(Bytes::from(previous_encode(&rows, &meta))).unwrap();
+        assert_eq!(previous, back);
+        // Rows of another table are refused before anything is written.
+        assert!(FileEncoder::<crate::webhook::WebhookColumns>::new(&meta).is_err());
     }
 }

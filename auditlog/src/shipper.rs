@@ -17,18 +17,25 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
+use crate::anomaly::AnomalyColumns;
 use crate::checkpoint::Publisher;
 use crate::crypto::SigningKey;
 use crate::error::AuditError;
-use crate::lake::{Lake, Put, data_path_of, manifest_path_of};
+use crate::lake::{Lake, Put, Written, data_path_of, manifest_path_of};
 use crate::manifest::{Manifest, ManifestBody, TreeState, sha256_hex};
 use crate::merkle::Frontier;
 use crate::parquet_io::{self, FileMeta};
-use crate::row::ChainedRow;
+use crate::row::{ChainedRow, RowColumns};
 use crate::table::{Table, TableRow};
-use crate::wal::segment::{ChainPos, SegmentHeader, WalRow, read_segment};
+use crate::wal::segment::{ChainPos, RowSummary, SegmentRows, SegmentScan, scan_segment};
 use crate::wal::state::{ChainHead, sync_dir, write_chain_head};
 use crate::wal::writer::{SealedSegment, Shared};
+use crate::webhook::WebhookColumns;
+
+/// Payload bytes per row group of a shipped file: what the shipper holds of a segment at once
+/// (a few times this, as rows, as Arrow arrays, as encoded pages and written; docs/deploy.md).
+/// About 700 rows of Stripe API calls: groups that readers still scan efficiently.
+pub const GROUP_BYTES: usize = 1024 * 1024;
 
 /// What the lake holds for one writer: its newest manifest.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -194,12 +201,12 @@ impl Shipper {
         // Per table: the seqs the segment holds (`audit`'s always named, from its header).
         type Ranges = [Option<(u64, u64)>; Table::COUNT];
         let moved = tokio::task::spawn_blocking(move || -> std::io::Result<(u64, Ranges)> {
-            let contents = read_segment(&path).ok().flatten();
+            let scan = scan_segment(&path).ok().flatten();
             let ranges = Table::ALL.map(|t| {
-                let c = contents.as_ref()?;
+                let c = scan.as_ref()?;
                 let first = c.header.chain_start(t).next_seq;
-                match (t, c.last_row(t)) {
-                    (_, Some((last, _))) => Some((first, last)),
+                match (t, c.rows[t.index()].last()) {
+                    (_, Some(last)) => Some((first, last.seq)),
                     (Table::Audit, None) => Some((first, first)),
                     (_, None) => None,
                 }
@@ -286,62 +293,50 @@ impl Shipper {
     /// Ships one segment (idempotent): its `audit` rows, then its `webhooks` rows, then its
     /// `anomalies` rows, each into its table's file with its own manifest and chain; then records
     /// where every chain continues and deletes the segment.
+    ///
+    /// Memory does not grow with the segment (issue 21): a first pass keeps a few dozen bytes per
+    /// row ([`RowSummary`]), then each table's rows are read, encoded and uploaded one row group
+    /// ([`GROUP_BYTES`] of payload) at a time.
     pub async fn ship(&mut self, seg: &SealedSegment) -> Result<(), AuditError> {
         let path = seg.path.clone();
-        let read = tokio::task::spawn_blocking(move || read_segment(&path))
+        let scan = tokio::task::spawn_blocking(move || scan_segment(&path))
             .await
             .map_err(|e| AuditError::corrupt(seg.path.display().to_string(), e.to_string()))?;
-        let Some(contents) = read.or_else(|e| match &e {
+        let Some(scan) = scan.or_else(|e| match &e {
             AuditError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => Ok(None),
             _ => Err(e),
         })?
         else {
             return self.remove_segment(seg, None).await;
         };
-        // The rows are moved, not copied, into the file's rows: a segment can be tens of
-        // megabytes, and each copy of it is peak memory of the process.
-        let header = contents.header;
         let (a, w, n) = (Table::Audit, Table::Webhooks, Table::Anomalies);
         let mut after = [ChainPos::default(); Table::COUNT];
-        after[a.index()] =
-            self.ship_table(seg, &header, contents.rows, header.chain_start(a), seg.upto[a.index()]).await?;
-        after[w.index()] =
-            self.ship_table(seg, &header, contents.webhook_rows, header.chain_start(w), seg.upto[w.index()]).await?;
-        after[n.index()] =
-            self.ship_table(seg, &header, contents.anomaly_rows, header.chain_start(n), seg.upto[n.index()]).await?;
+        after[a.index()] = self.ship_table::<RowColumns>(seg, &scan).await?;
+        after[w.index()] = self.ship_table::<WebhookColumns>(seg, &scan).await?;
+        after[n.index()] = self.ship_table::<AnomalyColumns>(seg, &scan).await?;
         self.remove_segment(seg, Some(after)).await
     }
 
-    /// Commits one table's rows of a segment (those below `upto`) as a lake file and its
-    /// manifest, unless the lake already holds them; returns where the table's chain continues.
+    /// Commits one table's rows of a segment (those below the segment's `upto`) as a lake file
+    /// and its manifest, unless the lake already holds them; returns where the table's chain
+    /// continues.
     async fn ship_table<C: TableRow>(
         &mut self,
         seg: &SealedSegment,
-        header: &SegmentHeader,
-        rows: Vec<WalRow<C>>,
-        start: ChainPos,
-        upto: u64,
+        scan: &SegmentScan,
     ) -> Result<ChainPos, AuditError> {
         let table = C::TABLE;
-        let logged_at_us = rows.first().map(|r| r.logged_at_us);
-        let chained: Vec<ChainedRow<C>> = rows
-            .into_iter()
-            .filter(|r| r.seq < upto)
-            .map(|r| ChainedRow {
-                writer_id: self.writer_id.clone(),
-                seq: r.seq,
-                columns: r.columns,
-                payload: r.payload,
-                prev_hash: r.prev_hash,
-                hash: r.hash,
-            })
-            .collect();
-        let chain_after = match chained.last() {
+        let header = &scan.header;
+        let start = header.chain_start(table);
+        let upto = seg.upto[table.index()];
+        let all = &scan.rows[table.index()];
+        let logged_at_us = all.first().map(|r| r.logged_at_us);
+        let rows: Vec<RowSummary> = all.iter().filter(|r| r.seq < upto).copied().collect();
+        let chain_after = match rows.last() {
             Some(r) => ChainPos { next_seq: r.seq + 1, head: r.hash },
             None => start,
         };
-        let (Some(first), Some(last), Some(first_logged_at_us)) = (chained.first(), chained.last(), logged_at_us)
-        else {
+        let (Some(first), Some(last), Some(first_logged_at_us)) = (rows.first(), rows.last(), logged_at_us) else {
             return Ok(chain_after);
         };
         let (first_seq, first_prev_hash, last_seq, last_hash) = (first.seq, first.prev_hash, last.seq, last.hash);
@@ -393,7 +388,7 @@ impl Shipper {
             }
         };
         let tree_after = tree_before.map(|mut f| {
-            for r in &chained {
+            for r in &rows {
                 f.push_row(&r.hash);
             }
             f
@@ -407,31 +402,27 @@ impl Shipper {
             wrapped_key: header.wrapped_key.clone(),
             chain_head_in: first_prev_hash,
         };
-        let (encoded, chained) =
-            tokio::task::spawn_blocking(move || parquet_io::encode(&chained, &meta).map(|e| (e, chained)))
-                .await
-                .map_err(|e| AuditError::corrupt("lake file", e.to_string()))??;
         let path = data_path_of(table, &self.writer_id, first_seq, first_logged_at_us)?;
-        let bytes = Bytes::from(encoded);
-        let file_bytes = match self.lake.put_create(&path, bytes.clone()).await? {
-            Put::Created => bytes,
-            Put::AlreadyExists => self.adopt_existing(&path, &chained).await?,
+        let written = self.stream_file::<C>(seg, scan, &meta, &path, &rows).await?;
+        let (file_sha256, file_bytes) = match written.put {
+            Put::Created => (written.sha256, written.len),
+            Put::AlreadyExists => self.adopt_existing::<C>(&path, &rows).await?,
         };
         let body = ManifestBody {
             version: 1,
             table: table.manifest_tag(),
             writer_id: self.writer_id.clone(),
             file: path.to_string(),
-            file_sha256: sha256_hex(&file_bytes),
-            file_bytes: file_bytes.len() as u64,
-            row_count: chained.len() as u64,
+            file_sha256,
+            file_bytes,
+            row_count: rows.len() as u64,
             first_seq,
             last_seq,
             chain_head_in: hex::encode(first_prev_hash),
             chain_head_out: hex::encode(last_hash),
             prev_manifest_sha256: head.as_ref().map(|h| h.manifest_sha256.clone()),
-            received_at_min_us: chained.iter().map(|r| r.columns.received_at_us()).min().unwrap_or(0),
-            received_at_max_us: chained.iter().map(|r| r.columns.received_at_us()).max().unwrap_or(0),
+            received_at_min_us: rows.iter().map(|r| r.received_at_us).min().unwrap_or(0),
+            received_at_max_us: rows.iter().map(|r| r.received_at_us).max().unwrap_or(0),
             kek_id: header.kek_id.clone(),
             signing_key: self.signing_key.public_key_hex(),
             tree: tree_after.as_ref().map(TreeState::of),
@@ -461,18 +452,77 @@ impl Shipper {
             tree: committed_tree,
         }));
         self.shared.metrics.lake_commits.inc();
-        self.shared.metrics.lake_rows.inc_by(chained.len() as u64);
-        tracing::info!(file = %path, rows = chained.len(), "audit lake file committed");
+        self.shared.metrics.lake_rows.inc_by(rows.len() as u64);
+        tracing::info!(file = %path, rows = rows.len(), "audit lake file committed");
         Ok(chain_after)
     }
 
+    /// Reads `C`'s rows of the segment a group at a time, encodes each group (off the async
+    /// workers) and uploads it, so that one group is in memory, not the file; checks that the
+    /// rows read are the ones the scan summarised.
+    async fn stream_file<C: TableRow>(
+        &self,
+        seg: &SealedSegment,
+        scan: &SegmentScan,
+        meta: &FileMeta,
+        path: &object_store::path::Path,
+        rows: &[RowSummary],
+    ) -> Result<Written, AuditError> {
+        let upto = seg.upto[C::TABLE.index()];
+        let reader = SegmentRows::<C>::open(&seg.path, scan, upto)?;
+        let encoder = parquet_io::FileEncoder::<C>::new(meta)?;
+        let mut file = self.lake.create_file(path);
+        let mut state = Some((reader, encoder, 0usize));
+        let expected: Arc<[(u64, [u8; 32])]> = rows.iter().map(|r| (r.seq, r.hash)).collect();
+        while let Some((mut reader, mut encoder, done)) = state.take() {
+            let writer_id = self.writer_id.clone();
+            let expected = expected.clone();
+            let seg_path = seg.path.display().to_string();
+            let (next, bytes) = tokio::task::spawn_blocking(move || {
+                let group = reader.next_group(GROUP_BYTES)?;
+                if group.is_empty() {
+                    if done != expected.len() {
+                        return Err(AuditError::corrupt(seg_path, "the segment changed while it was shipped"));
+                    }
+                    return Ok((None, encoder.finish()?));
+                }
+                let chained: Vec<ChainedRow<C>> = group
+                    .into_iter()
+                    .map(|r| ChainedRow {
+                        writer_id: writer_id.clone(),
+                        seq: r.seq,
+                        columns: r.columns,
+                        payload: r.payload,
+                        prev_hash: r.prev_hash,
+                        hash: r.hash,
+                    })
+                    .collect();
+                let same = expected
+                    .get(done..done + chained.len())
+                    .is_some_and(|want| want.iter().zip(&chained).all(|(w, r)| w.0 == r.seq && w.1 == r.hash));
+                if !same {
+                    return Err(AuditError::corrupt(seg_path, "the segment changed while it was shipped"));
+                }
+                let done = done + chained.len();
+                let bytes = encoder.write_group(chained)?;
+                Ok((Some((reader, encoder, done)), bytes))
+            })
+            .await
+            .map_err(|e| AuditError::corrupt("lake file", e.to_string()))??;
+            file.write(bytes).await?;
+            state = next;
+        }
+        file.finish().await
+    }
+
     /// A file already at `path` (a crash after its upload, before its manifest) is adopted when
-    /// its rows are the ones we would write.
+    /// its rows are the ones we would write; returns its SHA-256 and length. (This reads the
+    /// existing file whole: it happens once after such a crash, not on the steady path.)
     async fn adopt_existing<C: TableRow>(
         &self,
         path: &object_store::path::Path,
-        rows: &[ChainedRow<C>],
-    ) -> Result<Bytes, AuditError> {
+        rows: &[RowSummary],
+    ) -> Result<(String, u64), AuditError> {
         let existing = self
             .lake
             .get(path)
@@ -480,7 +530,7 @@ impl Shipper {
             .ok_or_else(|| AuditError::corrupt(path.to_string(), "reported existing but cannot be read"))?;
         let (_, found) = parquet_io::decode_table::<C>(existing.clone())?;
         if found.len() == rows.len() && found.iter().zip(rows).all(|(a, b)| a.seq == b.seq && a.hash == b.hash) {
-            Ok(existing)
+            Ok((sha256_hex(&existing), existing.len() as u64))
         } else {
             Err(AuditError::corrupt(path.to_string(), "a different lake file already exists at this path"))
         }

@@ -131,9 +131,8 @@ fn pixels(png_file: &std::path::Path) -> (f64, usize) {
 async fn anomalies_over_the_lake_find_every_planted_one_and_stay_quiet_otherwise() {
     let env = env();
     let now_us = i64::try_from(SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_micros()).unwrap();
-    let hour = 3_600_000_000;
-    // Five whole weeks ending at the last full hour.
-    let start_us = (now_us / hour) * hour - 5 * 168 * hour;
+    // Five whole weeks ending at the last Monday 00:00 UTC.
+    let start_us = simulate::start_before_last_monday(now_us, 5);
     let history = simulate::generate(&HistoryConfig { start_us, scale: 0.5, ..HistoryConfig::default() });
     let cfg = AuditConfig {
         durability: Durability::Async,
@@ -148,6 +147,8 @@ async fn anomalies_over_the_lake_find_every_planted_one_and_stay_quiet_otherwise
 
     let lake = env.lake_dir().display().to_string();
     let since = humantime::format_rfc3339_seconds(at(start_us)).to_string();
+    // The history's end: hours after it (up to now) hold no traffic and are no silence.
+    let until = humantime::format_rfc3339_seconds(at(start_us + 5 * 7 * 24 * 3_600_000_000)).to_string();
     let state = env.dir.path().join("anomalies-state.json");
     let state_arg = state.display().to_string();
     // Half of the generator's traffic: billing's invoice slot expects fewer than the default
@@ -164,6 +165,8 @@ async fn anomalies_over_the_lake_find_every_planted_one_and_stay_quiet_otherwise
         &lake,
         "--since",
         &since,
+        "--until",
+        &until,
         "--format",
         "jsonl",
         "--save-state",
@@ -197,7 +200,19 @@ async fn anomalies_over_the_lake_find_every_planted_one_and_stay_quiet_otherwise
     assert!(EngineState::load(&state).unwrap().is_some());
 
     // The HTML report: self-contained, one plot per alert, rendered by headless Chromium.
-    let (page, _) = run(&["anomalies", "--config", &config, "--lake", &lake, "--since", &since, "--format", "html"]);
+    let (page, _) = run(&[
+        "anomalies",
+        "--config",
+        &config,
+        "--lake",
+        &lake,
+        "--since",
+        &since,
+        "--until",
+        &until,
+        "--format",
+        "html",
+    ]);
     for outside in ["http://", "https://", "<script", "<link", "@import", "url("] {
         assert!(!page.contains(outside), "the report must reference nothing outside itself ({outside})");
     }
@@ -213,8 +228,19 @@ async fn anomalies_over_the_lake_find_every_planted_one_and_stay_quiet_otherwise
     assert!(red > 0, "no flagged point is visible in the screenshot");
 
     // One service only, as a table: a header and one line per alert, none of another service.
-    let (table, _) =
-        run(&["anomalies", "--config", &config, "--lake", &lake, "--since", &since, "--service", "payouts"]);
+    let (table, _) = run(&[
+        "anomalies",
+        "--config",
+        &config,
+        "--lake",
+        &lake,
+        "--since",
+        &since,
+        "--until",
+        &until,
+        "--service",
+        "payouts",
+    ]);
     let lines: Vec<&str> = table.lines().collect();
     let payouts = alerts.iter().filter(|a| a.service == "payouts").count();
     assert_eq!(lines.len(), 1 + payouts, "{table}");

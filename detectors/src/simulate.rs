@@ -277,6 +277,19 @@ fn season(hour_index: i64) -> f64 {
     daily * if day >= 5 { 0.5 } else { 1.0 }
 }
 
+/// The start of `weeks` whole weeks of history that end at the last Monday 00:00 UTC at or before
+/// `now_us`. Planted anomalies then fall on the weekdays and UTC hours they are described by
+/// (the silence on a Wednesday 11:00–14:00, when billing's traffic is high enough to judge a
+/// silence), whatever the time of day a test runs: a history ending at the last full hour put the
+/// silence at night for runs in the evening (UTC), where it is too quiet to be judged.
+pub fn start_before_last_monday(now_us: i64, weeks: u32) -> i64 {
+    let day_us = 24 * HOUR_US;
+    let days = now_us.div_euclid(day_us);
+    // Day 0 of the epoch was a Thursday: (days + 3) mod 7 is 0 on Mondays.
+    let monday = days - (days + 3).rem_euclid(7);
+    monday * day_us - i64::from(weeks) * 7 * day_us
+}
+
 /// Generates the history.
 pub fn generate(config: &HistoryConfig) -> History {
     let mut g = Gen { rng: StdRng::seed_from_u64(config.seed), inputs: Vec::new() };
@@ -561,6 +574,22 @@ pub fn run(config: &crate::AnomaliesConfig, history: &History) -> Vec<crate::Ale
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn histories_end_on_the_last_monday_at_midnight_utc() {
+        let week = 7 * 24 * HOUR_US;
+        // 2026-12-02T18:25:00Z, a Wednesday; its last Monday 00:00 is 2026-11-30.
+        let wednesday = 1_796_235_900_000_000;
+        let monday_2026_11_30 = 1_795_996_800_000_000;
+        assert_eq!(start_before_last_monday(wednesday, 5), monday_2026_11_30 - 5 * week);
+        // A Monday at midnight is its own last Monday; a microsecond before, the week before's.
+        assert_eq!(start_before_last_monday(monday_2026_11_30, 0), monday_2026_11_30);
+        assert_eq!(start_before_last_monday(monday_2026_11_30 - 1, 0), monday_2026_11_30 - week);
+        // Every start is a Monday (day index 0 of `season`).
+        let start = start_before_last_monday(wednesday, 5);
+        assert_eq!(start.rem_euclid(24 * HOUR_US), 0);
+        assert_eq!((start.div_euclid(24 * HOUR_US) + 3).rem_euclid(7), 0);
+    }
 
     #[test]
     fn every_planted_anomaly_is_found_and_clean_history_stays_quiet() {

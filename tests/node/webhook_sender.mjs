@@ -10,9 +10,13 @@
 // Output: {"results": [{"status": 200, "body": "…"}, …]}.
 //
 // Or SPEC: {"url", "flood": {"count": N, "secret", "concurrency", "deadline_ms", "types": [...],
-// "prefix": "evt_…"}}: N distinct events posted concurrently, each retried on any non-2xx or
-// connection error (like Stripe, but within seconds) until a 2xx or the deadline. Output:
+// "prefix": "evt_…", "until_file"?: PATH, "pace_ms"?: MS}}: N distinct events posted concurrently,
+// each retried on any non-2xx or connection error (like Stripe, but within seconds) until a 2xx or
+// the deadline. With `until_file`, workers go on posting new events after the first N until that
+// file exists (so that a caller's fault rounds all happen under traffic, however fast the machine);
+// `pace_ms` is each worker's pause after each event. Output:
 // {"acked": ["evt_…", …], "unacked": [...], "attempts": <total posts>}.
+import { existsSync } from "node:fs";
 import { createRequire } from "node:module";
 import path from "node:path";
 
@@ -71,8 +75,9 @@ if (spec.cases) {
   const unacked = [];
   let attempts = 0;
   let next = 0;
+  const more = () => next < f.count || (f.until_file !== undefined && !existsSync(f.until_file) && Date.now() < deadline);
   async function worker() {
-    while (next < f.count) {
+    while (more()) {
       const i = next++;
       const id = `${f.prefix}${i}`;
       const payload = JSON.stringify({ id, object: "event", type: types[i % types.length], created: Math.floor(Date.now() / 1000), livemode: false, api_version: "2024-06-20", data: { object: { id: `in_${i}`, object: "invoice" } } });
@@ -93,6 +98,7 @@ if (spec.cases) {
         }
       }
       (done ? acked : unacked).push(id);
+      if (f.pace_ms) await new Promise((resolve) => setTimeout(resolve, f.pace_ms));
     }
   }
   await Promise.all(Array.from({ length: f.concurrency }, worker));

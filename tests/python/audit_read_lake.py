@@ -8,8 +8,8 @@ strings that must not appear, and optionally `group_by` (columns DuckDB counts b
 service and outcome) and `null_payload` (event ids whose payload must be null: webhook rows
 recorded without a body). Both pyarrow and
 DuckDB must see exactly the expected rows with exactly those column values. Prints one JSON line
-with what was found (row counts, files, the KEK ids in the files' footers, DuckDB's counts by
-service and outcome); exits 1 with a message on the first mismatch.
+with what was found (row counts, files and their row groups, the KEK ids in the files' footers,
+DuckDB's counts by service and outcome); exits 1 with a message on the first mismatch.
 """
 import json
 import os
@@ -82,6 +82,7 @@ def main():
         if len(r["hash"]) != 32 or len(r["prev_hash"]) != 32:
             fail(f"row {eid}: hashes are not 32 bytes")
     kek_ids = set()
+    row_groups = []
     mirror = tempfile.TemporaryDirectory()
     for info in dataset.files:
         with fs.open_input_file(info) as f:
@@ -89,7 +90,9 @@ def main():
         for c in canaries:
             if c in data:
                 fail(f"canary {c!r} found in {info}")
-        footer = pq.read_metadata(pa.BufferReader(data)).metadata or {}
+        parquet_meta = pq.read_metadata(pa.BufferReader(data))
+        row_groups.append(parquet_meta.num_row_groups)
+        footer = parquet_meta.metadata or {}
         kek_ids.add(footer.get(b"keygate.kek_id", b"").decode())
         # The exact bytes of the object, for DuckDB below (same relative layout).
         local = os.path.join(mirror.name, tname, os.path.relpath(info, root))
@@ -97,7 +100,10 @@ def main():
         with open(local, "wb") as f:
             f.write(data)
 
-    result = {"pyarrow_rows": table.num_rows, "files": len(dataset.files), "kek_ids": sorted(kek_ids)}
+    result = {
+        "pyarrow_rows": table.num_rows, "files": len(dataset.files), "kek_ids": sorted(kek_ids),
+        "row_groups": row_groups,
+    }
 
     # DuckDB, with its own Parquet reader. A local lake is read in place; an S3 lake through the
     # byte-for-byte copies of its objects made above (DuckDB reads s3:// only with its httpfs

@@ -55,6 +55,9 @@ pub enum Behavior {
     /// With [`FakeStripe::honour_idempotency_keys`]: performs the mutation (saves its answer
     /// under its `Idempotency-Key`), then never answers: Stripe did it, the caller never hears.
     PerformThenHang,
+    /// 200 with a Stripe-shaped list of charges of about `bytes` bytes, different in every
+    /// answer (pseudo-random ids and descriptions: compresses about as poorly as real ids do).
+    LargeList { bytes: usize },
 }
 
 /// What [`FakeStripe::honour_idempotency_keys`] keeps: per `Idempotency-Key`, the request it
@@ -210,6 +213,11 @@ async fn answer(
             response.headers_mut().insert("content-length", http::HeaderValue::from(length));
             response
         }
+        Behavior::LargeList { bytes } => {
+            let mut response = json(200, "{}");
+            *response.body_mut() = Full::new(Bytes::from(large_list(bytes))).boxed();
+            response
+        }
         Behavior::Delay(delay) => {
             tokio::time::sleep(delay).await;
             json(200, r#"{"id":"cus_fake123","object":"customer","email":"jenny@example.com"}"#)
@@ -222,6 +230,42 @@ async fn answer(
         }
         _ => json(200, r#"{"id":"cus_fake123","object":"customer","email":"jenny@example.com"}"#),
     }
+}
+
+/// A list of charges of about `bytes` bytes (see [`Behavior::LargeList`]).
+fn large_list(bytes: usize) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static ANSWERS: AtomicU64 = AtomicU64::new(0);
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    let mut state = 0x9e37_79b9_7f4a_7c15 ^ ANSWERS.fetch_add(1, Ordering::Relaxed).wrapping_mul(0x2545_f491_4f6c_dd1d);
+    let mut token = |n: usize| -> String {
+        (0..n)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                char::from(ALPHABET[(state % ALPHABET.len() as u64) as usize])
+            })
+            .collect()
+    };
+    let mut out = String::from(r#"{"object":"list","url":"/v1/charges","has_more":false,"data":["#);
+    let mut first = true;
+    while out.len() < bytes {
+        if !first {
+            out.push(',');
+        }
+        first = false;
+        out.push_str(&format!(
+            r#"{{"id":"ch_{}","object":"charge","amount":{},"currency":"usd","customer":"cus_{}","description":"{}","payment_method":"pm_{}"}}"#,
+            token(24),
+            out.len() % 100_000,
+            token(14),
+            token(64),
+            token(24)
+        ));
+    }
+    out.push_str("]}");
+    out
 }
 
 /// Performs or replays a keyed mutation when keys are honoured: (answer body, replayed), or

@@ -107,36 +107,42 @@ pub fn metric(metrics: &str, name: &str, labels: &[&str]) -> f64 {
         .sum()
 }
 
-/// Floods `url` with `count` events signed with `secret` (`evt_crash_<n>`, invoices and charges
-/// alternately) from the Node sender, while calling `kill_and_restart` at pseudo-random moments
-/// (150–650 ms apart) until the sender is done or `max_rounds` kills happened. Returns the sender's
-/// report (its `acked` event ids; every one of them must then be delivered) and the number of
-/// kills, which must be at least 3 for the test to mean anything.
+/// Floods `url` with events signed with `secret` (`evt_crash_<n>`, invoices and charges
+/// alternately) from the Node sender, while calling `kill_and_restart` `rounds` times at
+/// pseudo-random moments (150–650 ms apart). The sender posts at least `count` events and goes on
+/// posting new ones (each worker pausing 100 ms after each) until the rounds are done, so every
+/// kill lands under traffic however fast or slow the machine; `dir` holds the file that tells it
+/// to stop. Returns the sender's report (its `acked` event ids; every one of them must then be
+/// delivered, and `unacked` must be empty) and the number of kills, which is `rounds` unless the
+/// sender hit its 60 s deadline first (asserted here).
 pub fn flood_through_kill_rounds(
     url: String,
     count: usize,
     secret: &str,
-    max_rounds: u32,
+    rounds: u32,
+    dir: &Path,
     mut kill_and_restart: impl FnMut(),
 ) -> (Value, u32) {
-    let secret = secret.to_owned();
-    let sender = std::thread::spawn(move || {
-        node_send(&json!({"url": url, "flood": {
-            "count": count, "secret": secret, "concurrency": 16, "deadline_ms": 40000,
-            "prefix": "evt_crash_", "types": ["invoice.paid", "charge.succeeded"]
-        }}))
-    });
+    let stop = dir.join("flood.stop");
+    let spec = json!({"url": url, "flood": {
+        "count": count, "secret": secret, "concurrency": 16, "deadline_ms": 60000, "pace_ms": 100,
+        "until_file": stop, "prefix": "evt_crash_", "types": ["invoice.paid", "charge.succeeded"]
+    }});
+    let sender = std::thread::spawn(move || node_send(&spec));
     let mut seed: u64 = u64::from(std::process::id()) ^ 0x9e37_79b9_7f4a_7c15;
-    let mut rounds = 0;
-    while !sender.is_finished() && rounds < max_rounds {
+    let mut done = 0;
+    while !sender.is_finished() && done < rounds {
         seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
         std::thread::sleep(std::time::Duration::from_millis(150 + (seed >> 33) % 500));
         kill_and_restart();
-        rounds += 1;
+        done += 1;
     }
+    std::fs::write(&stop, "").expect("write the sender's stop file");
     let out = sender.join().expect("the Node sender thread");
-    assert!(rounds >= 3, "keygate was killed only {rounds} times");
-    (out, rounds)
+    assert_eq!(done, rounds, "the sender stopped (its deadline) after {done} of {rounds} kills: {out}");
+    let acked = out["acked"].as_array().map_or(0, Vec::len);
+    assert!(acked >= count, "the sender posted only {acked} events, fewer than {count}: {out}");
+    (out, done)
 }
 
 /// A webhook consumer written as a user would: the official Python SDK's `construct_event`.

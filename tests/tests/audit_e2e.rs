@@ -6,6 +6,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::process::Command;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -162,8 +163,11 @@ enum Stop {
     TermThenKill(u64),
 }
 
-/// One crash round: 1,000 concurrent POSTs, keygate stopped by `stop` after `kill_after`.
-/// Returns, per idempotency key, the event id and status of the response the client received.
+/// One crash round: 1,000 concurrent POSTs, keygate stopped by `stop` `kill_after` after the
+/// first answer arrived (counted from the first answer, not from the first request, so that every
+/// round kills under traffic that is flowing, however slowly a loaded machine starts it: a full
+/// suite run once had no answer at all within 600 ms of the first request). Returns, per
+/// idempotency key, the event id and status of the response the client received.
 async fn crash_round(
     keygate: &Keygate,
     token: &str,
@@ -174,11 +178,13 @@ async fn crash_round(
     let client: Client<HttpConnector, Full<Bytes>> =
         Client::builder(TokioExecutor::new()).pool_max_idle_per_host(0).build_http();
     let addr = keygate.proxy;
+    let first_answer = Arc::new(tokio::sync::Notify::new());
     let mut tasks = Vec::new();
     for i in 0..1000 {
         let client = client.clone();
         let token = token.to_owned();
         let key = format!("crash-{round}-{i}");
+        let first_answer = first_answer.clone();
         tasks.push(tokio::spawn(async move {
             let request = http::Request::builder()
                 .method("POST")
@@ -192,9 +198,11 @@ async fn crash_round(
             let status = response.status().as_u16();
             let event_id = response.headers().get("keygate-event-id")?.to_str().ok()?.to_owned();
             response.into_body().collect().await.ok()?;
+            first_answer.notify_one();
             Some((key, (event_id, status)))
         }));
     }
+    let _ = tokio::time::timeout(Duration::from_secs(30), first_answer.notified()).await;
     tokio::time::sleep(kill_after).await;
     if let Stop::TermThenKill(ms) = stop {
         keygate.signal("TERM");

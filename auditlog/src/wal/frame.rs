@@ -130,6 +130,78 @@ impl<'a> Iterator for FrameDecoder<'a> {
     }
 }
 
+/// [`FrameDecoder`]'s frames read from a file instead of a buffer, holding one frame at a time:
+/// the shipper reads sealed segments of tens of MiB this way, so that its memory does not grow
+/// with the segment (issue 21). Same rules as the decoder: a frame is returned only when its
+/// length is possible and its CRC matches, and reading stops for good at the first that is not.
+/// A length past the end of the input is refused before anything is allocated for it.
+#[derive(Debug)]
+pub struct FrameReader<R> {
+    inner: R,
+    /// Bytes of input from `pos` on (the file's length when it was opened, minus what was read).
+    remaining: u64,
+    pos: u64,
+    buf: Vec<u8>,
+    tail: Option<Tail>,
+}
+
+impl<R: std::io::Read> FrameReader<R> {
+    /// Reads frames from `inner`, which holds `len` bytes.
+    pub fn new(inner: R, len: u64) -> Self {
+        FrameReader { inner, remaining: len, pos: 0, buf: Vec::new(), tail: None }
+    }
+
+    /// Offset of the next frame (after the end: the length of the good prefix).
+    pub fn valid_len(&self) -> u64 {
+        self.pos
+    }
+
+    /// How reading ended; `None` until [`FrameReader::next_frame`] has returned `None`.
+    pub fn tail(&self) -> Option<&Tail> {
+        self.tail.as_ref()
+    }
+
+    fn stop(&mut self, reason: &'static str) -> Option<Frame<'_>> {
+        self.tail = Some(Tail::Torn { offset: usize::try_from(self.pos).unwrap_or(usize::MAX), reason });
+        None
+    }
+
+    /// The next good frame (its `data` valid until the next call), or `None` at the end of the
+    /// good frames. Errors are the reader's own (a failed `read`), not the input's.
+    pub fn next_frame(&mut self) -> std::io::Result<Option<Frame<'_>>> {
+        if self.tail.is_some() {
+            return Ok(None);
+        }
+        if self.remaining == 0 {
+            self.tail = Some(Tail::Clean);
+            return Ok(None);
+        }
+        if self.remaining < FRAME_OVERHEAD as u64 {
+            return Ok(self.stop("partial frame header"));
+        }
+        let mut head = [0u8; FRAME_OVERHEAD];
+        self.inner.read_exact(&mut head)?;
+        let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+        let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+        if len == 0 || len > MAX_FRAME_BODY {
+            return Ok(self.stop("impossible frame length"));
+        }
+        if self.remaining - (FRAME_OVERHEAD as u64) < len as u64 {
+            return Ok(self.stop("partial frame body"));
+        }
+        self.buf.resize(len, 0);
+        self.inner.read_exact(&mut self.buf)?;
+        if crc32fast::hash(&self.buf) != crc {
+            return Ok(self.stop("CRC mismatch"));
+        }
+        let offset = usize::try_from(self.pos).unwrap_or(usize::MAX);
+        let step = (FRAME_OVERHEAD + len) as u64;
+        self.pos += step;
+        self.remaining -= step;
+        Ok(Some(Frame { kind: self.buf[0], data: &self.buf[1..], offset }))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -189,7 +261,47 @@ mod tests {
         assert!(MAX_FRAME_BODY <= u32::MAX as usize, "the length field holds it");
     }
 
+    /// (kind, data, offset) of each frame, the good prefix's length, and how reading ended.
+    type Read = (Vec<(u8, Vec<u8>, usize)>, u64, Option<Tail>);
+
+    /// Every frame the decoder yields from `bytes`, and how it ended, as the reader sees them.
+    fn read_all(bytes: &[u8]) -> Read {
+        let mut r = FrameReader::new(std::io::Cursor::new(bytes), bytes.len() as u64);
+        let mut got = Vec::new();
+        while let Some(f) = r.next_frame().unwrap() {
+            got.push((f.kind, f.data.to_vec(), f.offset));
+        }
+        (got, r.valid_len(), r.tail().cloned())
+    }
+
+    #[test]
+    fn the_reader_reads_what_the_decoder_decodes() {
+        let mut input = frames(&[(1, b"header".to_vec()), (2, vec![5; 3000]), (4, vec![])]);
+        for cut in [input.len(), input.len() - 1, 9, 8, 3, 0] {
+            let bytes = &input[..cut];
+            let mut d = FrameDecoder::new(bytes);
+            let want: Vec<_> = d.by_ref().map(|f| (f.kind, f.data.to_vec(), f.offset)).collect();
+            assert_eq!(read_all(bytes), (want, d.valid_len() as u64, d.tail().cloned()), "cut at {cut}");
+        }
+        // A flipped byte stops both at the same frame, and a length far past the end is refused
+        // before the reader allocates for it.
+        input[20] ^= 1;
+        let mut d = FrameDecoder::new(&input);
+        let want: Vec<_> = d.by_ref().map(|f| (f.kind, f.data.to_vec(), f.offset)).collect();
+        assert_eq!(read_all(&input), (want, d.valid_len() as u64, d.tail().cloned()));
+        let mut huge = (MAX_FRAME_BODY as u32).to_le_bytes().to_vec();
+        huge.extend_from_slice(&[0; 5]);
+        assert_eq!(read_all(&huge).2, Some(Tail::Torn { offset: 0, reason: "partial frame body" }));
+    }
+
     proptest! {
+        #[test]
+        fn the_reader_agrees_with_the_decoder_on_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            let mut d = FrameDecoder::new(&bytes);
+            let want: Vec<_> = d.by_ref().map(|f| (f.kind, f.data.to_vec(), f.offset)).collect();
+            prop_assert_eq!(read_all(&bytes), (want, d.valid_len() as u64, d.tail().cloned()));
+        }
+
         #[test]
         fn never_panics_on_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
             let mut d = FrameDecoder::new(&bytes);

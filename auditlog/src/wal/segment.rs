@@ -26,7 +26,7 @@ use crate::anomaly::AnomalyColumns;
 use crate::error::AuditError;
 use crate::row::RowColumns;
 use crate::table::{Table, TableRow};
-use crate::wal::frame::{FrameDecoder, Tail, encode_frame};
+use crate::wal::frame::{FrameDecoder, FrameReader, Tail, encode_frame};
 use crate::webhook::WebhookColumns;
 
 pub const KIND_HEADER: u8 = 1;
@@ -321,6 +321,139 @@ pub fn decode_segment(bytes: &[u8]) -> Option<SegmentContents> {
         file_len: bytes.len() as u64,
         torn,
     })
+}
+
+/// What the shipper needs to know of one row before it writes the row's lake file: everything
+/// but its columns' values and its payload (a few dozen bytes per row).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowSummary {
+    pub seq: u64,
+    pub prev_hash: [u8; 32],
+    pub hash: [u8; 32],
+    pub logged_at_us: i64,
+    pub received_at_us: i64,
+}
+
+/// A sealed segment read once, frame by frame, keeping only its header and a [`RowSummary`] of
+/// each row: the shipper's first pass, whose memory grows with the number of rows, not with the
+/// bytes of their payloads. `valid_len` is where [`decode_segment`] would stop (the first frame,
+/// of any kind, that fails its CRC or does not parse), so [`SegmentRows`] then reads the same
+/// rows.
+#[derive(Debug)]
+pub struct SegmentScan {
+    pub header: SegmentHeader,
+    /// Each table's rows in segment order, by [`Table::index`].
+    pub rows: [Vec<RowSummary>; Table::COUNT],
+    pub valid_len: u64,
+}
+
+fn open_frames(path: &Path) -> Result<FrameReader<std::io::BufReader<std::fs::File>>, AuditError> {
+    let file = std::fs::File::open(path).map_err(|e| AuditError::io("read WAL segment", path, e))?;
+    let len = file.metadata().map_err(|e| AuditError::io("read WAL segment", path, e))?.len();
+    Ok(FrameReader::new(std::io::BufReader::with_capacity(256 * 1024, file), len))
+}
+
+fn summary_of<C: TableRow>(data: &[u8]) -> Option<RowSummary> {
+    let (meta, _) = split_meta(data)?;
+    let m: RowMeta<C> = serde_json::from_slice(meta).ok()?;
+    Some(RowSummary {
+        seq: m.seq,
+        prev_hash: m.prev_hash,
+        hash: m.hash,
+        logged_at_us: m.logged_at_us,
+        received_at_us: m.columns.received_at_us(),
+    })
+}
+
+/// Scans a segment file (see [`SegmentScan`]). `Ok(None)` when it has no valid header, as for
+/// [`read_segment`].
+pub fn scan_segment(path: &Path) -> Result<Option<SegmentScan>, AuditError> {
+    let io = |e| AuditError::io("read WAL segment", path, e);
+    let mut frames = open_frames(path)?;
+    let header: SegmentHeader = match frames.next_frame().map_err(io)? {
+        Some(first) if first.kind == KIND_HEADER => match serde_json::from_slice(first.data) {
+            Ok(header) => header,
+            Err(_) => return Ok(None),
+        },
+        _ => return Ok(None),
+    };
+    let mut rows: [Vec<RowSummary>; Table::COUNT] = Default::default();
+    let mut valid_len = frames.valid_len();
+    while let Some(frame) = frames.next_frame().map_err(io)? {
+        let parsed = match frame.kind {
+            KIND_ROW => summary_of::<RowColumns>(frame.data).map(|r| rows[Table::Audit.index()].push(r)),
+            KIND_WEBHOOK_ROW => summary_of::<WebhookColumns>(frame.data).map(|r| rows[Table::Webhooks.index()].push(r)),
+            KIND_ANOMALY_ROW => {
+                summary_of::<AnomalyColumns>(frame.data).map(|r| rows[Table::Anomalies.index()].push(r))
+            }
+            KIND_INTENT => {
+                split_meta(frame.data).and_then(|(meta, _)| serde_json::from_slice::<IntentMeta>(meta).ok()).map(drop)
+            }
+            _ => None,
+        };
+        if parsed.is_none() {
+            break;
+        }
+        valid_len = frames.valid_len();
+    }
+    Ok(Some(SegmentScan { header, rows, valid_len }))
+}
+
+/// The rows of `C`'s table in a scanned segment, read a group at a time (the shipper's second
+/// pass, one per table): only frames before the scan's `valid_len`, and only rows with `seq`
+/// below `upto`.
+#[derive(Debug)]
+pub struct SegmentRows<C> {
+    frames: FrameReader<std::io::BufReader<std::fs::File>>,
+    valid_len: u64,
+    upto: u64,
+    path: PathBuf,
+    _rows: std::marker::PhantomData<C>,
+}
+
+impl<C: TableRow> SegmentRows<C> {
+    pub fn open(path: &Path, scan: &SegmentScan, upto: u64) -> Result<SegmentRows<C>, AuditError> {
+        Ok(SegmentRows {
+            frames: open_frames(path)?,
+            valid_len: scan.valid_len,
+            upto,
+            path: path.to_owned(),
+            _rows: std::marker::PhantomData,
+        })
+    }
+
+    /// The next rows, until their payloads reach `group_bytes` (at least one row); empty at
+    /// the end.
+    pub fn next_group(&mut self, group_bytes: usize) -> Result<Vec<WalRow<C>>, AuditError> {
+        let kind = row_kind(C::TABLE);
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        while bytes < group_bytes && self.frames.valid_len() < self.valid_len {
+            let path = &self.path;
+            let Some(frame) = self.frames.next_frame().map_err(|e| AuditError::io("read WAL segment", path, e))? else {
+                return Err(AuditError::corrupt(
+                    path.display().to_string(),
+                    "the segment changed while it was shipped",
+                ));
+            };
+            if frame.kind != kind {
+                continue;
+            }
+            let before = out.len();
+            if decode_row::<C>(frame.data, &mut out).is_none() {
+                return Err(AuditError::corrupt(
+                    path.display().to_string(),
+                    "the segment changed while it was shipped",
+                ));
+            }
+            if out.last().is_some_and(|r| r.seq >= self.upto) {
+                out.truncate(before);
+                continue;
+            }
+            bytes += frame.data.len();
+        }
+        Ok(out)
+    }
 }
 
 /// File name of segment `segno`.

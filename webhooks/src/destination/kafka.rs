@@ -300,10 +300,15 @@ impl Destination for KafkaDestination {
         Box::pin(async move {
             match tokio::time::timeout(self.timeout, self.attempt(delivery)).await {
                 Ok(outcome) => outcome,
-                Err(_) => Outcome::Transient {
-                    status: None,
-                    reason: format!("no broker acknowledgement within {}", humantime::format_duration(self.timeout)),
-                },
+                Err(_) => {
+                    // librdkafka's own message timeout is the same length but checked about once a
+                    // second, so this one usually fires first (a paused broker): it must count
+                    // as the producer's failure too, or `/readyz` would not name the destination.
+                    let reason =
+                        format!("no broker acknowledgement within {}", humantime::format_duration(self.timeout));
+                    self.health.failed("kafka_message_timed_out", reason.clone());
+                    Outcome::Transient { status: None, reason }
+                }
             }
         })
     }
