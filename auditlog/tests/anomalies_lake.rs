@@ -157,21 +157,13 @@ async fn anomalies_over_the_lake_find_every_planted_one_and_stay_quiet_otherwise
     let config = env.dir.path().join("keygate.yaml");
     std::fs::write(&config, "anomalies:\n  request_rate:\n    silence_min_expected: 8\n").unwrap();
     let config = config.display().to_string();
-    let (out, err) = run(&[
-        "anomalies",
-        "--config",
-        &config,
-        "--lake",
-        &lake,
-        "--since",
-        &since,
-        "--until",
-        &until,
-        "--format",
-        "jsonl",
-        "--save-state",
-        &state_arg,
-    ]);
+    // Every run below covers the same window of the same lake with the same configuration.
+    let anomalies = |more: &[&str]| {
+        let mut args = vec!["anomalies", "--config", &config, "--lake", &lake, "--since", &since, "--until", &until];
+        args.extend_from_slice(more);
+        run(&args)
+    };
+    let (out, err) = anomalies(&["--format", "jsonl", "--save-state", &state_arg]);
     let alerts: Vec<Alert> =
         out.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"))).collect();
     let e = simulate::evaluate(&history, &alerts);
@@ -200,19 +192,7 @@ async fn anomalies_over_the_lake_find_every_planted_one_and_stay_quiet_otherwise
     assert!(EngineState::load(&state).unwrap().is_some());
 
     // The HTML report: self-contained, one plot per alert, rendered by headless Chromium.
-    let (page, _) = run(&[
-        "anomalies",
-        "--config",
-        &config,
-        "--lake",
-        &lake,
-        "--since",
-        &since,
-        "--until",
-        &until,
-        "--format",
-        "html",
-    ]);
+    let (page, _) = anomalies(&["--format", "html"]);
     for outside in ["http://", "https://", "<script", "<link", "@import", "url("] {
         assert!(!page.contains(outside), "the report must reference nothing outside itself ({outside})");
     }
@@ -228,19 +208,7 @@ async fn anomalies_over_the_lake_find_every_planted_one_and_stay_quiet_otherwise
     assert!(red > 0, "no flagged point is visible in the screenshot");
 
     // One service only, as a table: a header and one line per alert, none of another service.
-    let (table, _) = run(&[
-        "anomalies",
-        "--config",
-        &config,
-        "--lake",
-        &lake,
-        "--since",
-        &since,
-        "--until",
-        &until,
-        "--service",
-        "payouts",
-    ]);
+    let (table, _) = anomalies(&["--service", "payouts"]);
     let lines: Vec<&str> = table.lines().collect();
     let payouts = alerts.iter().filter(|a| a.service == "payouts").count();
     assert_eq!(lines.len(), 1 + payouts, "{table}");
