@@ -187,6 +187,16 @@ pub struct AuditConfig {
     /// error (the proxy answers 503 `keygate_audit_unavailable`) and counted in
     /// `keygate_audit_queue_full_total`, instead of growing memory. Default 65536.
     pub queue_capacity: usize,
+    /// Bytes that records waiting for the WAL writer may hold (each counted as its compressed
+    /// payload plus [`crate::wal::writer::QUEUED_COLUMNS_BYTES`] for its columns; a record larger
+    /// than the whole bound waits for an empty queue). A record that finds no room waits up to
+    /// `queue_wait` for the writer to make some (backpressure: under `durability: async` the
+    /// request path slows to the writer's pace instead of piling records up in memory), then is
+    /// refused like a record that finds the queue full. Default 8 MiB.
+    pub queue_max_bytes: u64,
+    /// How long a record waits for room within `queue_max_bytes`. Default 1s.
+    #[serde(with = "humantime_serde")]
+    pub queue_wait: Duration,
     /// Signed Merkle checkpoints: log name, second location, idle interval.
     pub checkpoints: CheckpointsConfig,
 }
@@ -195,6 +205,11 @@ pub struct AuditConfig {
 pub const DEFAULT_QUEUE_CAPACITY: usize = 65_536;
 /// Largest [`AuditConfig::queue_capacity`] accepted.
 pub const MAX_QUEUE_CAPACITY: usize = 16 * 1024 * 1024;
+/// Default of [`AuditConfig::queue_max_bytes`].
+pub const DEFAULT_QUEUE_MAX_BYTES: u64 = 8 * 1024 * 1024;
+/// Smallest and largest [`AuditConfig::queue_max_bytes`] accepted (64 KiB to 4 GiB − 1: the
+/// room is counted in a semaphore's `u32` permits).
+pub const QUEUE_MAX_BYTES_RANGE: std::ops::RangeInclusive<u64> = 64 * 1024..=u32::MAX as u64;
 
 impl Default for AuditConfig {
     fn default() -> Self {
@@ -218,6 +233,8 @@ impl Default for AuditConfig {
             lake_timeout: Duration::from_secs(30),
             max_lake_lag: Duration::from_secs(300),
             queue_capacity: DEFAULT_QUEUE_CAPACITY,
+            queue_max_bytes: DEFAULT_QUEUE_MAX_BYTES,
+            queue_wait: Duration::from_secs(1),
             checkpoints: CheckpointsConfig::default(),
         }
     }
@@ -274,6 +291,14 @@ impl AuditConfig {
             return Err(AuditError::Config(format!(
                 "audit.queue_capacity is {}; use a number of records from 1 to {MAX_QUEUE_CAPACITY} (default {DEFAULT_QUEUE_CAPACITY})",
                 self.queue_capacity
+            )));
+        }
+        if !QUEUE_MAX_BYTES_RANGE.contains(&self.queue_max_bytes) {
+            return Err(AuditError::Config(format!(
+                "audit.queue_max_bytes is {}; use a number of bytes from {} to {} (default {DEFAULT_QUEUE_MAX_BYTES})",
+                self.queue_max_bytes,
+                QUEUE_MAX_BYTES_RANGE.start(),
+                QUEUE_MAX_BYTES_RANGE.end()
             )));
         }
         if !(1..=19).contains(&self.zstd_level) {

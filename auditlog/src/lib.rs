@@ -34,6 +34,7 @@ pub mod merkle;
 pub mod metrics;
 pub mod parquet_io;
 pub mod payload;
+pub mod prep;
 pub mod proof;
 #[cfg(feature = "query")]
 pub mod query;

@@ -6,6 +6,8 @@
 
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
+
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::{AuditConfig, Durability};
@@ -19,7 +21,7 @@ use crate::shipper::{Backoff, Shipper};
 use crate::wal::faults::WalFaults;
 use crate::wal::recovery::recover;
 use crate::wal::state::{DirLock, lock_dir, writer_id};
-use crate::wal::writer::{Command, Shared, StartPoint, Writer, WriterConfig};
+use crate::wal::writer::{Command, QueueRoom, Queued, Shared, StartPoint, Writer, WriterConfig};
 
 /// The audit log. Cheap to clone; `Send + Sync`.
 #[derive(Clone, Debug)]
@@ -29,8 +31,14 @@ pub struct AuditLog {
 
 struct Inner {
     /// Bounded (`audit.queue_capacity`): the request path never blocks on it (see `send`).
-    tx: std::sync::mpsc::SyncSender<Command>,
+    tx: std::sync::mpsc::SyncSender<Queued>,
     queue_capacity: usize,
+    /// Room within `audit.queue_max_bytes`, one permit per byte (see `send`).
+    room: Arc<tokio::sync::Semaphore>,
+    queue_max_bytes: u32,
+    queue_wait: std::time::Duration,
+    /// Prepares large records off the async workers.
+    prep: crate::prep::PrepPool,
     shared: Arc<Shared>,
     durability: Durability,
     zstd_level: i32,
@@ -111,6 +119,10 @@ impl AuditLog {
         shared.add_bytes(recovery.bytes_on_disk);
         metrics.unknown_outcomes.inc_by(recovery.unknown_rows.len() as u64);
 
+        let prep = crate::prep::PrepPool::per_core()?;
+        // `validate` keeps it within a u32; clamped all the same for a config that skipped it.
+        let queue_max_bytes = u32::try_from(config.queue_max_bytes).unwrap_or(u32::MAX);
+        // Carries only sealed segments' names (one per roll): small whatever the traffic.
         let (ship_tx, ship_rx) = mpsc::unbounded_channel();
         let (tx, rx) = std::sync::mpsc::sync_channel(config.queue_capacity);
         let writer = Writer::new(
@@ -183,6 +195,10 @@ impl AuditLog {
             inner: Some(Arc::new(Inner {
                 tx,
                 queue_capacity: config.queue_capacity,
+                room: Arc::new(tokio::sync::Semaphore::new(queue_max_bytes as usize)),
+                queue_max_bytes,
+                queue_wait: config.queue_wait,
+                prep,
                 shared,
                 durability: config.durability,
                 zstd_level: config.zstd_level,
@@ -277,10 +293,38 @@ impl AuditLog {
         Ok(())
     }
 
-    /// Queues a record for the WAL writer without waiting: a full queue is an unavailable error
-    /// (counted in `keygate_audit_queue_full_total`), never a wait or memory growth.
-    fn send(&self, i: &Inner, cmd: Command) -> Result<(), AuditError> {
-        i.tx.try_send(cmd).map_err(|error| match error {
+    /// Queues a record for the WAL writer. Two bounds keep the queue's memory in check: room
+    /// within `audit.queue_max_bytes`, waited for up to `audit.queue_wait` (backpressure: the
+    /// request path slows to the writer's pace; counted in `keygate_audit_queue_waits_total`),
+    /// and `audit.queue_capacity` records, never waited for. A record that gets past neither is
+    /// an unavailable error (counted in `keygate_audit_queue_full_total`), never memory growth.
+    async fn send(&self, i: &Inner, cmd: Command) -> Result<(), AuditError> {
+        // A record larger than the whole bound waits for an empty queue instead of never fitting.
+        let bytes = u32::try_from(cmd.queued_bytes()).unwrap_or(u32::MAX).min(i.queue_max_bytes);
+        let permit = match i.room.clone().try_acquire_many_owned(bytes) {
+            Ok(permit) => permit,
+            Err(tokio::sync::TryAcquireError::Closed) => return Err(AuditError::Closed),
+            Err(tokio::sync::TryAcquireError::NoPermits) => {
+                i.shared.metrics.queue_waits.inc();
+                match tokio::time::timeout(i.queue_wait, i.room.clone().acquire_many_owned(bytes)).await {
+                    Ok(Ok(permit)) => permit,
+                    Ok(Err(_)) => return Err(AuditError::Closed),
+                    Err(_) => {
+                        i.shared.metrics.queue_full.inc();
+                        return Err(AuditError::WalUnavailable {
+                            dir: i.shared.dir.clone(),
+                            reason: format!(
+                                "the records waiting for the WAL writer hold audit.queue_max_bytes ({} bytes) and this one \
+                                 found no room within audit.queue_wait ({:?}): the WAL disk is stalled or too slow",
+                                i.queue_max_bytes, i.queue_wait
+                            ),
+                        });
+                    }
+                }
+            }
+        };
+        let room = QueueRoom::new(permit, i.shared.metrics.queue_bytes.clone());
+        i.tx.try_send(Queued { cmd, room: Some(room) }).map_err(|error| match error {
             std::sync::mpsc::TrySendError::Full(_) => {
                 i.shared.metrics.queue_full.inc();
                 AuditError::WalUnavailable {
@@ -299,9 +343,9 @@ impl AuditLog {
     pub async fn record_intent(&self, intent: &Exchange) -> Result<IntentId, AuditError> {
         let id = IntentId(intent.event_id);
         let Some(i) = &self.inner else { return Ok(id) };
-        let prepared = prepare_counted(i, intent)?;
+        let prepared = prepare_counted(i, intent).await?;
         let (ack, done) = oneshot::channel();
-        self.send(i, Command::Intent { prepared, ack })?;
+        self.send(i, Command::Intent { prepared, ack }).await?;
         done.await.map_err(|_| AuditError::Closed)??;
         Ok(id)
     }
@@ -310,17 +354,17 @@ impl AuditLog {
     /// fsynced; under `async` returns once queued.
     pub async fn record(&self, exchange: Exchange, intent: Option<IntentId>) -> Result<(), AuditError> {
         let Some(i) = &self.inner else { return Ok(()) };
-        let prepared = prepare_counted(i, &exchange)?;
+        let prepared = prepare_counted(i, &exchange).await?;
         let intent = intent.map(|IntentId(id)| id);
         match i.durability {
             Durability::Sync => {
                 let (ack, done) = oneshot::channel();
-                self.send(i, Command::Row { prepared, intent, ack: Some(ack) })?;
+                self.send(i, Command::Row { prepared, intent, ack: Some(ack) }).await?;
                 done.await.map_err(|_| AuditError::Closed)?
             }
             Durability::Async => {
                 self.is_ready().map_err(|reason| AuditError::WalUnavailable { dir: i.shared.dir.clone(), reason })?;
-                self.send(i, Command::Row { prepared, intent, ack: None })
+                self.send(i, Command::Row { prepared, intent, ack: None }).await
             }
         }
     }
@@ -332,7 +376,14 @@ impl AuditLog {
     /// durable: answer Stripe 503 so that it retries.
     pub async fn record_webhook(&self, record: crate::webhook::WebhookRecord) -> Result<(), AuditError> {
         let Some(i) = &self.inner else { return Ok(()) };
-        let (prepared, failed) = crate::webhook::prepare_webhook(&record, i.zstd_level)?;
+        let size = record.body.as_ref().map_or(0, Bytes::len);
+        let level = i.zstd_level;
+        let (prepared, failed) = if size < crate::prep::OFFLOAD_BYTES {
+            crate::webhook::prepare_webhook(&record, level)?
+        } else {
+            let record = record.clone();
+            i.prep.run(move || crate::webhook::prepare_webhook(&record, level)).await??
+        };
         crate::wal::segment::check_payload_fits(prepared.compressed.as_ref().map_or(0, Vec::len))?;
         if failed {
             i.shared.metrics.redaction_failures.inc();
@@ -341,20 +392,20 @@ impl AuditLog {
         let sync = record.kind.always_durable();
         if sync || i.durability == Durability::Sync {
             let (ack, done) = oneshot::channel();
-            self.send(i, Command::WebhookRow { prepared, sync, ack: Some(ack) })?;
+            self.send(i, Command::WebhookRow { prepared, sync, ack: Some(ack) }).await?;
             done.await.map_err(|_| AuditError::Closed)?
         } else {
             self.is_ready().map_err(|reason| AuditError::WalUnavailable { dir: i.shared.dir.clone(), reason })?;
-            self.send(i, Command::WebhookRow { prepared, sync, ack: None })
+            self.send(i, Command::WebhookRow { prepared, sync, ack: None }).await
         }
     }
 
     /// Records an anomaly detector's alert (or shadow-mode record) as a row of the `anomalies`
     /// table, under a fresh UUIDv7 `event_id` which it returns. Durable as `audit.durability`
     /// says: under `sync` it returns once the row is fsynced (sharing group commit with the other
-    /// tables), under `async` once queued. Never panics and never waits for room in the queue: a
-    /// full queue, a WAL over its quota or a closed log is an error (the alert is still logged
-    /// and counted by the caller). A disabled log records nothing and returns a fresh id.
+    /// tables), under `async` once queued. Never panics and waits for room in the queue at most
+    /// `audit.queue_wait`: a full queue, a WAL over its quota or a closed log is an error (the
+    /// alert is still logged and counted by the caller). A disabled log records nothing and returns a fresh id.
     pub async fn record_anomaly(&self, alert: &keygate_detectors::Alert) -> Result<uuid::Uuid, AuditError> {
         let Some(i) = &self.inner else { return Ok(uuid::Uuid::now_v7()) };
         let (prepared, failed) = crate::anomaly::prepare_anomaly(alert, i.zstd_level)?;
@@ -367,12 +418,12 @@ impl AuditLog {
         match i.durability {
             Durability::Sync => {
                 let (ack, done) = oneshot::channel();
-                self.send(i, Command::AnomalyRow { prepared, ack: Some(ack) })?;
+                self.send(i, Command::AnomalyRow { prepared, ack: Some(ack) }).await?;
                 done.await.map_err(|_| AuditError::Closed)??;
             }
             Durability::Async => {
                 self.is_ready().map_err(|reason| AuditError::WalUnavailable { dir: i.shared.dir.clone(), reason })?;
-                self.send(i, Command::AnomalyRow { prepared, ack: None })?;
+                self.send(i, Command::AnomalyRow { prepared, ack: None }).await?;
             }
         }
         Ok(id)
@@ -400,7 +451,9 @@ impl AuditLog {
         // Shutdown always gets through: it waits for room in the queue (on a blocking thread,
         // while the WAL thread drains it) instead of failing like a record would.
         let tx = i.tx.clone();
-        let sent = tokio::task::spawn_blocking(move || tx.send(Command::Shutdown { ack }).is_ok()).await;
+        let sent =
+            tokio::task::spawn_blocking(move || tx.send(Queued { cmd: Command::Shutdown { ack }, room: None }).is_ok())
+                .await;
         let writer_result = match sent {
             Ok(true) => done.await.unwrap_or(Err(AuditError::Closed)),
             _ => Err(AuditError::Closed),
@@ -433,8 +486,17 @@ impl AuditLog {
 }
 
 /// Prepares a record, counting (and logging, by event id only) rows whose redaction failed.
-fn prepare_counted(i: &Inner, ex: &Exchange) -> Result<crate::wal::writer::Prepared, AuditError> {
-    let (prepared, failed) = prepare_reporting(ex, i.zstd_level)?;
+/// Prepares an exchange's record (on the pool when it is large, see [`crate::prep`]).
+async fn prepare_counted(i: &Inner, ex: &Exchange) -> Result<crate::wal::writer::Prepared, AuditError> {
+    let size = ex.request.body.len() + ex.response.as_ref().map_or(0, |r| r.body.len());
+    let level = i.zstd_level;
+    let (prepared, failed) = if size < crate::prep::OFFLOAD_BYTES {
+        prepare_reporting(ex, level)?
+    } else {
+        // Bodies are shared (`Bytes`), so the copy for the pool costs the headers and strings.
+        let ex = ex.clone();
+        i.prep.run(move || prepare_reporting(&ex, level)).await??
+    };
     crate::wal::segment::check_payload_fits(prepared.compressed.len())?;
     if failed {
         i.shared.metrics.redaction_failures.inc();

@@ -29,8 +29,13 @@ pub struct Metrics {
     pub lake_failures: Counter,
     pub unknown_outcomes: Counter,
     pub redaction_failures: Counter,
-    /// Records refused because the queue to the WAL writer was full (`audit.queue_capacity`).
+    /// Records refused because the queue to the WAL writer was full (`audit.queue_capacity`, or
+    /// no room within `audit.queue_max_bytes` for `audit.queue_wait`).
     pub queue_full: Counter,
+    /// Bytes the records waiting for the WAL writer hold now (`audit.queue_max_bytes`).
+    pub queue_bytes: Gauge,
+    /// Records that had to wait for room within `audit.queue_max_bytes` (backpressure).
+    pub queue_waits: Counter,
 }
 
 impl Default for Metrics {
@@ -54,6 +59,8 @@ impl Default for Metrics {
             unknown_outcomes: Counter::default(),
             redaction_failures: Counter::default(),
             queue_full: Counter::default(),
+            queue_bytes: Gauge::default(),
+            queue_waits: Counter::default(),
         }
     }
 }
@@ -115,8 +122,19 @@ impl Metrics {
         );
         r.register(
             "queue_full",
-            "Records refused (503) because audit.queue_capacity records were already waiting for the WAL writer",
+            "Records refused (503) because the queue to the WAL writer was full: audit.queue_capacity records, \
+             or no room within audit.queue_max_bytes for audit.queue_wait",
             self.queue_full.clone(),
+        );
+        r.register(
+            "queue_bytes",
+            "Bytes held by records waiting for the WAL writer (bounded by audit.queue_max_bytes)",
+            self.queue_bytes.clone(),
+        );
+        r.register(
+            "queue_waits",
+            "Records that waited for room within audit.queue_max_bytes (the WAL writer was behind)",
+            self.queue_waits.clone(),
         );
     }
 }

@@ -751,6 +751,7 @@ async fn a_flood_of_unfinished_http2_bodies_stays_inside_the_buffer_budget() {
     // Most flood streams are refused 503 keygate_overloaded within the buffer wait.
     let mut overloaded = 0;
     let mut peak = 0;
+    let aborts: Vec<_> = streams.iter().map(tokio::task::JoinHandle::abort_handle).collect();
     for stream in streams {
         let (current, _) = rss(pid);
         peak = peak.max(current);
@@ -778,12 +779,28 @@ async fn a_flood_of_unfinished_http2_bodies_stays_inside_the_buffer_budget() {
     assert!(bound < baseline + unbudgeted, "the bound must be below what the flood would take unbounded");
     assert!(overloaded >= CONNECTIONS * STREAMS * 8 / 10, "only {overloaded} flood streams were refused as overloaded");
     assert!(limit_hits(&setup, "buffered_connection_share") >= 1, "{}", setup.keygate.metrics());
-    blocking({
-        let token = setup.token.clone();
-        move || get_ok(addr, &token)
-    })
-    .await;
+
+    // The streams admitted still hold the flooding service's share (until `body_read_timeout`).
+    // When the flood ends (its streams reset, its connections closed) keygate gives the whole
+    // budget back and serves that service again.
+    for abort in aborts {
+        abort.abort();
+    }
     drop(senders);
+    let ended = Instant::now();
+    loop {
+        let token = setup.token.clone();
+        let status = blocking(move || request(addr, "GET", "/v1/customers", &token, &[], "").map(|r| r.status)).await;
+        let held = buffered_bytes(&setup);
+        if status.as_ref().ok() == Some(&200) && held == 0 {
+            break;
+        }
+        assert!(
+            ended.elapsed() < Duration::from_secs(10),
+            "10 s after the flood ended: last answer {status:?}, {held} bytes still held in the buffer budget"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

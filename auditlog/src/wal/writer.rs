@@ -72,6 +72,55 @@ pub enum Command {
     },
 }
 
+/// What a queued record is counted for besides its compressed payload: its columns (ids,
+/// service, operation, times, hashes), for `audit.queue_max_bytes`.
+pub const QUEUED_COLUMNS_BYTES: usize = 1024;
+
+impl Command {
+    /// What the command holds in memory while it waits for the writer, as counted against
+    /// `audit.queue_max_bytes`.
+    pub fn queued_bytes(&self) -> usize {
+        let payload = match self {
+            Command::Row { prepared, .. } | Command::Intent { prepared, .. } => prepared.compressed.len(),
+            Command::WebhookRow { prepared, .. } => prepared.compressed.as_ref().map_or(0, Vec::len),
+            Command::AnomalyRow { prepared, .. } => prepared.compressed.len(),
+            Command::Shutdown { .. } => return 0,
+        };
+        payload + QUEUED_COLUMNS_BYTES
+    }
+}
+
+/// A command on its way to the writer thread, with the room it holds within
+/// `audit.queue_max_bytes` (`None` for shutdown, which is always let through).
+#[derive(Debug)]
+pub struct Queued {
+    pub cmd: Command,
+    pub room: Option<QueueRoom>,
+}
+
+/// Room within `audit.queue_max_bytes`: given back (and taken off `keygate_audit_queue_bytes`)
+/// when dropped, which the writer does once it has appended the command.
+#[derive(Debug)]
+pub struct QueueRoom {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    bytes: i64,
+    gauge: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl QueueRoom {
+    pub fn new(permit: tokio::sync::OwnedSemaphorePermit, gauge: prometheus_client::metrics::gauge::Gauge) -> Self {
+        let bytes = i64::from(u32::try_from(permit.num_permits()).unwrap_or(u32::MAX));
+        gauge.inc_by(bytes);
+        QueueRoom { _permit: permit, bytes, gauge }
+    }
+}
+
+impl Drop for QueueRoom {
+    fn drop(&mut self) {
+        self.gauge.dec_by(self.bytes);
+    }
+}
+
 /// A segment the writer no longer appends to, for the lake shipper.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SealedSegment {
@@ -299,7 +348,7 @@ impl Writer {
     }
 
     /// The thread's loop; returns when shut down or when every sender is gone.
-    pub fn run(mut self, rx: std::sync::mpsc::Receiver<Command>) {
+    pub fn run(mut self, rx: std::sync::mpsc::Receiver<Queued>) {
         let tick = self.cfg.async_flush_interval.min(Duration::from_millis(250)).max(Duration::from_millis(5));
         loop {
             let first = match rx.recv_timeout(tick) {
@@ -316,13 +365,16 @@ impl Writer {
             let mut batch = vec![first];
             while batch.len() < MAX_BATCH {
                 match rx.try_recv() {
-                    Ok(cmd) => batch.push(cmd),
+                    Ok(queued) => batch.push(queued),
                     Err(_) => break,
                 }
             }
             let mut shutdown = None;
             let mut work = Vec::with_capacity(batch.len());
-            for cmd in batch {
+            // Given back once the batch is appended (its records are then in the segment).
+            let mut rooms = Vec::with_capacity(batch.len());
+            for Queued { cmd, room } in batch {
+                rooms.push(room);
                 match cmd {
                     Command::Shutdown { ack } => shutdown = Some(ack),
                     other => work.push(other),
@@ -331,12 +383,15 @@ impl Writer {
             if !work.is_empty() {
                 self.process(work);
             }
+            drop(rooms);
             if let Some(ack) = shutdown {
                 // Anything still queued behind the shutdown is processed first.
-                let rest: Vec<Command> = rx.try_iter().collect();
+                let (rest, rooms): (Vec<Command>, Vec<Option<QueueRoom>>) =
+                    rx.try_iter().map(|Queued { cmd, room }| (cmd, room)).unzip();
                 if !rest.is_empty() {
                     self.process(rest.into_iter().filter(|c| !matches!(c, Command::Shutdown { .. })).collect());
                 }
+                drop(rooms);
                 let _ = ack.send(self.finish());
                 return;
             }
