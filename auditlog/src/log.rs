@@ -405,7 +405,8 @@ impl AuditLog {
     /// says: under `sync` it returns once the row is fsynced (sharing group commit with the other
     /// tables), under `async` once queued. Never panics and waits for room in the queue at most
     /// `audit.queue_wait`: a full queue, a WAL over its quota or a closed log is an error (the
-    /// alert is still logged and counted by the caller). A disabled log records nothing and returns a fresh id.
+    /// alert is still logged and counted by the caller). A disabled log records nothing and
+    /// returns a fresh id.
     pub async fn record_anomaly(&self, alert: &keygate_detectors::Alert) -> Result<uuid::Uuid, AuditError> {
         let Some(i) = &self.inner else { return Ok(uuid::Uuid::now_v7()) };
         let (prepared, failed) = crate::anomaly::prepare_anomaly(alert, i.zstd_level)?;
