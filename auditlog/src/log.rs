@@ -31,7 +31,9 @@ pub struct AuditLog {
 
 struct Inner {
     /// Bounded (`audit.queue_capacity`): the request path never blocks on it (see `send`).
-    tx: std::sync::mpsc::SyncSender<Queued>,
+    /// Boxed: a bounded std channel allocates (and touches) all its slots up front, and an
+    /// unboxed command is hundreds of bytes (65,536 of them took 40 MiB at start).
+    tx: std::sync::mpsc::SyncSender<Box<Queued>>,
     queue_capacity: usize,
     /// Room within `audit.queue_max_bytes`, one permit per byte (see `send`).
     room: Arc<tokio::sync::Semaphore>,
@@ -324,7 +326,7 @@ impl AuditLog {
             }
         };
         let room = QueueRoom::new(permit, i.shared.metrics.queue_bytes.clone());
-        i.tx.try_send(Queued { cmd, room: Some(room) }).map_err(|error| match error {
+        i.tx.try_send(Box::new(Queued { cmd, room: Some(room) })).map_err(|error| match error {
             std::sync::mpsc::TrySendError::Full(_) => {
                 i.shared.metrics.queue_full.inc();
                 AuditError::WalUnavailable {
@@ -452,9 +454,10 @@ impl AuditLog {
         // Shutdown always gets through: it waits for room in the queue (on a blocking thread,
         // while the WAL thread drains it) instead of failing like a record would.
         let tx = i.tx.clone();
-        let sent =
-            tokio::task::spawn_blocking(move || tx.send(Queued { cmd: Command::Shutdown { ack }, room: None }).is_ok())
-                .await;
+        let sent = tokio::task::spawn_blocking(move || {
+            tx.send(Box::new(Queued { cmd: Command::Shutdown { ack }, room: None })).is_ok()
+        })
+        .await;
         let writer_result = match sent {
             Ok(true) => done.await.unwrap_or(Err(AuditError::Closed)),
             _ => Err(AuditError::Closed),

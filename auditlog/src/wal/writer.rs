@@ -348,7 +348,7 @@ impl Writer {
     }
 
     /// The thread's loop; returns when shut down or when every sender is gone.
-    pub fn run(mut self, rx: std::sync::mpsc::Receiver<Queued>) {
+    pub fn run(mut self, rx: std::sync::mpsc::Receiver<Box<Queued>>) {
         let tick = self.cfg.async_flush_interval.min(Duration::from_millis(250)).max(Duration::from_millis(5));
         loop {
             let first = match rx.recv_timeout(tick) {
@@ -373,7 +373,8 @@ impl Writer {
             let mut work = Vec::with_capacity(batch.len());
             // Given back once the batch is appended (its records are then in the segment).
             let mut rooms = Vec::with_capacity(batch.len());
-            for Queued { cmd, room } in batch {
+            for queued in batch {
+                let Queued { cmd, room } = *queued;
                 rooms.push(room);
                 match cmd {
                     Command::Shutdown { ack } => shutdown = Some(ack),
@@ -387,7 +388,7 @@ impl Writer {
             if let Some(ack) = shutdown {
                 // Anything still queued behind the shutdown is processed first.
                 let (rest, rooms): (Vec<Command>, Vec<Option<QueueRoom>>) =
-                    rx.try_iter().map(|Queued { cmd, room }| (cmd, room)).unzip();
+                    rx.try_iter().map(|queued| (queued.cmd, queued.room)).unzip();
                 if !rest.is_empty() {
                     self.process(rest.into_iter().filter(|c| !matches!(c, Command::Shutdown { .. })).collect());
                 }
