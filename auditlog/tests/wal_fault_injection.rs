@@ -326,3 +326,81 @@ async fn a_permanent_lake_error_sets_the_segment_aside_and_later_segments_keep_f
     let last = rows.iter().map(|r| r.row.seq).max().unwrap();
     assert!(last >= 38, "segments after the set-aside one reached the lake (last seq {last})");
 }
+
+/// The active WAL segment keeps zeros written ahead of its frames (so an `fdatasync` flushes
+/// data, not a new file size); sealed segments hold their frames only; the WAL's byte count
+/// (and quota) counts frames; a crash leaves the zeros, which recovery trims without calling
+/// them a torn tail, and every acknowledged record reaches the lake once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_active_segment_is_preallocated_sealed_ones_are_trimmed_and_a_crash_loses_nothing() {
+    use keygate_auditlog::lake_faults::{Action, LakeFaults, Op};
+    use keygate_auditlog::wal::segment::decode_segment;
+    let env = env();
+    let mut cfg = env.cfg.clone();
+    cfg.roll.max_bytes = 4096;
+    // The lake refuses every data file for now, so sealed segments stay in the WAL to be looked at.
+    let faults = Arc::new(LakeFaults::default());
+    faults.arm(Op::Put, "audit/dt=", Action::Fail, UNTIL_CLEARED);
+    let lake = open_lake(&env.lake_dir()).with_faults(faults.clone());
+    let log =
+        keygate_auditlog::AuditLog::open_with_lake(&cfg, lake, env.kek.clone(), env.signing.clone()).await.unwrap();
+    let mut acked = HashSet::new();
+    for i in 0..12 {
+        let ex = exchange(i);
+        acked.insert(ex.event_id);
+        log.record(ex, None).await.unwrap();
+    }
+    let segs = segments(&cfg.wal_dir);
+    assert!(segs.len() >= 3, "the small roll size rolled: {segs:?}");
+    let mut frames = 0;
+    let mut rows = 0;
+    for (i, seg) in segs.iter().enumerate() {
+        let bytes = std::fs::read(seg).unwrap();
+        let c = decode_segment(&bytes).unwrap();
+        assert_eq!(c.torn, None, "{}", seg.display());
+        frames += c.valid_len;
+        rows += c.rows.len();
+        if i + 1 < segs.len() {
+            assert_eq!(c.file_len, c.valid_len, "sealed segment {} holds its frames only", seg.display());
+        } else {
+            let zeros = &bytes[c.valid_len as usize..];
+            assert!(
+                zeros.len() >= 1024,
+                "the active segment keeps at least a quarter of 4096 bytes ahead: {}",
+                zeros.len()
+            );
+            assert!(zeros.iter().all(|b| *b == 0));
+        }
+    }
+    assert_eq!(rows, 12);
+    assert_eq!(metric(&log, "keygate_audit_wal_bytes") as u64, frames, "the WAL's bytes are its frames");
+    // A crash now: the WAL as it is on disk.
+    let snap = tempfile::tempdir().unwrap();
+    copy_dir(&cfg.wal_dir, snap.path());
+    faults.clear();
+    log.shutdown().await.unwrap();
+
+    let first = snap.path().join(segs[0].file_name().unwrap());
+    let writer_id = decode_segment(&std::fs::read(first).unwrap()).unwrap().header.writer_id;
+    let kek: Arc<dyn keygate_auditlog::KeyEncryptionKey> = env.kek.clone();
+    let recovery =
+        keygate_auditlog::wal::recovery::recover(snap.path(), &writer_id, &kek, cfg.zstd_level).await.unwrap();
+    assert!(recovery.truncated.is_empty(), "preallocated space is not a torn tail: {:?}", recovery.truncated);
+    assert_eq!(recovery.bytes_on_disk, frames);
+    assert!(recovery.unknown_rows.is_empty());
+    let active = snap.path().join(segs.last().unwrap().file_name().unwrap());
+    let c = decode_segment(&std::fs::read(&active).unwrap()).unwrap();
+    assert_eq!(c.file_len, c.valid_len, "recovery trimmed the zeros");
+
+    let mut cfg2 = cfg.clone();
+    cfg2.wal_dir = snap.path().to_path_buf();
+    let lake2 = tempfile::tempdir().unwrap();
+    cfg2.lake = lake2.path().display().to_string();
+    let log = env.open_cfg(&cfg2).await;
+    log.shutdown().await.unwrap();
+    let lake_rows = read_lake(&open_lake(lake2.path())).await;
+    assert_chains(&lake_rows);
+    let ids: Vec<_> = lake_rows.iter().map(|r| r.row.columns.event_id).collect();
+    assert_eq!(ids.len(), 12, "each acknowledged record once");
+    assert_eq!(ids.into_iter().collect::<HashSet<_>>(), acked);
+}

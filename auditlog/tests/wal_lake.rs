@@ -146,7 +146,15 @@ async fn torn_tails_at_random_offsets_lose_only_the_torn_record_and_never_duplic
     let (snap, acked) = crashed_wal(&env, 25).await;
     let segs = segments(snap.path());
     assert_eq!(segs.len(), 1);
-    let full = std::fs::read(&segs[0]).unwrap();
+    let file = std::fs::read(&segs[0]).unwrap();
+    // The crashed segment was the active one: its frames, then the zeros the writer had
+    // preallocated after them. The zeros alone lose nothing (recovery_after_a_crash_...); the
+    // cuts here tear the frames.
+    let written = keygate_auditlog::wal::segment::decode_segment(&file).unwrap();
+    assert_eq!(written.torn, None);
+    assert!(written.file_len > written.valid_len, "the active segment keeps preallocated space");
+    assert!(file[written.valid_len as usize..].iter().all(|b| *b == 0));
+    let full = &file[..written.valid_len as usize];
     for round in 0..12 {
         let cut = if round == 0 { full.len() - 1 } else { rand::random_range(0..full.len()) };
         let dir = tempfile::tempdir().unwrap();

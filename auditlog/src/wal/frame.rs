@@ -4,6 +4,9 @@
 //! Invariant: [`FrameDecoder`] never panics on any input, never allocates more than the input,
 //! and yields only frames whose CRC matches; it stops at the first frame that does not check out
 //! and reports how many leading bytes were good, which is where recovery truncates a torn tail.
+//! Zeros where the next frame would start, to the end of the input, are space the writer
+//! preallocated and never wrote ([`Tail::Unwritten`]): not a frame, and not damage either (a real
+//! frame never starts with a zero length).
 //! [`encode_frame`] never writes a frame the decoder would refuse ([`MAX_FRAME_BODY`] bounds both).
 
 use crate::error::AuditError;
@@ -27,6 +30,10 @@ pub const MAX_AUDITED_EXCHANGE_BYTES: u64 = ((MAX_FRAME_BODY - RECORD_HEADROOM) 
 
 /// Bytes of framing before each body.
 pub const FRAME_OVERHEAD: usize = 8;
+
+/// How much of a zeroed tail [`FrameReader`] holds at once while it checks that the tail is
+/// zeros to the end.
+const ZERO_CHECK_CHUNK: usize = 64 * 1024;
 
 /// Appends one frame holding `kind` and the concatenation of `parts` to `out`, or refuses (and
 /// leaves `out` as it was) when the body would be larger than [`MAX_FRAME_BODY`].
@@ -66,7 +73,14 @@ pub enum Tail {
     Clean,
     /// Bytes after the last good frame do not form a frame (a torn write, or corruption).
     Torn { offset: usize, reason: &'static str },
+    /// From `offset` to the end, the input is zeros: space the WAL writer preallocated ahead of
+    /// its writes (so that `fdatasync` need not also record a new file size) and never wrote.
+    Unwritten { offset: usize },
 }
+
+/// Why zeros where a frame should start are not the preallocated rest of a segment: something
+/// was written after them (a torn write, or corruption).
+const DATA_AFTER_ZEROS: &str = "data after zeroed space";
 
 /// Iterates over the good frames at the start of a buffer.
 #[derive(Debug)]
@@ -108,6 +122,13 @@ impl<'a> Iterator for FrameDecoder<'a> {
         if rest.is_empty() {
             self.tail = Some(Tail::Clean);
             return None;
+        }
+        if rest[..rest.len().min(FRAME_OVERHEAD)].iter().all(|b| *b == 0) {
+            if rest.iter().all(|b| *b == 0) {
+                self.tail = Some(Tail::Unwritten { offset: self.pos });
+                return None;
+            }
+            return self.stop(DATA_AFTER_ZEROS);
         }
         if rest.len() < FRAME_OVERHEAD {
             return self.stop("partial frame header");
@@ -166,6 +187,23 @@ impl<R: std::io::Read> FrameReader<R> {
         None
     }
 
+    /// After `read` zeros where a frame should start: reads on (a chunk at a time, the
+    /// buffer never larger than [`ZERO_CHECK_CHUNK`]) to tell preallocated space from damage.
+    fn zeros_to_the_end(&mut self, read: u64) -> std::io::Result<Option<Frame<'_>>> {
+        let mut left = self.remaining - read;
+        while left > 0 {
+            let n = usize::try_from(left).unwrap_or(usize::MAX).min(ZERO_CHECK_CHUNK);
+            self.buf.resize(n, 0);
+            self.inner.read_exact(&mut self.buf)?;
+            if self.buf.iter().any(|b| *b != 0) {
+                return Ok(self.stop(DATA_AFTER_ZEROS));
+            }
+            left -= n as u64;
+        }
+        self.tail = Some(Tail::Unwritten { offset: usize::try_from(self.pos).unwrap_or(usize::MAX) });
+        Ok(None)
+    }
+
     /// The next good frame (its `data` valid until the next call), or `None` at the end of the
     /// good frames. Errors are the reader's own (a failed `read`), not the input's.
     pub fn next_frame(&mut self) -> std::io::Result<Option<Frame<'_>>> {
@@ -176,11 +214,15 @@ impl<R: std::io::Read> FrameReader<R> {
             self.tail = Some(Tail::Clean);
             return Ok(None);
         }
-        if self.remaining < FRAME_OVERHEAD as u64 {
+        let mut head = [0u8; FRAME_OVERHEAD];
+        let head_len = usize::try_from(self.remaining).unwrap_or(usize::MAX).min(FRAME_OVERHEAD);
+        self.inner.read_exact(&mut head[..head_len])?;
+        if head[..head_len].iter().all(|b| *b == 0) {
+            return self.zeros_to_the_end(head_len as u64);
+        }
+        if head_len < FRAME_OVERHEAD {
             return Ok(self.stop("partial frame header"));
         }
-        let mut head = [0u8; FRAME_OVERHEAD];
-        self.inner.read_exact(&mut head)?;
         let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
         let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
         if len == 0 || len > MAX_FRAME_BODY {
@@ -294,7 +336,62 @@ mod tests {
         assert_eq!(read_all(&huge).2, Some(Tail::Torn { offset: 0, reason: "partial frame body" }));
     }
 
+    #[test]
+    fn preallocated_zeros_end_the_frames_and_anything_written_after_them_is_damage() {
+        let written = frames(&[(1, b"header".to_vec()), (2, vec![5; 300])]);
+        let mut input = written.clone();
+        input.resize(written.len() + 4096, 0);
+        let mut d = FrameDecoder::new(&input);
+        assert_eq!(d.by_ref().count(), 2);
+        assert_eq!(d.tail(), Some(&Tail::Unwritten { offset: written.len() }));
+        assert_eq!(d.valid_len(), written.len());
+        // Fewer zeros than a frame header are unwritten space too.
+        for extra in [1, 7, 8, 9] {
+            let bytes = &input[..written.len() + extra];
+            assert_eq!(read_all(bytes).2, Some(Tail::Unwritten { offset: written.len() }), "{extra} zeros");
+        }
+        // A byte written past the zeros (a torn write, corruption): the zeros are not the end.
+        // (A byte inside the would-be header makes it a frame header of an impossible or partial
+        // frame instead: torn all the same.)
+        let mut in_header = input.clone();
+        in_header[written.len() + 3] = 1;
+        assert!(matches!(read_all(&in_header).2, Some(Tail::Torn { offset, .. }) if offset == written.len()));
+        for at in [written.len() + 8, written.len() + 9, input.len() - 1] {
+            let mut damaged = input.clone();
+            damaged[at] = 1;
+            let mut d = FrameDecoder::new(&damaged);
+            assert_eq!(d.by_ref().count(), 2);
+            let want = Tail::Torn { offset: written.len(), reason: DATA_AFTER_ZEROS };
+            assert_eq!(d.tail(), Some(&want), "byte at {at}");
+            assert_eq!(read_all(&damaged).2, Some(want), "byte at {at}");
+        }
+        // The reader checks a zeroed tail longer than its chunk to the end.
+        let mut long = written.clone();
+        long.resize(written.len() + 3 * ZERO_CHECK_CHUNK + 5, 0);
+        assert_eq!(
+            read_all(&long),
+            (read_all(&written).0, written.len() as u64, Some(Tail::Unwritten { offset: written.len() }))
+        );
+        *long.last_mut().unwrap() = 9;
+        assert_eq!(read_all(&long).2, Some(Tail::Torn { offset: written.len(), reason: DATA_AFTER_ZEROS }));
+    }
+
     proptest! {
+        #[test]
+        fn the_reader_agrees_with_the_decoder_on_frames_then_zeros_then_anything(
+            bodies in proptest::collection::vec((1u8..4, proptest::collection::vec(any::<u8>(), 0..100)), 0..6),
+            zeros in 0usize..40,
+            after in proptest::collection::vec(any::<u8>(), 0..12),
+        ) {
+            let mut bytes = frames(&bodies);
+            bytes.resize(bytes.len() + zeros, 0);
+            bytes.extend_from_slice(&after);
+            let mut d = FrameDecoder::new(&bytes);
+            let want: Vec<_> = d.by_ref().map(|f| (f.kind, f.data.to_vec(), f.offset)).collect();
+            prop_assert_eq!(want.len(), bodies.len());
+            prop_assert_eq!(read_all(&bytes), (want, d.valid_len() as u64, d.tail().cloned()));
+        }
+
         #[test]
         fn the_reader_agrees_with_the_decoder_on_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
             let mut d = FrameDecoder::new(&bytes);

@@ -68,9 +68,16 @@ pub async fn recover(
                 contents.header.writer_id
             )));
         }
-        if let Some(reason) = &contents.torn {
+        // A torn tail is cut, and so is the zeroed space the writer had preallocated past its
+        // last write (`Tail::Unwritten`; not damage, so neither warned about nor counted).
+        if contents.file_len > contents.valid_len {
             let cut = contents.file_len - contents.valid_len;
-            tracing::warn!(path = %path.display(), reason = %reason, bytes = cut, "truncating torn WAL tail");
+            match &contents.torn {
+                Some(reason) => {
+                    tracing::warn!(path = %path.display(), reason = %reason, bytes = cut, "truncating torn WAL tail");
+                }
+                None => tracing::debug!(path = %path.display(), bytes = cut, "trimming preallocated WAL space"),
+            }
             let f = std::fs::OpenOptions::new()
                 .write(true)
                 .open(&path)
@@ -78,7 +85,9 @@ pub async fn recover(
             f.set_len(contents.valid_len)
                 .and_then(|()| f.sync_all())
                 .map_err(|e| AuditError::io("truncate WAL segment", &path, e))?;
-            truncated.push((path.clone(), cut));
+            if contents.torn.is_some() {
+                truncated.push((path.clone(), cut));
+            }
         }
         bytes_on_disk += contents.valid_len;
         let idx = headers.len();

@@ -11,10 +11,15 @@
 //! * A new segment is durable (header and carried-over open intents fsynced, folder fsynced)
 //!   before the segment it replaces is handed to the lake shipper, so no intent is ever only in a
 //!   segment that may be deleted.
+//! * The active segment keeps zeros written ahead of its last frame ([`PREALLOCATE_BYTES`]), so
+//!   that an `fdatasync` flushes data only and not also a new file size; readers take zeros
+//!   where a frame should start, to the end, as the unwritten rest (`Tail::Unwritten`). A
+//!   segment is trimmed to its frames when it is sealed or abandoned; recovery trims the rest.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -216,6 +221,16 @@ pub struct WriterConfig {
     pub roll: RollConfig,
 }
 
+/// Zeros the writer keeps written ahead of the active segment's last frame: appends then
+/// overwrite space the file already has, and an `fdatasync` need not also update its size (on
+/// ext4, measured here, a synced 2 KiB append took 180-260 µs against 120-145 µs into written
+/// zeros). Extended when less than a quarter is left; capped at `roll.max_bytes`. Not counted in
+/// `wal_quota_bytes` (which counts frames): the disk holds up to this much more per writer.
+pub const PREALLOCATE_BYTES: u64 = 1024 * 1024;
+
+/// A zeroed buffer to preallocate from.
+static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+
 struct Active {
     file: File,
     path: PathBuf,
@@ -223,7 +238,10 @@ struct Active {
     /// Per table: the first `seq` of the segment's rows (their file's first seq, in their AAD).
     first_seqs: [u64; Table::COUNT],
     key: DataKey,
+    /// Bytes of frames written (where the next frame goes).
     bytes: u64,
+    /// The file's length: `bytes` and the zeros preallocated after them.
+    allocated: u64,
     first_row: Option<(Instant, i64)>,
     rows: u64,
     dirty: bool,
@@ -586,7 +604,9 @@ impl Writer {
             return;
         }
         active.bytes += buf.len() as u64;
+        active.allocated = active.allocated.max(active.bytes);
         active.dirty = true;
+        Self::preallocate(active, self.cfg.roll.max_bytes);
         if rows > 0 && active.first_row.is_none() {
             active.first_row = Some((Instant::now(), logged_at_us.div_euclid(HOUR_US)));
         }
@@ -661,6 +681,7 @@ impl Writer {
         self.chains = self.durable;
         self.undurable_completions.clear();
         if let Some(active) = self.active.take() {
+            trim(&active);
             self.pending_seal.push(SealedSegment {
                 segno: active.segno,
                 path: active.path,
@@ -672,6 +693,7 @@ impl Writer {
 
     /// Hands a segment whose every row is durable to the shipper.
     fn seal_whole(&self, segment: Active) {
+        trim(&segment);
         let sealed = SealedSegment {
             segno: segment.segno,
             path: segment.path,
@@ -804,8 +826,17 @@ impl Writer {
             .open(&path)
             .map_err(|e| AuditError::io("create WAL segment", &path, e))?;
         // Whatever goes wrong from here, the partial file must not be mistaken for a segment.
+        let bytes = buf.len() as u64;
+        let mut allocated = bytes + Self::preallocation(self.cfg.roll.max_bytes);
         let result = (|| {
             file.write_all(&buf)?;
+            // Preallocation only saves time: with too little space for it (a nearly full disk),
+            // the segment starts without it.
+            if let Err(e) = write_zeros(&file, bytes, allocated) {
+                tracing::warn!(path = %path.display(), error = %e, "could not preallocate WAL space; the segment starts without it");
+                file.set_len(bytes)?;
+                allocated = bytes;
+            }
             file.sync_all()?;
             File::open(&self.shared.dir)?.sync_all()
         })();
@@ -822,12 +853,37 @@ impl Writer {
             segno,
             first_seqs: header.chain_starts().map(|c| c.next_seq),
             key,
-            bytes: buf.len() as u64,
+            bytes,
+            allocated,
             first_row: None,
             rows: 0,
             dirty: false,
             last_sync: Instant::now(),
         })
+    }
+
+    /// How many zeros a segment keeps ahead of its frames, for a roll size of `max_bytes`.
+    fn preallocation(max_bytes: u64) -> u64 {
+        PREALLOCATE_BYTES.min(max_bytes)
+    }
+
+    /// Extends the active segment's zeros when less than a quarter of the preallocation is left
+    /// ahead of its frames. A failure costs only speed (the next appends grow the file), so it is
+    /// logged, not returned; the zeros it may have written are unwritten space to every reader.
+    fn preallocate(active: &mut Active, max_bytes: u64) {
+        let ahead = Self::preallocation(max_bytes);
+        if active.allocated - active.bytes >= ahead / 4 {
+            return;
+        }
+        let to = active.bytes + ahead;
+        match write_zeros(&active.file, active.allocated, to) {
+            Ok(()) => active.allocated = to,
+            Err(e) => {
+                tracing::warn!(path = %active.path.display(), error = %e, "could not preallocate WAL space; appends go on without it");
+                // Not retried on every batch: the next attempt is a preallocation further on.
+                active.allocated = to;
+            }
+        }
     }
 
     fn roll_due(&self, active: &Active) -> bool {
@@ -911,6 +967,7 @@ impl Writer {
             if active.rows > 0 {
                 self.seal_whole(active);
             } else {
+                trim(&active);
                 self.active = Some(active);
             }
         }
@@ -921,6 +978,27 @@ impl Writer {
             Some(reason) => Err(self.unavailable(&reason)),
             None => Ok(()),
         }
+    }
+}
+
+/// Writes zeros into `file` from `from` to `to` (positioned writes: the file's cursor, where
+/// frames are appended, does not move).
+fn write_zeros(file: &File, from: u64, to: u64) -> std::io::Result<()> {
+    let mut at = from;
+    while at < to {
+        let n = usize::try_from(to - at).unwrap_or(usize::MAX).min(ZEROS.len());
+        file.write_all_at(&ZEROS[..n], at)?;
+        at += n as u64;
+    }
+    Ok(())
+}
+
+/// Cuts a segment leaving the writer to its frames: the zeros preallocated after them, and after
+/// a failed write whatever part of it reached the file (nothing after `bytes` was acknowledged).
+/// Best effort: readers take what is left as unwritten space or a torn tail.
+fn trim(active: &Active) {
+    if let Err(e) = active.file.set_len(active.bytes) {
+        tracing::warn!(path = %active.path.display(), error = %e, "could not trim a WAL segment's unwritten space");
     }
 }
 
