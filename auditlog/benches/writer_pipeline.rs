@@ -120,6 +120,7 @@ fn file_meta(rows: usize) -> FileMeta {
         kek_id: "local:bench".into(),
         wrapped_key: vec![0; 60],
         chain_head_in: [0; 32],
+        zstd_dictionaries: keygate_auditlog::dict::current_id().into_iter().collect(),
     }
 }
 

@@ -454,8 +454,7 @@ pub fn open_anomaly_payload(
     sealed: &[u8],
 ) -> Result<AnomalyPayloadDoc, AuditError> {
     let compressed = key.open(&anomaly_row_aad(&meta.writer_id, meta.first_seq, event_id), sealed)?;
-    let json = zstd::stream::decode_all(&compressed[..])
-        .map_err(|e| AuditError::corrupt("anomaly payload", format!("zstd: {e}")))?;
+    let json = crate::dict::decompress(&compressed, "anomaly payload")?;
     serde_json::from_slice(&json).map_err(|e| AuditError::corrupt("anomaly payload", e.to_string()))
 }
 

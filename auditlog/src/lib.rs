@@ -23,6 +23,7 @@ pub mod anomaly;
 pub mod checkpoint;
 pub mod config;
 pub mod crypto;
+pub mod dict;
 pub mod error;
 pub mod exchange;
 pub mod keys;

@@ -39,6 +39,11 @@ pub struct FileMeta {
     pub kek_id: String,
     pub wrapped_key: Vec<u8>,
     pub chain_head_in: [u8; 32],
+    /// Ids of the zstd dictionaries this file's payloads may be compressed with
+    /// (`keygate.zstd_dictionaries`, comma-separated; absent in files written before them).
+    /// Informational: each payload's zstd frame names its own dictionary, which is what
+    /// [`crate::dict::decompress`] goes by; this says which a reader needs before it opens any.
+    pub zstd_dictionaries: Vec<u32>,
 }
 
 pub const META_FORMAT: &str = "keygate.format";
@@ -53,6 +58,7 @@ const META_LAST_SEQ: &str = "keygate.last_seq";
 const META_KEK_ID: &str = "keygate.kek_id";
 const META_WRAPPED_KEY: &str = "keygate.wrapped_key";
 const META_CHAIN_IN: &str = "keygate.chain_head_in";
+const META_ZSTD_DICTIONARIES: &str = "keygate.zstd_dictionaries";
 
 fn ts() -> DataType {
     DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
@@ -98,7 +104,7 @@ pub static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
 });
 
 fn props(meta: &FileMeta) -> WriterProperties {
-    let kv = vec![
+    let mut kv = vec![
         KeyValue::new(META_FORMAT.to_owned(), meta.table.format().to_owned()),
         KeyValue::new(META_WRITER.to_owned(), meta.writer_id.clone()),
         KeyValue::new(META_FIRST_SEQ.to_owned(), meta.first_seq.to_string()),
@@ -107,6 +113,10 @@ fn props(meta: &FileMeta) -> WriterProperties {
         KeyValue::new(META_WRAPPED_KEY.to_owned(), crate::wal::segment::to_b64(&meta.wrapped_key)),
         KeyValue::new(META_CHAIN_IN.to_owned(), hex::encode(meta.chain_head_in)),
     ];
+    if !meta.zstd_dictionaries.is_empty() {
+        let ids: Vec<String> = meta.zstd_dictionaries.iter().map(u32::to_string).collect();
+        kv.push(KeyValue::new(META_ZSTD_DICTIONARIES.to_owned(), ids.join(",")));
+    }
     let level = ZstdLevel::try_new(3).unwrap_or_default();
     let mut b = WriterProperties::builder()
         .set_created_by("keygate-auditlog v1".to_owned())
@@ -317,6 +327,20 @@ fn meta_from_kv(kv: Option<&Vec<KeyValue>>) -> Result<FileMeta, AuditError> {
     let mut chain_head_in = [0u8; 32];
     hex::decode_to_slice(get(META_CHAIN_IN)?, &mut chain_head_in)
         .map_err(|_| AuditError::corrupt("lake file metadata", "bad chain_head_in"))?;
+    let zstd_dictionaries = match map.get(META_ZSTD_DICTIONARIES) {
+        None => Vec::new(),
+        Some(ids) => ids
+            .split(',')
+            .map(|id| {
+                id.trim().parse().map_err(|_| {
+                    AuditError::corrupt(
+                        "lake file metadata",
+                        format!("{META_ZSTD_DICTIONARIES} holds `{id}`, not an id"),
+                    )
+                })
+            })
+            .collect::<Result<_, _>>()?,
+    };
     use base64::Engine as _;
     Ok(FileMeta {
         table,
@@ -328,6 +352,7 @@ fn meta_from_kv(kv: Option<&Vec<KeyValue>>) -> Result<FileMeta, AuditError> {
             .decode(get(META_WRAPPED_KEY)?)
             .map_err(|_| AuditError::corrupt("lake file metadata", "bad wrapped_key"))?,
         chain_head_in,
+        zstd_dictionaries,
     })
 }
 
@@ -512,6 +537,7 @@ mod tests {
             kek_id: "local:test".into(),
             wrapped_key: vec![7; 40],
             chain_head_in: [0; 32],
+            zstd_dictionaries: vec![crate::dict::current_id().unwrap_or(0)],
         }
     }
 

@@ -36,7 +36,10 @@ pub(crate) fn compress(data: &[u8], level: i32) -> Result<Vec<u8>, AuditError> {
         let mut slot = cell.try_borrow_mut().map_err(|e| AuditError::corrupt("payload compression", e.to_string()))?;
         let compressor = match &mut *slot {
             Some((l, c)) if *l == level => c,
-            _ => &mut slot.insert((level, zstd::bulk::Compressor::new(level).map_err(fail)?)).1,
+            _ => {
+                let c = zstd::bulk::Compressor::with_dictionary(level, crate::dict::current()).map_err(fail)?;
+                &mut slot.insert((level, c)).1
+            }
         };
         compressor.compress(data).map_err(fail)
     })
@@ -57,7 +60,6 @@ pub fn open_payload(
     sealed: &[u8],
 ) -> Result<PayloadDoc, AuditError> {
     let compressed = key.open(&row_aad(&meta.writer_id, meta.first_seq, event_id), sealed)?;
-    let json =
-        zstd::stream::decode_all(&compressed[..]).map_err(|e| AuditError::corrupt("payload", format!("zstd: {e}")))?;
+    let json = crate::dict::decompress(&compressed, "payload")?;
     serde_json::from_slice(&json).map_err(|e| AuditError::corrupt("payload", e.to_string()))
 }

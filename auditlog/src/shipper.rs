@@ -401,6 +401,7 @@ impl Shipper {
             kek_id: header.kek_id.clone(),
             wrapped_key: header.wrapped_key.clone(),
             chain_head_in: first_prev_hash,
+            zstd_dictionaries: crate::dict::current_id().into_iter().collect(),
         };
         let path = data_path_of(table, &self.writer_id, first_seq, first_logged_at_us)?;
         let written = self.stream_file::<C>(seg, scan, &meta, &path, &rows).await?;

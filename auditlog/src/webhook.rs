@@ -549,8 +549,7 @@ pub fn open_webhook_payload(
     sealed: &[u8],
 ) -> Result<WebhookPayloadDoc, AuditError> {
     let compressed = key.open(&webhook_row_aad(&meta.writer_id, meta.first_seq, event_id), sealed)?;
-    let json = zstd::stream::decode_all(&compressed[..])
-        .map_err(|e| AuditError::corrupt("webhook payload", format!("zstd: {e}")))?;
+    let json = crate::dict::decompress(&compressed, "webhook payload")?;
     serde_json::from_slice(&json).map_err(|e| AuditError::corrupt("webhook payload", e.to_string()))
 }
 

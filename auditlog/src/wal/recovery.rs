@@ -187,5 +187,5 @@ fn placeholder_payload(reason: &str, level: i32) -> Result<Vec<u8>, AuditError> 
         response: None,
     };
     let json = serde_json::to_vec(&doc).map_err(|e| AuditError::corrupt("payload", e.to_string()))?;
-    zstd::bulk::compress(&json, level).map_err(|e| AuditError::corrupt("payload compression", e.to_string()))
+    crate::payload::compress(&json, level)
 }
