@@ -242,6 +242,9 @@ struct Active {
     bytes: u64,
     /// The file's length: `bytes` and the zeros preallocated after them.
     allocated: u64,
+    /// Set after a preallocation failed (a nearly full disk): the segment goes on without
+    /// zeros ahead, so that they never take the last free space.
+    prealloc_off: bool,
     first_row: Option<(Instant, i64)>,
     rows: u64,
     dirty: bool,
@@ -828,6 +831,7 @@ impl Writer {
         // Whatever goes wrong from here, the partial file must not be mistaken for a segment.
         let bytes = buf.len() as u64;
         let mut allocated = bytes + Self::preallocation(self.cfg.roll.max_bytes);
+        let mut prealloc_off = false;
         let result = (|| {
             file.write_all(&buf)?;
             // Preallocation only saves time: with too little space for it (a nearly full disk),
@@ -836,6 +840,7 @@ impl Writer {
                 tracing::warn!(path = %path.display(), error = %e, "could not preallocate WAL space; the segment starts without it");
                 file.set_len(bytes)?;
                 allocated = bytes;
+                prealloc_off = true;
             }
             file.sync_all()?;
             File::open(&self.shared.dir)?.sync_all()
@@ -855,6 +860,7 @@ impl Writer {
             key,
             bytes,
             allocated,
+            prealloc_off,
             first_row: None,
             rows: 0,
             dirty: false,
@@ -868,22 +874,24 @@ impl Writer {
     }
 
     /// Extends the active segment's zeros when less than a quarter of the preallocation is left
-    /// ahead of its frames. A failure costs only speed (the next appends grow the file), so it is
-    /// logged, not returned; the zeros it may have written are unwritten space to every reader.
+    /// ahead of its frames. A failure costs only speed, so it is logged, not returned: the zeros
+    /// it wrote are cut again (they must not take a nearly full disk's last space from the
+    /// frames) and the segment goes on without preallocation.
     fn preallocate(active: &mut Active, max_bytes: u64) {
         let ahead = Self::preallocation(max_bytes);
-        if active.allocated - active.bytes >= ahead / 4 {
+        if active.prealloc_off || active.allocated - active.bytes >= ahead / 4 {
             return;
         }
         let to = active.bytes + ahead;
-        match write_zeros(&active.file, active.allocated, to) {
-            Ok(()) => active.allocated = to,
-            Err(e) => {
-                tracing::warn!(path = %active.path.display(), error = %e, "could not preallocate WAL space; appends go on without it");
-                // Not retried on every batch: the next attempt is a preallocation further on.
-                active.allocated = to;
+        if let Err(e) = write_zeros(&active.file, active.allocated, to) {
+            tracing::warn!(path = %active.path.display(), error = %e, "could not preallocate WAL space; this segment goes on without it");
+            active.prealloc_off = true;
+            if let Err(e) = active.file.set_len(active.allocated) {
+                tracing::warn!(path = %active.path.display(), error = %e, "could not cut the partial preallocation");
             }
+            return;
         }
+        active.allocated = to;
     }
 
     fn roll_due(&self, active: &Active) -> bool {
