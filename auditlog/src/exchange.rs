@@ -39,7 +39,7 @@ impl Outcome {
 }
 
 /// One HTTP message as it crossed keygate.
-#[derive(Clone, Default)]
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct HttpMessage {
     /// `POST /v1/charges HTTP/1.1` or `HTTP/1.1 200 OK`.
     pub start_line: String,
@@ -143,6 +143,29 @@ impl Exchange {
     }
 }
 
-/// Identifies a durable intent; pass it to [`crate::AuditLog::record`] to complete it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct IntentId(pub uuid::Uuid);
+/// Identifies a durable intent; pass it to [`crate::AuditLog::record`] to complete it. It also
+/// carries the intent's redacted request, which the completing row reuses when its request is
+/// the same (see [`crate::payload`]).
+#[derive(Clone)]
+pub struct IntentId {
+    event_id: uuid::Uuid,
+    pub(crate) request: Option<Box<crate::payload::RedactedRequest>>,
+}
+
+impl IntentId {
+    pub(crate) fn new(event_id: uuid::Uuid, request: Option<Box<crate::payload::RedactedRequest>>) -> IntentId {
+        IntentId { event_id, request }
+    }
+
+    /// The intent's event id (its row's, and the completing row's).
+    pub fn event_id(&self) -> uuid::Uuid {
+        self.event_id
+    }
+}
+
+/// Shows the event id only: the kept request is unredacted.
+impl std::fmt::Debug for IntentId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IntentId").field("event_id", &self.event_id).finish_non_exhaustive()
+    }
+}

@@ -16,7 +16,7 @@ use crate::error::AuditError;
 use crate::exchange::{Exchange, IntentId};
 use crate::lake::{Lake, check_writer_id};
 use crate::metrics::Metrics;
-use crate::payload::prepare_reporting;
+use crate::payload::{RedactedRequest, prepare_completing, prepare_intent};
 use crate::shipper::{Backoff, Shipper};
 use crate::wal::faults::WalFaults;
 use crate::wal::recovery::recover;
@@ -343,21 +343,23 @@ impl AuditLog {
 
     /// Records the intent of a mutation before it is forwarded; durable when this returns.
     pub async fn record_intent(&self, intent: &Exchange) -> Result<IntentId, AuditError> {
-        let id = IntentId(intent.event_id);
-        let Some(i) = &self.inner else { return Ok(id) };
-        let prepared = prepare_counted(i, intent).await?;
+        let Some(i) = &self.inner else { return Ok(IntentId::new(intent.event_id, None)) };
+        let (prepared, kept) = prepare_counted(i, intent, Prep::Intent).await?;
         let (ack, done) = oneshot::channel();
         self.send(i, Command::Intent { prepared, ack }).await?;
         done.await.map_err(|_| AuditError::Closed)??;
-        Ok(id)
+        Ok(IntentId::new(intent.event_id, kept.map(Box::new)))
     }
 
     /// Records an exchange (completing `intent` if given). Under `sync` returns after the row is
     /// fsynced; under `async` returns once queued.
     pub async fn record(&self, exchange: Exchange, intent: Option<IntentId>) -> Result<(), AuditError> {
         let Some(i) = &self.inner else { return Ok(()) };
-        let prepared = prepare_counted(i, &exchange).await?;
-        let intent = intent.map(|IntentId(id)| id);
+        let (intent, kept) = match intent {
+            Some(intent) => (Some(intent.event_id()), intent.request),
+            None => (None, None),
+        };
+        let (prepared, _) = prepare_counted(i, &exchange, Prep::Completing(kept)).await?;
         match i.durability {
             Durability::Sync => {
                 let (ack, done) = oneshot::channel();
@@ -489,22 +491,47 @@ impl AuditLog {
     }
 }
 
-/// Prepares a record, counting (and logging, by event id only) rows whose redaction failed.
-/// Prepares an exchange's record (on the pool when it is large, see [`crate::prep`]).
-async fn prepare_counted(i: &Inner, ex: &Exchange) -> Result<crate::wal::writer::Prepared, AuditError> {
+/// Which record [`prepare_counted`] prepares.
+enum Prep {
+    /// An intent: its redacted request is kept for the completing row.
+    Intent,
+    /// Any other row, with the redacted request of the intent it completes, if any.
+    Completing(Option<Box<RedactedRequest>>),
+}
+
+impl Prep {
+    fn run(&self, ex: &Exchange, level: i32) -> PrepResult {
+        match self {
+            Prep::Intent => prepare_intent(ex, level),
+            Prep::Completing(kept) => {
+                prepare_completing(ex, level, kept.as_deref()).map(|(prepared, failed)| (prepared, failed, None))
+            }
+        }
+    }
+}
+
+type PrepResult = Result<(crate::wal::writer::Prepared, bool, Option<RedactedRequest>), AuditError>;
+
+/// Prepares an exchange's record (on the pool when it is large, see [`crate::prep`]), counting
+/// (and logging, by event id only) rows whose redaction failed.
+async fn prepare_counted(
+    i: &Inner,
+    ex: &Exchange,
+    what: Prep,
+) -> Result<(crate::wal::writer::Prepared, Option<RedactedRequest>), AuditError> {
     let size = ex.request.body.len() + ex.response.as_ref().map_or(0, |r| r.body.len());
     let level = i.zstd_level;
-    let (prepared, failed) = if size < crate::prep::OFFLOAD_BYTES {
-        prepare_reporting(ex, level)?
+    let (prepared, failed, kept) = if size < crate::prep::OFFLOAD_BYTES {
+        what.run(ex, level)?
     } else {
         // Bodies are shared (`Bytes`), so the copy for the pool costs the headers and strings.
         let ex = ex.clone();
-        i.prep.run(move || prepare_reporting(&ex, level)).await??
+        i.prep.run(move || what.run(&ex, level)).await??
     };
     crate::wal::segment::check_payload_fits(prepared.compressed.len())?;
     if failed {
         i.shared.metrics.redaction_failures.inc();
         tracing::error!(event_id = %ex.event_id, "audit redaction failed; the row records fixed fields only");
     }
-    Ok(prepared)
+    Ok((prepared, kept))
 }

@@ -113,6 +113,25 @@ fn redact_exchange_inner(ex: &Exchange) -> (RowColumns, PayloadDoc) {
     }
     let ctx = Context::for_path(&ex.path);
     let request = redact::redact_message(&ex.request, ctx);
+    let (columns, response) = redact_columns_and_response(ex, ctx);
+    (columns, PayloadDoc { request, response })
+}
+
+/// [`redact_exchange_reporting`] for a row whose request was redacted already (the intent's,
+/// see [`crate::payload`]): its columns and its response only. `None` when redaction panicked;
+/// the caller then records [`fallback_exchange`]'s row.
+pub(crate) fn redact_without_request(ex: &Exchange) -> Option<(RowColumns, Option<RedactedMessage>)> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        #[cfg(test)]
+        if FORCE_PANIC.with(std::cell::Cell::get) {
+            panic!("forced redaction panic");
+        }
+        redact_columns_and_response(ex, Context::for_path(&ex.path))
+    }))
+    .ok()
+}
+
+fn redact_columns_and_response(ex: &Exchange, ctx: Context) -> (RowColumns, Option<RedactedMessage>) {
     let response = ex.response.as_ref().map(|r| redact::redact_message(r, ctx));
     let columns = RowColumns {
         event_id: ex.event_id,
@@ -144,7 +163,7 @@ fn redact_exchange_inner(ex: &Exchange) -> (RowColumns, PayloadDoc) {
         response_bytes: ex.response.as_ref().map_or(0, |r| r.body.len() as u64),
         reconciles: ex.reconciles,
     };
-    (columns, PayloadDoc { request, response })
+    (columns, response)
 }
 
 /// The client address: a socket address written by keygate is kept as it is (an IPv4 address
@@ -394,6 +413,22 @@ mod tests {
         let (columns, _, failed) = redact_exchange_reporting(&ex);
         assert!(!failed);
         assert!(columns.path.starts_with("/v1/charges?"));
+    }
+
+    #[test]
+    fn a_panic_while_completing_an_intent_yields_the_same_fallback_row() {
+        let ex = exchange();
+        let (_, failed, kept) = crate::payload::prepare_intent(&ex, 3).unwrap();
+        assert!(!failed);
+        FORCE_PANIC.with(|f| f.set(true));
+        let completing = crate::payload::prepare_completing(&ex, 3, kept.as_ref());
+        FORCE_PANIC.with(|f| f.set(false));
+        let (prepared, failed) = completing.unwrap();
+        assert!(failed);
+        assert_eq!(prepared.columns.path, REDACTION_FAILED);
+        let json = crate::dict::decompress(&prepared.compressed, "payload").unwrap();
+        let doc: PayloadDoc = serde_json::from_slice(&json).unwrap();
+        assert_eq!(doc, fallback_exchange(&ex).1);
     }
 
     #[test]
