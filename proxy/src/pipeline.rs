@@ -783,25 +783,24 @@ async fn finish(gateway: &Gateway, ctx: &mut RequestContext, mut reply: Reply) -
         })
         .inc();
     metrics.request_duration.observe(duration.as_secs_f64());
-    tracing::info!(
-        target: "keygate::access",
-        event_id = %ctx.event_id,
-        peer = %ctx.peer,
-        service = ctx.service.as_deref().unwrap_or(""),
-        method = %ctx.method,
-        operation = ctx.operation(),
-        stripe_host = ctx.host.as_str(),
-        decision = verdict,
-        rule = decision.map_or("", |d| d.rule.as_str()),
-        reason = decision.map_or("", |d| d.reason.as_str()),
+    crate::telemetry::AccessLine {
+        event_id: &ctx.event_id,
+        peer: &ctx.peer,
+        service: ctx.service.as_deref().unwrap_or(""),
+        method: ctx.method.as_str(),
+        operation: ctx.operation(),
+        stripe_host: ctx.host.as_str(),
+        decision: verdict,
+        rule: decision.map_or("", |d| d.rule.as_str()),
+        reason: decision.map_or("", |d| d.reason.as_str()),
         status,
-        outcome = ctx.outcome.as_str(),
-        error_code = ctx.error_code.unwrap_or(""),
-        duration_us = u64::try_from(duration.as_micros()).unwrap_or(u64::MAX),
-        upstream_us = ctx.upstream_us.unwrap_or(0),
-        request_id = ctx.request_id.as_deref().unwrap_or(""),
-        "request"
-    );
+        outcome: ctx.outcome.as_str(),
+        error_code: ctx.error_code.unwrap_or(""),
+        duration_us: u64::try_from(duration.as_micros()).unwrap_or(u64::MAX),
+        upstream_us: ctx.upstream_us.unwrap_or(0),
+        request_id: ctx.request_id.as_deref().unwrap_or(""),
+    }
+    .emit();
     reply
 }
 
